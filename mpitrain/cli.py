@@ -1,0 +1,84 @@
+"""Command line: `mpitrain [train flags]`, `mpitrain bench WHAT`, and the exit-code contract.
+
+Exit codes: 0 done, 2 a usage/config/data mistake (one line from one rank, every rank exits 2),
+1 anything else (an uncaught exception on any rank aborts the whole job, naming rank and step).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+
+from .config import UsageError
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports mistakes as UsageError and prints help on one rank only."""
+
+    quiet = False
+
+    def error(self, message):
+        raise UsageError(message)
+
+    def _print_message(self, message, file=None):
+        if not self.quiet:
+            super()._print_message(message, file)
+
+
+def abort_on_exception(world, train_state):
+    """An exception on one rank must end the job, not leave the other ranks waiting forever."""
+    def hook(etype, value, tb):
+        step = train_state["step"]
+        where = f"rank {world.rank}" + (f", step {step}" if step is not None else "")
+        sys.stderr.write(f"mpitrain: {where}: {etype.__name__}: {value}\n")
+        traceback.print_exception(etype, value, tb)
+        world.abort(1)
+    sys.excepthook = hook
+
+
+def agree_on_error(world, error: str | None) -> bool:
+    """Every rank learns whether any rank failed; the lowest failing rank prints its line."""
+    first = world.first_rank_where(error is not None)
+    if first is not None and first == world.rank:
+        print(f"mpitrain: error: {error}", file=sys.stderr, flush=True)
+    return first is not None
+
+
+def train_main(argv, world) -> int:
+    from . import compress, train
+    from .config import add_arguments, resolve
+
+    parser = Parser(prog="mpitrain", description="MPI data-parallel training with gradient compression. "
+                    "Run under mpiexec/srun: mpiexec -n 4 python -m mpitrain [flags]. "
+                    "Subcommands: bench allreduce.")
+    parser.quiet = world.rank != 0
+    add_arguments(parser, compress.names())
+    error, run = None, None
+    try:
+        args = parser.parse_args(argv)
+        cfg = resolve(args, compressors=compress.names())
+        if args.print_config:
+            if world.rank == 0:
+                print(cfg.to_json())
+            return 0
+        train.set_threads(cfg, world)
+        run = train.prepare(cfg, world)
+    except UsageError as e:
+        error = str(e)
+    if agree_on_error(world, error):
+        return 2
+    train.train(run, world)
+    return 0
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    from .comm import World
+    from . import train
+
+    world = World()
+    abort_on_exception(world, train.STATE)
+    if argv[:1] == ["bench"]:
+        from . import bench
+        return bench.main(argv[1:], world)
+    return train_main(argv, world)

