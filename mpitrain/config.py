@@ -128,7 +128,7 @@ def add_arguments(parser: argparse.ArgumentParser, compressors: list[str]):
     parser.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
     for name, f in FIELDS.items():
         flag = "--" + name.replace("_", "-")
-        help = f.metadata["help"] + f" (default: {f.default!r})"
+        help = f.metadata["help"].replace("%", "%%") + f" (default: {f.default!r})"
         if name == "compressor":
             help += "; one of: " + ", ".join(compressors)
         if f.type in (bool, "bool"):

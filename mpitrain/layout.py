@@ -56,6 +56,7 @@ class GradLayout:
         self.flat = torch.zeros(self.numel + len(CONTROL), dtype=torch.float32)
         self.grads = self.flat[: self.numel]
         self.control = self.flat[self.numel:]
+        self.flat_np, self.params_np = self.flat.numpy(), self.params.numpy()  # for collectives
         self.slots: list[Slot] = []
         self._tensors = []
         offset = 0

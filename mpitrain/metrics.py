@@ -1,7 +1,7 @@
 """What rank 0 writes about a run: config.json, metrics.jsonl, a progress bar or plain lines.
 
 metrics.jsonl holds one JSON object per line, each with a `kind`:
-  train    step, loss (mean over ranks), lr, wire_bytes, dense_bytes, step_time_s, + compressor stats
+  train    step (steps completed), loss (mean over ranks), lr, wire_bytes, dense_bytes, step_time_s, + compressor stats
   eval     step, eval_loss, and eval_accuracy (classifiers) or eval_bpc (character LM)
   summary  the numbers printed at the end
 Byte convention: `wire_bytes` is what this rank handed to every collective in the step, as counted
@@ -38,10 +38,10 @@ class RunLog:
         self._write({"kind": "train", **record})
         step = record["step"]
         ratio = record["dense_bytes"] / max(record["wire_bytes"], 1)
-        text = f"step {step + 1}/{self.total} loss {record['loss']:.4f} lr {record['lr']:.3g} " \
+        text = f"step {step}/{self.total} loss {record['loss']:.4f} lr {record['lr']:.3g} " \
                f"wire {record['wire_bytes'] / 1e3:.1f} kB ({ratio:.1f}x) {record['step_time_s'] * 1e3:.1f} ms"
         if self.bar:
-            done = int(30 * (step + 1) / self.total)
+            done = int(30 * step / self.total)
             print(f"\r[{'#' * done}{'.' * (30 - done)}] {text}", end="", flush=True)
         else:
             print(text, flush=True)
@@ -51,7 +51,7 @@ class RunLog:
             return
         self._write({"kind": "eval", **record})
         text = "  ".join(f"{k} {v:.4f}" for k, v in record.items() if k.startswith("eval_"))
-        print(("\n" if self.bar else "") + f"eval at step {record['step'] + 1}: {text}", flush=True)
+        print(("\n" if self.bar else "") + f"eval at step {record['step']}: {text}", flush=True)
 
     def summary(self, record: dict):
         if not self.active:

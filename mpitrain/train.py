@@ -83,7 +83,7 @@ class Evaluator:
                 loss, metric = models.loss_and_metric(self.model(torch.from_numpy(self.x[i:i + self.batch])), y,
                                                       self.task)
                 totals += torch.tensor([float(loss) * y.numel(), float(metric), y.numel()], dtype=torch.float64)
-        self.world.allreduce_(totals)
+        self.world.allreduce_(totals.numpy())
         loss = float(totals[0] / totals[2])
         if self.task == "lm":
             return {"eval_loss": loss, "eval_bpc": loss / math.log(2)}
@@ -96,17 +96,18 @@ def train(run: Run, world) -> dict:
     optimizer = make_optimizer(cfg, model.parameters())
     evaluate = Evaluator(run, world)
     log = RunLog(cfg, world, cfg.steps)
-    world.bcast_(layout.params)  # every rank starts from rank 0's initialisation
+    world.bcast_(layout.params_np)  # every rank starts from rank 0's initialisation
     world.take_sent_bytes()
     wire_total, eval_bytes, started = 0, 0, time.perf_counter()
     for step in range(cfg.steps):
-        STATE["step"] = step
+        STATE["step"] = step + 1  # steps are numbered from 1 outside the loop
         t0 = time.perf_counter()
         x, y = run.batches.batch_at(step)
         layout.zero_grad()
         loss, _ = models.loss_and_metric(model(torch.from_numpy(x)), torch.from_numpy(y), run.dataset.info["task"])
-        loss.backward()
-        layout.control[0] = loss.detach()
+        share = loss / world.size  # every gradient comes out as this rank's share of the global mean
+        share.backward()
+        layout.control[0] = share.detach()
         compressor.aggregate(step)
         lr = lr_at(cfg, step)
         for group in optimizer.param_groups:
@@ -115,13 +116,13 @@ def train(run: Run, world) -> dict:
         wire = world.take_sent_bytes()
         wire_total += wire
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-            log.train({"step": step, "loss": float(layout.control[0]), "lr": lr, "wire_bytes": wire,
+            log.train({"step": step + 1, "loss": float(layout.control[0]), "lr": lr, "wire_bytes": wire,
                        "dense_bytes": layout.dense_bytes, "step_time_s": time.perf_counter() - t0,
                        **compressor.stats})
         if step + 1 == cfg.steps or (cfg.eval_every and (step + 1) % cfg.eval_every == 0):
             result = evaluate()
             eval_bytes += world.take_sent_bytes()
-            log.eval({"step": step, **result})
+            log.eval({"step": step + 1, **result})
     STATE["step"] = None
     wall = time.perf_counter() - started
     mean_wire = world.allreduce_(np.array([wire_total], dtype=np.float64))[0] / world.size

@@ -3,11 +3,15 @@ from __future__ import annotations
 
 
 class Compressor:
-    """Turns each rank's gradients (in the layout's flat buffer) into the global average, in place.
+    """Turns each rank's gradient share (in the layout's flat buffer) into the global mean, in place.
+
+    The loop scales the loss by 1/world_size before backward, which costs nothing (it seeds
+    autograd), so the buffer already holds each rank's share g_i / N and the global mean is the
+    plain sum of the shares: no averaging pass over memory after the exchange. Every compressor
+    here is linear or scale-equivariant, so compressing g_i / N is compressing g_i, scaled.
 
     `aggregate(step)` is the only place ranks exchange gradients. It must carry the layout's
-    control words (`layout.control`) through one of its Allreduces, summed, and leave them
-    divided by the world size like the gradients. `stats` holds what the metrics line reports
+    control words (`layout.control`, also shares) through one of its Allreduces, summed. `stats` holds what the metrics line reports
     about the last step (wire bytes are counted by comm, not here).
     """
 

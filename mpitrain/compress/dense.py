@@ -9,6 +9,4 @@ class Dense(Compressor):
     name = "dense"
 
     def aggregate(self, step: int) -> None:
-        flat = self.layout.flat  # gradients and control words, contiguous
-        self.world.allreduce_(flat)
-        flat.div_(self.world.size)
+        self.world.allreduce_(self.layout.flat_np)  # shares of gradients and control words, contiguous

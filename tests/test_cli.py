@@ -1,0 +1,92 @@
+"""The command line contract: config precedence, outputs, exit codes, one-line errors, aborts."""
+import json
+import time
+
+import pytest
+
+from helpers import trainer
+
+
+def test_default_job_runs_alone_and_writes_its_outputs(tmp_path):
+    r = trainer(0, "--run-dir", tmp_path, timeout=180)
+    assert r.returncode == 0, r.stderr
+    assert "done: 300 steps on 1 ranks" in r.stdout
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["model"] == "mlp" and cfg["steps"] == 300
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train = [x for x in lines if x["kind"] == "train"]
+    evals = [x for x in lines if x["kind"] == "eval"]
+    summary = [x for x in lines if x["kind"] == "summary"][0]
+    assert [x["step"] for x in train] == list(range(10, 301, 10))
+    for x in train:
+        assert {"step", "loss", "lr", "wire_bytes", "dense_bytes", "step_time_s"} <= x.keys()
+        assert x["wire_bytes"] == x["dense_bytes"] + 8  # dense fp32 gradients plus two control words
+    assert [x["step"] for x in evals] == [100, 200, 300]
+    assert summary["eval_accuracy"] > 0.9  # a real model learned the real digits
+    assert train[-1]["loss"] < train[0]["loss"]
+
+
+def test_print_config_precedence_cli_over_env_over_file_over_defaults(tmp_path):
+    (tmp_path / "run.toml").write_text('steps = 7\nbatch-size = 5\nlr = 1\nseed = 3\n')
+    r = trainer(0, "--config", tmp_path / "run.toml", "--print-config", "--steps", 9,
+                MPITRAIN_STEPS="8", MPITRAIN_BATCH_SIZE="6")
+    assert r.returncode == 0, r.stderr
+    cfg = json.loads(r.stdout)
+    assert (cfg["steps"], cfg["batch_size"], cfg["lr"], cfg["seed"], cfg["momentum"]) == (9, 6, 1.0, 3, 0.9)
+
+
+BAD = [
+    # (flags, environment, file text, what the one line must mention)
+    (["--steps", "-3"], {}, None, "steps"),
+    (["--steps", "ten"], {}, None, "expected int"),
+    (["--model", "nosuchmodel"], {}, None, "unknown model"),
+    (["--dataset", "nosuchset"], {}, None, "unknown dataset"),
+    (["--dataset", "missing/file.h5"], {}, None, "not found"),
+    (["--optimizer", "lbfgs"], {}, None, "must be one of"),
+    (["--compressor", "zip"], {}, None, "unknown compressor"),
+    (["--no-such-flag"], {}, None, "unrecognized"),
+    (["--model", "no_such_module:build"], {}, None, "cannot import"),
+    (["--model", "user_models:not_a_module"], {}, None, "not a torch.nn.Module"),
+    (["--model", "user_models:half_precision"], {}, None, "float32"),
+    (["--model", "transformer"], {}, None, "character LM"),
+    (["--batch-size", "100000"], {}, None, "fewer than one global batch"),
+    ([], {"MPITRAIN_STEPZ": "3"}, None, "MPITRAIN_STEPZ"),
+    ([], {"MPITRAIN_LR": "fast"}, None, "expected float"),
+    ([], {}, "stepz = 3\n", "unknown config key"),
+    ([], {}, "steps = 2.5\n", "expected int"),
+    ([], {}, "steps = [\n", "not valid TOML"),
+    (["--config", "does/not/exist.toml"], {}, None, "not found"),
+]
+
+
+@pytest.mark.parametrize("flags,environ,text,mention", BAD, ids=[b[3] + str(i) for i, b in enumerate(BAD)])
+def test_a_users_mistake_is_one_line_and_exit_2(tmp_path, flags, environ, text, mention):
+    if text is not None:
+        (tmp_path / "run.toml").write_text(text)
+        flags = ["--config", tmp_path / "run.toml"] + flags
+    r = trainer(0, *flags, "--run-dir", tmp_path / "run", **environ)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mpitrain: error: "), r.stderr
+    assert mention in lines[0]
+    assert not (tmp_path / "run").exists()  # nothing written
+
+
+def test_a_mistake_under_mpiexec_exits_2_on_every_rank_with_one_line(tmp_path):
+    r = trainer(4, "--dataset", "nosuchset", "--run-dir", tmp_path / "run")
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.count("mpitrain: error:") == 1 and "Traceback" not in r.stderr
+
+
+def test_an_exception_on_one_rank_aborts_the_whole_job(tmp_path):
+    started = time.monotonic()
+    r = trainer(2, "--model", "user_models:raises_on_rank1_step3", "--run-dir", tmp_path, timeout=60)
+    assert time.monotonic() - started < 20
+    assert r.returncode not in (0, 2)
+    assert "mpitrain: rank 1, step 3: RuntimeError: deliberate failure" in r.stderr
+
+
+def test_help_is_printed_once_under_mpiexec():
+    r = trainer(2, "--help")
+    assert r.returncode == 0
+    assert r.stdout.count("usage: mpitrain") == 1 and "--batch-size" in r.stdout

@@ -1,0 +1,45 @@
+"""Data parallelism under a real mpiexec: what the ranks hold after they exchange gradients."""
+import json
+
+import numpy as np
+import pytest
+
+from helpers import WORKERS, mpi
+
+
+@pytest.mark.parametrize("n", [1, 2, 4])
+def test_dense_aggregate_is_the_mean_of_the_ranks_gradients(tmp_path, n):
+    r = mpi(n, [WORKERS / "dense_aggregate.py", tmp_path])
+    assert r.returncode == 0, r.stderr
+    local = [np.load(tmp_path / f"local-{k}.npy") for k in range(n)]
+    mean = np.mean(local, axis=0)
+    if n > 1:
+        assert not np.allclose(local[0], local[1]), "ranks must see different data"
+    for k in range(n):
+        np.testing.assert_allclose(np.load(tmp_path / f"aggregate-{k}.npy"), mean, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("n,optimizer", [(2, "sgd"), (4, "adam")])
+def test_parameters_identical_on_every_rank_after_training(tmp_path, n, optimizer):
+    r = mpi(n, [WORKERS / "train_and_dump.py", tmp_path, "--steps", 15, "--optimizer", optimizer,
+                "--lr", 0.01, "--run-dir", tmp_path / "run", "--eval-every", 0])
+    assert r.returncode == 0, r.stderr
+    params = [np.load(tmp_path / f"params-{k}.npy") for k in range(n)]
+    for p in params[1:]:
+        assert np.array_equal(p, params[0])
+
+
+def test_n_ranks_follow_the_trajectory_of_one_process_with_n_times_the_batch(tmp_path):
+    flags = ["--steps", 25, "--model", "cnn", "--optimizer", "sgd", "--lr", 0.05, "--eval-every", 0]
+    (tmp_path / "four").mkdir()
+    (tmp_path / "one").mkdir()
+    r4 = mpi(4, [WORKERS / "train_and_dump.py", tmp_path / "four", *flags, "--batch-size", 8,
+                 "--run-dir", tmp_path / "four"])
+    r1 = mpi(1, [WORKERS / "train_and_dump.py", tmp_path / "one", *flags, "--batch-size", 32,
+                 "--run-dir", tmp_path / "one"])
+    assert r4.returncode == 0 and r1.returncode == 0, r4.stderr + r1.stderr
+    p4, p1 = np.load(tmp_path / "four" / "params-0.npy"), np.load(tmp_path / "one" / "params-0.npy")
+    start = np.load(tmp_path / "one" / "params-init.npy")
+    assert np.array_equal(start, np.load(tmp_path / "four" / "params-init.npy"))
+    assert np.abs(p4 - p1).max() < 1e-4
+    assert np.abs(p1 - start).max() > 1e-2  # not vacuous: training moved the parameters far more

@@ -1,0 +1,34 @@
+"""Flat buffers: gradients land in them, matrices are viewed as n x m."""
+import torch
+
+from mpitrain import models
+from mpitrain.layout import CONTROL, GradLayout
+
+
+def test_backward_accumulates_into_the_flat_buffer_and_matrices_come_first():
+    torch.manual_seed(0)
+    model = models.cnn({"task": "classify", "input_shape": (1, 8, 8), "num_classes": 10})
+    layout = GradLayout(model)
+    model(torch.randn(4, 1, 8, 8)).sum().backward()
+    layout.check_bound()
+    assert layout.grads.abs().sum() > 0
+    for slot, (name, p) in zip(layout.slots, sorted(model.named_parameters(), key=lambda x: x[1].dim() < 2)):
+        assert slot.name == name
+        assert torch.equal(layout.view(layout.grads, slot), p.grad)
+    kinds = [s.is_matrix for s in layout.slots]
+    assert kinds == sorted(kinds, reverse=True)
+    conv = layout.matrices[1]  # second conv: 64 x (32*3*3)
+    assert (conv.n, conv.m) == (64, 288)
+    assert layout.flat.numel() == layout.numel + len(CONTROL)
+    assert layout.dense_bytes == 4 * sum(p.numel() for p in model.parameters())
+
+
+def test_zeroing_keeps_the_views():
+    model = torch.nn.Linear(3, 2)
+    layout = GradLayout(model)
+    model(torch.ones(1, 3)).sum().backward()
+    layout.zero_grad()
+    assert model.weight.grad.abs().sum() == 0
+    model(torch.ones(1, 3)).sum().backward()
+    assert layout.grads.abs().sum() > 0
+    layout.check_bound()

@@ -1,0 +1,29 @@
+"""Models a user might bring with --model user_models:NAME (tests put this folder on PYTHONPATH)."""
+import os
+
+import torch
+from torch import nn
+
+
+def raises_on_rank1_step3(info):
+    """An MLP whose 3rd training forward pass raises on rank 1 only."""
+    class Flaky(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, info["num_classes"]))
+            self.calls = 0
+
+        def forward(self, x):
+            self.calls += 1
+            if self.calls == 3 and int(os.environ.get("PMI_RANK", "0")) == 1:
+                raise RuntimeError("deliberate failure in the user's model")
+            return self.net(x)
+    return Flaky()
+
+
+def not_a_module(info):
+    return 42
+
+
+def half_precision(info):
+    return nn.Linear(64, info["num_classes"]).to(torch.float64)

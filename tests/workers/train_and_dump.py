@@ -1,0 +1,25 @@
+"""Train with the given flags; every rank writes its final parameters to OUT/params-<rank>.npy.
+
+    mpiexec -n N python train_and_dump.py OUT [trainer flags...]
+"""
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from mpitrain import compress, train
+from mpitrain.cli import Parser
+from mpitrain.comm import World
+from mpitrain.config import add_arguments, resolve
+
+out = Path(sys.argv[1])
+world = World()
+parser = Parser()
+add_arguments(parser, compress.names())
+cfg = resolve(parser.parse_args(sys.argv[2:]), compressors=compress.names())
+train.set_threads(cfg, world)
+run = train.prepare(cfg, world)
+if world.rank == 0:
+    np.save(out / "params-init.npy", run.layout.params_np)  # what rank 0 broadcasts at the start
+train.train(run, world)
+np.save(out / f"params-{world.rank}.npy", run.layout.params_np)
