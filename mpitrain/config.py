@@ -44,6 +44,25 @@ class Config:
     seed: int = _f(0, "seed for initialisation, data order and every shared random draw", minimum=0)
     # exchange
     compressor: str = _f("dense", "gradient compressor (see --help for the list)")
+    error_feedback: bool = _f(True, "keep what compression left out and add it to the next step (EF14)")
+    start_compress_step: int = _f(10, "dense steps before compression starts", minimum=0)
+    # low-rank compressors (greedylore, powersgd)
+    rank: int = _f(4, "low-rank approximation rank r", minimum=1)
+    min_compression_rate: float = _f(2.0, "compress a matrix only if it saves this factor (greedylore: "
+                                          "min(n,m) > rate*r; powersgd: (n+m)*r*rate < n*m)", minimum=0.0)
+    uncompressed: str = _f("", "regular expression: parameters whose name matches are sent dense")
+    refresh_every: int = _f(200, "greedylore: dense step + SVD of the average every N compressed-phase steps",
+                            minimum=1)
+    select: str = _f("greedy", "greedylore directions: greedy (top-r by global energy), random (r of the "
+                               "full basis), lazy (top-r singular vectors of the last refresh, GaLore-like)",
+                     choices=("greedy", "random", "lazy"))
+    scores: str = _f("probe", "greedylore energy estimates: probe (shared Gaussian probes) or exact "
+                              "(Allreduce the full projections; diagnostics)", choices=("probe", "exact"))
+    probes: int = _f(4, "greedylore: shared Gaussian probes per matrix", minimum=1)
+    contraction_every: int = _f(0, "measure ||x - C(x)||^2/||x||^2 of the global average every N steps "
+                                   "(one extra dense Allreduce; 0: off)", minimum=0)
+    warm_start: bool = _f(True, "powersgd: start each power iteration from the last Q")
+    orthogonalization_epsilon: float = _f(1e-8, "powersgd: Gram-Schmidt guard for all-zero columns", minimum=0.0)
     # outputs
     run_dir: str = _f("", "output folder (default runs/<UTC timestamp>)")
     log_every: int = _f(10, "write a train metrics line every N steps", minimum=1)
@@ -152,6 +171,11 @@ def resolve(args: argparse.Namespace, environ=None, compressors=()) -> Config:
         raise UsageError(f"unknown compressor {cfg.compressor!r}; choose one of {', '.join(compressors)}")
     if not re.fullmatch(r"[\w.]+(:[\w.]+)?", cfg.model):
         raise UsageError(f"model {cfg.model!r} is neither a zoo name nor package.module:function")
+    if cfg.uncompressed:
+        try:
+            re.compile(cfg.uncompressed)
+        except re.error as e:
+            raise UsageError(f"uncompressed: not a regular expression ({e}): {cfg.uncompressed!r}") from None
     if not cfg.run_dir:
         cfg.run_dir = os.path.join("runs", datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ"))
     return cfg

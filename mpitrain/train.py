@@ -26,6 +26,8 @@ class Run:
     batches: ShardedBatches
     model: torch.nn.Module
     layout: GradLayout
+    compressor: compress.Compressor
+    optimizer: torch.optim.Optimizer
 
 
 def set_threads(cfg: Config, world) -> int:
@@ -48,7 +50,8 @@ def prepare(cfg: Config, world) -> Run:
     except ValueError as e:
         raise UsageError(f"model {cfg.model}: {e}") from None
     batches = ShardedBatches(dataset, cfg.batch_size, world.rank, world.size, cfg.seed)
-    return Run(cfg, dataset, batches, model, layout)
+    return Run(cfg, dataset, batches, model, layout, compress.build(cfg, layout, world),
+               make_optimizer(cfg, model.parameters()))
 
 
 def make_optimizer(cfg: Config, params):
@@ -91,9 +94,7 @@ class Evaluator:
 
 
 def train(run: Run, world) -> dict:
-    cfg, layout, model = run.cfg, run.layout, run.model
-    compressor = compress.build(cfg, layout, world)
-    optimizer = make_optimizer(cfg, model.parameters())
+    cfg, layout, model, compressor, optimizer = run.cfg, run.layout, run.model, run.compressor, run.optimizer
     evaluate = Evaluator(run, world)
     log = RunLog(cfg, world, cfg.steps)
     world.bcast_(layout.params_np)  # every rank starts from rank 0's initialisation
@@ -115,7 +116,7 @@ def train(run: Run, world) -> dict:
         optimizer.step()
         wire = world.take_sent_bytes()
         wire_total += wire
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps or "contraction" in compressor.stats:
             log.train({"step": step + 1, "loss": float(layout.control[0]), "lr": lr, "wire_bytes": wire,
                        "dense_bytes": layout.dense_bytes, "step_time_s": time.perf_counter() - t0,
                        **compressor.stats})
