@@ -2,6 +2,14 @@
 
   allreduce   the trainer's dense aggregation path against a bare mpi4py Allreduce of the same
               bytes, interleaved in one run, for the default models.
+  compress    per model and compressor (dense, greedylore, powersgd, random, lazy at r = 4, 8, 32):
+              bytes counted on a refresh and on a compressed step, amortised over the refresh
+              schedule; compressor time against one forward+backward; probe scores against the
+              full projection. Models: the defaults and the layer shapes of a 125M transformer.
+  convergence the default job and the character LM trained to the end with dense, greedylore,
+              powersgd, random and lazy at r = 4, same steps and seeds: final eval metric, total
+              wire bytes, and convergence.png (eval metric against step and against bytes;
+              needs matplotlib).
 
 Each writes WHAT-n<ranks>.json and .md into --out (rank 0) and prints the table.
 """
@@ -15,6 +23,9 @@ import torch
 
 from . import compress, models
 from .cli import Parser
+import dataclasses
+import time
+
 from .config import Config
 from .data import Dataset, locate
 from .layout import GradLayout
@@ -56,9 +67,157 @@ def bench_allreduce(world, repeats: int) -> list[dict]:
     return rows
 
 
+LM_125M = {"vocab_size": 32000, "seq_len": 128, "d": 768, "layers": 12, "heads": 12, "ffn": 3072}
+ARMS = [("dense", {}), *[(f"{name}-r{r}", {"compressor": c, "select": sel, "rank": r})
+                          for r in (4, 8, 32)
+                          for name, c, sel in (("greedylore", "greedylore", "greedy"), ("powersgd", "powersgd", "greedy"),
+                                               ("random", "greedylore", "random"), ("lazy", "greedylore", "lazy"))]]
+
+
+def _fwd_bwd_case(name: str):
+    """A model and one forward+backward closure at the default per-rank batch."""
+    torch.manual_seed(0)
+    if name == "transformer-125m":
+        model = models.TransformerLM(**LM_125M)
+        x = torch.randint(0, LM_125M["vocab_size"], (4, LM_125M["seq_len"]))
+        y, task = torch.roll(x, -1, 1), "lm"
+    else:
+        ds = Dataset(locate(dict(DEFAULT_MODELS)[name]))
+        model = models.build(name, ds.info)
+        xs, ys = ds.rows("train", np.arange(32))
+        x, y, task = torch.from_numpy(xs), torch.from_numpy(ys), ds.info["task"]
+    layout = GradLayout(model)
+
+    def fwd_bwd():
+        layout.zero_grad()
+        models.loss_and_metric(model(x), y, task)[0].backward()
+    return layout, fwd_bwd
+
+
+def _timed(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def bench_compress(world, repeats: int) -> list[dict]:
+    rows = []
+    for case in [m for m, _ in DEFAULT_MODELS] + ["transformer-125m"]:
+        layout, fwd_bwd = _fwd_bwd_case(case)
+        fwd_bwd_s = _timed(fwd_bwd, 2 if case.endswith("125m") else repeats)
+        grads = layout.grads.clone()
+        refresh_every = Config.refresh_every
+        for arm, overrides in ARMS:
+            cfg = dataclasses.replace(Config(), start_compress_step=0, refresh_every=refresh_every, **overrides)
+            comp = compress.build(cfg, layout, world)
+            world.take_sent_bytes()
+
+            def step(i):
+                layout.grads.copy_(grads)
+                t0 = time.perf_counter()
+                comp.aggregate(i)
+                return time.perf_counter() - t0
+            first_s, first_bytes = step(0), world.take_sent_bytes()
+            n = 2 if case.endswith("125m") else repeats
+            step_s = float(np.median([step(1 + k) for k in range(n)]))
+            step_bytes = world.take_sent_bytes() // n
+            refreshes = cfg.compressor == "greedylore"  # a dense step + SVD every refresh_every steps
+            amortised_bytes = (first_bytes + (refresh_every - 1) * step_bytes) / refresh_every if refreshes else step_bytes
+            amortised_s = (first_s + (refresh_every - 1) * step_s) / refresh_every if refreshes else step_s
+            rows.append({"model": case, "arm": arm, "params": layout.numel,
+                         "compressed_matrices": len(getattr(comp, "slots", [])),
+                         "bytes_refresh_step": first_bytes if refreshes else None, "bytes_step": step_bytes,
+                         "bytes_amortised": amortised_bytes, "dense_over_wire": layout.dense_bytes / amortised_bytes,
+                         "compress_s_step": step_s, "refresh_s": first_s if refreshes else None,
+                         "fwd_bwd_s": fwd_bwd_s, "compress_over_fwd_bwd": amortised_s / fwd_bwd_s})
+            del comp
+    return rows
+
+
+def bench_scores(world, repeats: int) -> list[dict]:
+    """Probe-estimated energies, O(d D k + d^2 k), against the full projection U^T X, O(d^2 D)."""
+    rows = []
+    for case in [m for m, _ in DEFAULT_MODELS] + ["transformer-125m"]:
+        layout, _ = _fwd_bwd_case(case)
+        layout.grads.normal_()
+        for r in (4, 32):
+            timing = {}
+            for scores in ("probe", "exact"):
+                cfg = dataclasses.replace(Config(), compressor="greedylore", rank=r, scores=scores, start_compress_step=0)
+                comp = compress.build(cfg, layout, world)
+                comp.aggregate(0)  # the refresh that makes the bases
+                timing[scores] = _timed(lambda: comp.select(1), 2 if case.endswith("125m") else repeats)
+                del comp
+            rows.append({"model": case, "rank": r, "probes": Config.probes, "probe_scores_s": timing["probe"],
+                         "full_projection_s": timing["exact"], "speedup": timing["exact"] / timing["probe"]})
+    return rows
+
+
+CONVERGENCE_JOBS = {
+    "digits-mlp": {},
+    "shakespeare-transformer": {"model": "transformer", "dataset": "shakespeare", "optimizer": "adam", "lr": 3e-3,
+                                "steps": 600, "batch_size": 16, "eval_every": 50, "warmup_steps": 30},
+}
+CONVERGENCE_ARMS = {"dense": {}, "greedylore": {"compressor": "greedylore"}, "powersgd": {"compressor": "powersgd"},
+                    "random": {"compressor": "greedylore", "select": "random"},
+                    "lazy": {"compressor": "greedylore", "select": "lazy"}}
+
+
+def bench_convergence(world, out: str, rank: int = 4) -> list[dict]:
+    from . import train
+    rows = []
+    for job, settings in CONVERGENCE_JOBS.items():
+        for arm, overrides in CONVERGENCE_ARMS.items():
+            cfg = dataclasses.replace(Config(), rank=rank, progress="never", log_every=10**9, resume="none",
+                                      run_dir=os.path.join(out, "convergence", f"{job}-{arm}"), **settings, **overrides)
+            run = train.prepare(cfg, world)
+            train.resume(run, world)
+            summary = train.train(run, world)
+            metric = "eval_bpc" if "eval_bpc" in summary else "eval_accuracy"
+            rows.append({"job": job, "arm": arm, "rank": rank, "steps": cfg.steps, metric: summary[metric],
+                         "wire_bytes_per_rank": summary["wire_bytes_per_rank"],
+                         "dense_over_wire": summary["dense_bytes_per_rank"] / summary["wire_bytes_per_rank"],
+                         "wall_time_s": summary["wall_time_s"], "run_dir": cfg.run_dir})
+    if world.rank == 0:
+        _plot_convergence(rows, os.path.join(out, "convergence.png"))
+    return rows
+
+
+def _plot_convergence(rows: list[dict], path: str):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("bench: matplotlib is not installed; convergence.png skipped (pip install matplotlib)")
+        return
+    jobs = list(dict.fromkeys(r["job"] for r in rows))
+    fig, axes = plt.subplots(len(jobs), 2, figsize=(11, 4 * len(jobs)), squeeze=False)
+    for row_axes, job in zip(axes, jobs):
+        for r in (r for r in rows if r["job"] == job):
+            with open(os.path.join(r["run_dir"], "metrics.jsonl")) as fh:
+                evals = [e for e in map(json.loads, fh) if e["kind"] == "eval"]
+            metric = "eval_bpc" if "eval_bpc" in evals[0] else "eval_accuracy"
+            ys = [e[metric] for e in evals]
+            row_axes[0].plot([e["step"] for e in evals], ys, marker=".", label=r["arm"])
+            row_axes[1].plot([e["wire_bytes_total"] / 1e6 for e in evals], ys, marker=".", label=r["arm"])
+        for ax, xlabel in zip(row_axes, ("step", "cumulative wire MB per rank")):
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(metric.replace("eval_", "eval "))
+            ax.set_title(job)
+            ax.grid(alpha=0.3)
+            ax.legend()
+        row_axes[1].set_xscale("log")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def _markdown(rows: list[dict]) -> str:
     keys = list(rows[0])
-    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else ("" if v is None else str(v))  # noqa: E731
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     lines += ["| " + " | ".join(fmt(r[k]) for k in keys) + " |" for r in rows]
     return "\n".join(lines) + "\n"
@@ -67,19 +226,23 @@ def _markdown(rows: list[dict]) -> str:
 def main(argv, world) -> int:
     parser = Parser(prog="mpitrain bench", description="Measure the trainer; see `python -m mpitrain bench --help`.")
     parser.quiet = world.rank != 0
-    parser.add_argument("what", choices=["allreduce"])
+    parser.add_argument("what", choices=["allreduce", "compress", "convergence"])
     parser.add_argument("--out", default="bench", help="folder for the JSON and Markdown results")
     parser.add_argument("--repeats", type=int, default=100, help="timed repetitions per case")
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
-    rows = {"allreduce": bench_allreduce}[args.what](world, args.repeats)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world.local_size))
+    tables = {"allreduce": lambda: {"allreduce": bench_allreduce(world, args.repeats)},
+              "compress": lambda: {"compress": bench_compress(world, args.repeats),
+                                   "scores": bench_scores(world, args.repeats)},
+              "convergence": lambda: {"convergence": bench_convergence(world, args.out)}}[args.what]()
     if world.rank == 0:
         os.makedirs(args.out, exist_ok=True)
         stem = os.path.join(args.out, f"{args.what}-n{world.size}")
         with open(stem + ".json", "w") as fh:
-            json.dump({"benchmark": args.what, "mpi": world.library_version(), "rows": rows}, fh, indent=2)
-        table = _markdown(rows)
+            json.dump({"benchmark": args.what, "mpi": world.library_version(), "ranks": world.size,
+                       "tables": tables}, fh, indent=2)
+        text = "".join(f"\n### {name}\n\n" + _markdown(rows) for name, rows in tables.items())
         with open(stem + ".md", "w") as fh:
-            fh.write(table)
-        print(table, end="")
+            fh.write(text)
+        print(text, end="")
     return 0

@@ -1,7 +1,8 @@
 """Command line: `mpitrain [train flags]`, `mpitrain bench WHAT`, and the exit-code contract.
 
-Exit codes: 0 done, 2 a usage/config/data mistake (one line from one rank, every rank exits 2),
-1 anything else (an uncaught exception on any rank aborts the whole job, naming rank and step).
+Exit codes: 0 done; 2 a usage/config/data mistake (one line from one rank, every rank exits 2);
+75 stopped by SIGUSR1/SIGTERM after writing a checkpoint (requeue me); 1 anything else (an
+uncaught exception on any rank aborts the whole job, naming rank and step).
 """
 from __future__ import annotations
 
@@ -67,7 +68,18 @@ def train_main(argv, world) -> int:
         error = str(e)
     if agree_on_error(world, error):
         return 2
-    train.train(run, world)
+    try:
+        train.resume(run, world)
+    except UsageError as e:
+        error = str(e) if world.rank == 0 else "(reported by rank 0)"
+    if agree_on_error(world, error):
+        return 2
+    try:
+        train.train(run, world)
+    except train.TrainingStopped as stop:
+        if world.rank == 0:
+            print(f"mpitrain: {stop}", file=sys.stderr, flush=True)
+        return stop.code
     return 0
 
 

@@ -69,6 +69,18 @@ class Config:
     eval_every: int = _f(100, "evaluate every N steps (0: only at the end)", minimum=0)
     progress: str = _f("auto", "progress bar on rank 0: auto (when stdout is a terminal), always, never",
                        choices=("auto", "always", "never"))
+    # checkpoints and resume
+    checkpoint_every: int = _f(0, "write RUN_DIR/checkpoints/ckpt-STEP.h5 every N steps (0: only at the end)",
+                               minimum=0)
+    keep_last: int = _f(3, "keep the newest K checkpoints (0: keep all)", minimum=0)
+    resume: str = _f("auto", "auto (follow RUN_DIR/checkpoints/latest, falling back to the newest that "
+                             "verifies), none, or a checkpoint path")
+    ef_resume: str = _f("auto", "error-feedback residuals in checkpoints: mean (one array, any world size; "
+                                "linear compressors), gather (every rank's, same world size), reset (dropped); "
+                                "auto: mean where possible, else gather",
+                        choices=("auto", "mean", "gather", "reset"))
+    nan_policy: str = _f("skip", "non-finite gradients on any rank: skip the step (counted) or abort",
+                         choices=("skip", "abort"))
     threads: int = _f(0, "torch threads per rank (0: the node's cores divided by its ranks, or OMP_NUM_THREADS)",
                       minimum=0)
 

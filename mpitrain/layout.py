@@ -7,7 +7,7 @@ the views valid as long as gradients are zeroed with `zero_grad()` (never set to
 
 Matrices (every tensor of two or more dimensions, viewed as n x m with conv kernels as
 out x in*kh*kw) come first in the buffers, then the dense tensors (biases, norms), then a few
-control words (the step's loss, a non-finite flag) that ride along with whichever Allreduce
+control words (the step's loss, a non-finite flag, a stop request) that ride along with whichever Allreduce
 carries the dense tensors, so agreeing on them costs no extra message.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-CONTROL = ("loss", "nonfinite")
+CONTROL = ("loss", "nonfinite", "stop")
 
 
 @dataclass(frozen=True)

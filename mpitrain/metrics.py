@@ -2,7 +2,8 @@
 
 metrics.jsonl holds one JSON object per line, each with a `kind`:
   train    step (steps completed), loss (mean over ranks), lr, wire_bytes, dense_bytes, step_time_s, + compressor stats
-  eval     step, eval_loss, and eval_accuracy (classifiers) or eval_bpc (character LM)
+  eval     step, eval_loss, eval_accuracy (classifiers) or eval_bpc (character LM), and
+           wire_bytes_total (this rank's training bytes so far, for plots against bytes)
   summary  the numbers printed at the end
 Byte convention: `wire_bytes` is what this rank handed to every collective in the step, as counted
 by comm.py (a whole buffer for Allreduce, its own payload for Allgatherv); `dense_bytes` is what

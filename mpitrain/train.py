@@ -1,22 +1,34 @@
-"""The training loop: batch, forward/backward, aggregate, optimizer step, log."""
+"""The training loop: batch, forward/backward, aggregate, optimizer step, log, checkpoint."""
 from __future__ import annotations
 
 import math
 import os
+import signal
 import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from . import compress, models
+from . import checkpoint, compress, models
 from .config import Config, UsageError
 from .data import Dataset, ShardedBatches, locate
 from .layout import GradLayout
 from .metrics import RunLog
 
-# Where the loop is, for the abort message of an uncaught exception.
-STATE = {"step": None}
+# Where the loop is (for the abort message of an uncaught exception), and whether a signal
+# asked it to stop. The handler only sets the flag; the ranks agree at the end of a step.
+STATE = {"step": None, "stop_requested": False}
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+REQUEUE = 75  # EX_TEMPFAIL: "checkpointed, please requeue"
+
+
+class TrainingStopped(Exception):
+    """Every rank agreed to stop before the last step; `code` is the exit code."""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code = code
 
 
 @dataclass
@@ -28,6 +40,8 @@ class Run:
     layout: GradLayout
     compressor: compress.Compressor
     optimizer: torch.optim.Optimizer
+    start_step: int = 0
+    wire_bytes_total: int = 0  # carried across resumes, for plots against bytes
 
 
 def set_threads(cfg: Config, world) -> int:
@@ -50,8 +64,39 @@ def prepare(cfg: Config, world) -> Run:
     except ValueError as e:
         raise UsageError(f"model {cfg.model}: {e}") from None
     batches = ShardedBatches(dataset, cfg.batch_size, world.rank, world.size, cfg.seed)
-    return Run(cfg, dataset, batches, model, layout, compress.build(cfg, layout, world),
-               make_optimizer(cfg, model.parameters()))
+    compressor = compress.build(cfg, layout, world)
+    if cfg.ef_resume == "mean" and not compressor.linear:
+        raise UsageError(f"--ef-resume mean needs a linear compressor; {cfg.compressor} is not "
+                         "(use gather or reset)")
+    return Run(cfg, dataset, batches, model, layout, compressor, make_optimizer(cfg, model.parameters()))
+
+
+def resume(run: Run, world):
+    """Rank 0 picks the checkpoint --resume names and verifies it; every rank loads it.
+    Without one, every rank starts from rank 0's initialisation."""
+    path, error = None, None
+    if world.rank == 0:
+        try:
+            path, notes = checkpoint.choose(run.cfg)
+        except UsageError as e:
+            error, notes = str(e), []
+        for note in notes:
+            print(f"mpitrain: {note}", flush=True)
+    message = np.zeros(4097, dtype=np.uint8)  # [status, utf-8 text]: 0 fresh, 1 resume from path, 2 error
+    if world.rank == 0:
+        text = (error or str(path or "")).encode()[:4096]
+        message[0], message[1:1 + len(text)] = (2 if error else 1 if path else 0), np.frombuffer(text, np.uint8)
+    world.bcast_(message)
+    text = message[1:].tobytes().rstrip(b"\0").decode()
+    if message[0] == 2:
+        raise UsageError(text)
+    if message[0] == 0:
+        world.bcast_(run.layout.params_np)
+        return
+    attrs = checkpoint.load(checkpoint.Path(text), run, world)
+    run.start_step, run.wire_bytes_total = int(attrs["step"]), int(attrs["wire_bytes_total"])
+    if world.rank == 0:
+        print(f"mpitrain: resumed from {text} at step {run.start_step}", flush=True)
 
 
 def make_optimizer(cfg: Config, params):
@@ -93,42 +138,68 @@ class Evaluator:
         return {"eval_loss": loss, "eval_accuracy": float(totals[1] / totals[2])}
 
 
+def request_stop(signum, frame):
+    STATE["stop_requested"] = True
+
+
+def backward(run: Run, world, step: int):
+    """This rank's gradient share, with the control words the exchange carries; a non-finite
+    share is zeroed so nothing non-finite enters the exchange, and flagged instead."""
+    x, y = run.batches.batch_at(step)
+    run.layout.zero_grad()
+    loss, _ = models.loss_and_metric(run.model(torch.from_numpy(x)), torch.from_numpy(y), run.dataset.info["task"])
+    share = loss / world.size  # every gradient comes out as this rank's share of the global mean
+    share.backward()
+    finite = bool(torch.isfinite(share)) and bool(torch.isfinite(run.layout.grads.sum(dtype=torch.float64)))
+    if not finite:
+        run.layout.grads.zero_()
+    run.layout.control.copy_(torch.tensor([float(share) if finite else 0.0, float(not finite),
+                                           float(STATE["stop_requested"])]))
+
+
 def train(run: Run, world) -> dict:
-    cfg, layout, model, compressor, optimizer = run.cfg, run.layout, run.model, run.compressor, run.optimizer
-    evaluate = Evaluator(run, world)
-    log = RunLog(cfg, world, cfg.steps)
-    world.bcast_(layout.params_np)  # every rank starts from rank 0's initialisation
+    cfg, layout, compressor, optimizer = run.cfg, run.layout, run.compressor, run.optimizer
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, request_stop)
+    evaluate, log = Evaluator(run, world), RunLog(cfg, world, cfg.steps)
     world.take_sent_bytes()
-    wire_total, eval_bytes, started = 0, 0, time.perf_counter()
-    for step in range(cfg.steps):
-        STATE["step"] = step + 1  # steps are numbered from 1 outside the loop
+    wire_total, eval_bytes, skipped, started = run.wire_bytes_total, 0, 0, time.perf_counter()
+    result = evaluate() if run.start_step >= cfg.steps else {}
+    for step in range(run.start_step, cfg.steps):
+        STATE["step"], done = step + 1, step + 1  # steps are numbered from 1 outside the loop
         t0 = time.perf_counter()
-        x, y = run.batches.batch_at(step)
-        layout.zero_grad()
-        loss, _ = models.loss_and_metric(model(torch.from_numpy(x)), torch.from_numpy(y), run.dataset.info["task"])
-        share = loss / world.size  # every gradient comes out as this rank's share of the global mean
-        share.backward()
-        layout.control[0] = share.detach()
+        backward(run, world, step)
         compressor.aggregate(step)
+        loss, nonfinite, stop = layout.control.tolist()  # summed over ranks by the exchange
+        if nonfinite and cfg.nan_policy == "abort":
+            raise TrainingStopped(1, f"non-finite gradients at step {done} (--nan-policy abort); no checkpoint written")
+        skipped += bool(nonfinite)
         lr = lr_at(cfg, step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        optimizer.step()
+        if not nonfinite:
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            optimizer.step()
         wire = world.take_sent_bytes()
         wire_total += wire
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps or "contraction" in compressor.stats:
-            log.train({"step": step + 1, "loss": float(layout.control[0]), "lr": lr, "wire_bytes": wire,
-                       "dense_bytes": layout.dense_bytes, "step_time_s": time.perf_counter() - t0,
-                       **compressor.stats})
-        if step + 1 == cfg.steps or (cfg.eval_every and (step + 1) % cfg.eval_every == 0):
+        if done % cfg.log_every == 0 or done == cfg.steps or nonfinite or "contraction" in compressor.stats:
+            log.train({"step": done, "loss": loss, "lr": lr, "wire_bytes": wire, "dense_bytes": layout.dense_bytes,
+                       "step_time_s": time.perf_counter() - t0, "skipped_steps": skipped, **compressor.stats})
+        if done == cfg.steps or (cfg.eval_every and done % cfg.eval_every == 0):
             result = evaluate()
             eval_bytes += world.take_sent_bytes()
-            log.eval({"step": step + 1, **result})
+            log.eval({"step": done, **result, "wire_bytes_total": wire_total})
+        if stop or done == cfg.steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0):
+            saved = checkpoint.save(run, world, done, wire_total)
+            world.take_sent_bytes()  # checkpoint traffic is not gradient exchange
+        if stop and done < cfg.steps:
+            raise TrainingStopped(REQUEUE, f"stop requested by signal: checkpoint {saved} written after step "
+                                           f"{done}; exit {REQUEUE} asks the job script to requeue")
     STATE["step"] = None
-    wall = time.perf_counter() - started
-    mean_wire = world.allreduce_(np.array([wire_total], dtype=np.float64))[0] / world.size
-    summary = {"steps": cfg.steps, "world_size": world.size, "wall_time_s": wall, **result,
-               "wire_bytes_per_rank": mean_wire, "dense_bytes_per_rank": layout.dense_bytes * cfg.steps,
+    steps_run = cfg.steps - run.start_step
+    mean_wire = world.allreduce_(np.array([wire_total - run.wire_bytes_total], dtype=np.float64))[0] / world.size
+    summary = {"steps": cfg.steps, "steps_run": steps_run, "world_size": world.size,
+               "wall_time_s": time.perf_counter() - started, **result, "skipped_steps": skipped,
+               "wire_bytes_per_rank": mean_wire, "dense_bytes_per_rank": layout.dense_bytes * steps_run,
                "wire_bytes_eval_per_rank": eval_bytes, "run_dir": cfg.run_dir}
     log.summary(summary)
     return summary

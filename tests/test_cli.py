@@ -5,6 +5,7 @@ import time
 import pytest
 
 from helpers import trainer
+from mpitrain.layout import CONTROL
 
 
 def test_default_job_runs_alone_and_writes_its_outputs(tmp_path):
@@ -20,7 +21,7 @@ def test_default_job_runs_alone_and_writes_its_outputs(tmp_path):
     assert [x["step"] for x in train] == list(range(10, 301, 10))
     for x in train:
         assert {"step", "loss", "lr", "wire_bytes", "dense_bytes", "step_time_s"} <= x.keys()
-        assert x["wire_bytes"] == x["dense_bytes"] + 8  # dense fp32 gradients plus two control words
+        assert x["wire_bytes"] == x["dense_bytes"] + 4 * len(CONTROL)  # dense fp32 gradients + control words
     assert [x["step"] for x in evals] == [100, 200, 300]
     assert summary["eval_accuracy"] > 0.9  # a real model learned the real digits
     assert train[-1]["loss"] < train[0]["loss"]

@@ -7,6 +7,9 @@ import torch
 
 from helpers import WORKERS, mpi
 from mpitrain.compress.lowrank import POWER_INIT, generator
+from mpitrain.layout import CONTROL
+
+C = 4 * len(CONTROL)  # the control words ride in every dense or payload Allreduce
 
 
 def stream(tmp_path, n, name, steps, *flags):
@@ -153,8 +156,8 @@ def test_wire_bytes_are_exactly_the_payloads(tmp_path):
     dense_numel = sum(s[2] for i, s in enumerate(slots) if i not in which)
     nm = [(s[3][0], int(np.prod(s[3][1:]))) for i, s in enumerate(slots) if i in which]
     compressed = 4 * sum(min(r, min(a, b)) * max(a, b) for a, b in nm) + 4 * k * sum(min(a, b) for a, b in nm) \
-        + 4 * dense_numel + 8
-    expected = [4 * numel + 8] * 2 + [4 * numel + 8 + 16] + [compressed] * 3 + [4 * numel + 8 + 16] + [compressed] * 2
+        + 4 * dense_numel + C
+    expected = [4 * numel + C] * 2 + [4 * numel + C + 16] + [compressed] * 3 + [4 * numel + C + 16] + [compressed] * 2
     for rr in ranks:
         assert list(rr["wire"]) == expected
 
@@ -162,7 +165,7 @@ def test_wire_bytes_are_exactly_the_payloads(tmp_path):
     which = set(ranks[0]["compressed"])
     dense_numel = sum(s[2] for i, s in enumerate(slots) if i not in which)
     nm = [(s[3][0], int(np.prod(s[3][1:]))) for i, s in enumerate(slots) if i in which]
-    assert list(ranks[0]["wire"][1:]) == [4 * sum((a + b) * r for a, b in nm) + 4 * dense_numel + 8] * 3
+    assert list(ranks[0]["wire"][1:]) == [4 * sum((a + b) * r for a, b in nm) + 4 * dense_numel + C] * 3
 
 
 @pytest.mark.parametrize("name", ["greedylore", "powersgd"])

@@ -16,6 +16,9 @@ class Compressor:
     """
 
     name = ""
+    # Linear and shared across ranks: the trajectory depends on the residuals only through their
+    # sum, so a checkpoint may store that sum once and resume exactly at any world size.
+    linear = True
 
     def __init__(self, layout, world, cfg):
         self.layout = layout

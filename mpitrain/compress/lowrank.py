@@ -137,7 +137,8 @@ class LowRank(Compressor):
         return {"local": {"residual": self.residual.np.copy()}, "shared": {}}
 
     def load_state_dict(self, state: dict) -> None:
-        self.residual.np[...] = state["local"]["residual"]
+        residual = state["local"].get("residual")  # absent after ef_resume=reset: start from zero
+        self.residual.np[...] = 0.0 if residual is None else residual
 
 
 @register

@@ -21,5 +21,6 @@ train.set_threads(cfg, world)
 run = train.prepare(cfg, world)
 if world.rank == 0:
     np.save(out / "params-init.npy", run.layout.params_np)  # what rank 0 broadcasts at the start
+train.resume(run, world)
 train.train(run, world)
 np.save(out / f"params-{world.rank}.npy", run.layout.params_np)

@@ -1,0 +1,315 @@
+"""HDF5 checkpoints: schema, atomic write by rank 0, keep-last-K, `latest`, verified resume.
+
+    /                  attrs: format, format_version, step, epoch, world_size, created, versions,
+                              compressor, ef_resume, wire_bytes_total
+    /config            the resolved configuration, JSON text
+    /model/NAME        one dataset per state_dict entry (parameters and buffers)
+    /optimizer/param_groups           JSON text
+    /optimizer/state/INDEX/KEY        per-parameter optimizer state
+    /compressor/shared/KEY            state identical on every rank, stored once
+    /compressor/residual/mean         ef_resume=mean: the sum of the ranks' residual shares
+    /compressor/residual/per_rank     ef_resume=gather: one row per rank
+    /rng/torch_cpu     each rank's torch generator state, one row per rank
+
+Every dataset is chunked with fletcher32 checksums (JSON text as a fixed-length string, so
+h5dump prints it); no lzf, no pickle: loading a checkpoint never runs code. Rank 0 writes a
+temporary file in the same folder, fsyncs it, renames it into place and fsyncs the folder; only
+then does `latest` (the file name of the newest complete checkpoint) move, the same way.
+
+This module takes the MPI world as an argument and never imports it, so `inspect` can use the
+readers without MPI.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+from datetime import datetime, timezone
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+from .config import UsageError
+
+FORMAT, FORMAT_VERSION = "mpitrain-checkpoint", 1
+SCALAR = "scalar"  # attribute marking a 0-d value stored as shape (1,) (scalars cannot be chunked)
+
+
+def folder(run_dir: str) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def file_name(step: int) -> str:
+    return f"ckpt-{step:09d}.h5"
+
+
+def step_of(path: Path) -> int | None:
+    stem = Path(path).name
+    if stem.startswith("ckpt-") and stem.endswith(".h5") and stem[5:-3].isdigit():
+        return int(stem[5:-3])
+    return None
+
+
+# -- writing -----------------------------------------------------------------------------------
+
+def _dataset(group: h5py.Group, name: str, value):
+    """One array (or JSON text) as a chunked, checksummed dataset."""
+    if isinstance(value, str):
+        data = np.array([value.encode("utf-8")])
+        return group.create_dataset(name, data=data, chunks=True, fletcher32=True)
+    arr = value.detach().cpu() if isinstance(value, torch.Tensor) else value
+    dtype_name = str(arr.dtype).replace("torch.", "")
+    if isinstance(arr, torch.Tensor):
+        arr = arr.view(torch.int16).numpy().view(np.uint16) if arr.dtype == torch.bfloat16 else arr.numpy()
+    arr = np.asarray(arr)
+    scalar = arr.ndim == 0
+    if scalar:
+        arr = arr.reshape(1)
+    if arr.size == 0:
+        ds = group.create_dataset(name, data=arr)
+    else:
+        ds = group.create_dataset(name, data=arr, chunks=True, fletcher32=True)
+    ds.attrs["dtype"] = dtype_name
+    if scalar:
+        ds.attrs[SCALAR] = True
+    return ds
+
+
+def _fsync_dir(path: Path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic(path: Path, write):
+    """write(tmp_path), then fsync, rename into place, fsync the folder."""
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    _fsync_dir(path.parent)
+
+
+def versions(world) -> dict:
+    return {"mpitrain": __import__("mpitrain").__version__, "torch": torch.__version__, "numpy": np.__version__,
+            "h5py": h5py.__version__, "hdf5": h5py.version.hdf5_version, "python": platform.python_version(),
+            "mpi": world.library_version()}
+
+
+def ef_policy(cfg, compressor) -> str:
+    if cfg.ef_resume == "auto":
+        return "mean" if compressor.linear else "gather"
+    return cfg.ef_resume
+
+
+def save(run, world, step: int, wire_bytes_total: int = 0) -> Path | None:
+    """Every rank calls this (it gathers per-rank state); rank 0 writes. Returns the path on rank 0."""
+    cfg = run.cfg
+    if not bool(torch.isfinite(run.layout.params).all()):
+        raise RuntimeError(f"refusing to write a checkpoint at step {step}: the parameters hold NaN or Inf")
+    policy = ef_policy(cfg, run.compressor)
+    comp_state = run.compressor.state_dict()
+    residual = comp_state.get("local", {}).get("residual")
+    if residual is not None and policy == "mean":
+        residual = world.allreduce_(np.array(residual, dtype=np.float32))  # the sum of shares: the mean residual
+    elif residual is not None and policy == "gather":
+        residual = world.gather(np.asarray(residual, dtype=np.float32))
+    rng = world.gather(torch.get_rng_state().numpy())
+    if world.rank != 0:
+        return None
+    ckpt_dir = folder(cfg.run_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    path = ckpt_dir / file_name(step)
+
+    def write(tmp):
+        with h5py.File(tmp, "w") as f:
+            f.attrs.update({"format": FORMAT, "format_version": FORMAT_VERSION, "step": step,
+                            "epoch": run.batches.epoch_of(step), "world_size": world.size,
+                            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                            "versions": json.dumps(versions(world)), "compressor": cfg.compressor,
+                            "ef_resume": policy, "wire_bytes_total": int(wire_bytes_total)})
+            _dataset(f, "config", cfg.to_json())
+            model = f.create_group("model")
+            for name, tensor in run.model.state_dict().items():
+                _dataset(model, name, tensor)
+            opt = run.optimizer.state_dict()
+            group = f.create_group("optimizer")
+            _dataset(group, "param_groups", json.dumps(opt["param_groups"]))
+            state = group.create_group("state")
+            for index, entries in opt["state"].items():
+                sub = state.create_group(str(index))
+                for key, value in entries.items():
+                    _dataset(sub, key, value if isinstance(value, torch.Tensor) else np.asarray(value))
+            comp = f.create_group("compressor")
+            comp.attrs["name"] = cfg.compressor
+            shared = comp.create_group("shared")
+            for key, value in comp_state.get("shared", {}).items():
+                _dataset(shared, key, np.asarray(value))
+            if residual is not None and policy != "reset":
+                _dataset(comp.create_group("residual"), "mean" if policy == "mean" else "per_rank", residual)
+            _dataset(f.create_group("rng"), "torch_cpu", rng)
+
+    _atomic(path, write)
+    _atomic(ckpt_dir / "latest", lambda tmp: tmp.write_text(path.name + "\n"))
+    prune(ckpt_dir, cfg.keep_last, keep=path)
+    return path
+
+
+def prune(ckpt_dir: Path, keep_last: int, keep: Path):
+    if keep_last <= 0:
+        return
+    found = sorted((p for p in ckpt_dir.glob("ckpt-*.h5") if step_of(p) is not None), key=step_of)
+    for old in found[:-keep_last]:
+        if old != keep:
+            old.unlink(missing_ok=True)
+
+
+# -- reading -----------------------------------------------------------------------------------
+
+def open_checkpoint(path) -> h5py.File:
+    """Open read-only; anything that is not an mpitrain checkpoint raises UsageError."""
+    try:
+        f = h5py.File(path, "r", locking=False)
+    except FileNotFoundError:
+        raise UsageError(f"no such checkpoint: {path}") from None
+    except OSError as e:
+        raise UsageError(f"{path} is not a readable HDF5 file ({str(e).split('(')[0].strip()})") from None
+    if f.attrs.get("format") != FORMAT:
+        f.close()
+        raise UsageError(f"{path} is an HDF5 file but not an mpitrain checkpoint")
+    if int(f.attrs.get("format_version", 0)) > FORMAT_VERSION:
+        f.close()
+        raise UsageError(f"{path} has format version {f.attrs['format_version']}; this mpitrain reads "
+                         f"up to {FORMAT_VERSION}")
+    return f
+
+
+def read(ds: h5py.Dataset):
+    """A dataset's value: numpy array (bf16 restored as a torch tensor), or text."""
+    value = ds[()]
+    if ds.dtype.kind == "S":
+        return value[0].decode("utf-8")
+    if ds.attrs.get(SCALAR, False):
+        value = value.reshape(())
+    if ds.attrs.get("dtype") == "bfloat16":
+        return torch.from_numpy(value.view(np.int16)).view(torch.bfloat16)
+    return value
+
+
+def datasets(f: h5py.File):
+    """(path, dataset) for every dataset in the file, in a stable order."""
+    found = []
+    f.visititems(lambda name, obj: found.append((name, obj)) if isinstance(obj, h5py.Dataset) else None)
+    return sorted(found)
+
+
+def verify(path) -> list[str]:
+    """Faults found by reading every dataset (checksums) and scanning floats for NaN/Inf."""
+    try:
+        f = open_checkpoint(path)
+    except UsageError as e:
+        return [str(e)]
+    faults = []
+    with f:
+        for key in ("config", "model", "optimizer", "compressor", "rng"):
+            if key not in f:
+                faults.append(f"missing /{key}")
+        for name, ds in datasets(f):
+            try:
+                value = read(ds)
+            except OSError as e:  # HDF5 reports a fletcher32 mismatch as a read error
+                faults.append(f"/{name}: unreadable ({str(e).split(';')[0]})")
+                continue
+            if isinstance(value, torch.Tensor):
+                value = value.float().numpy()
+            if isinstance(value, np.ndarray) and value.dtype.kind == "f" and not np.isfinite(value).all():
+                faults.append(f"/{name}: holds NaN or Inf")
+    return faults
+
+
+def candidates(run_dir: str) -> list[Path]:
+    """Checkpoints to resume from, best first: the one `latest` names, then newest to oldest."""
+    ckpt_dir = folder(run_dir)
+    if not ckpt_dir.is_dir():
+        return []
+    found = sorted((p for p in ckpt_dir.glob("ckpt-*.h5") if step_of(p) is not None), key=step_of, reverse=True)
+    latest = ckpt_dir / "latest"
+    if latest.is_file():
+        named = ckpt_dir / latest.read_text().strip()
+        found = [named] + [p for p in found if p != named]
+    return found
+
+
+def choose(cfg) -> tuple[Path | None, list[str]]:
+    """The checkpoint --resume points at (verified), and notes to print. Raises UsageError."""
+    if cfg.resume == "none":
+        return None, []
+    if cfg.resume != "auto":
+        faults = verify(cfg.resume)
+        if faults:
+            raise UsageError(f"cannot resume from {cfg.resume}: {faults[0]}")
+        return Path(cfg.resume), []
+    notes = []
+    for path in candidates(cfg.run_dir):
+        faults = verify(path) if path.exists() else ["missing"]
+        if not faults:
+            if notes:
+                notes.append(f"resuming from {path.name} instead")
+            return path, notes
+        notes.append(f"checkpoint {path.name} failed verification ({faults[0]})")
+    if notes:
+        notes.append("no checkpoint verifies: starting from scratch")
+    return None, notes
+
+
+def load(path: Path, run, world) -> dict:
+    """Restore model, optimizer, compressor and generator state on every rank; returns the root attrs."""
+    cfg = run.cfg
+    with open_checkpoint(path) as f:
+        attrs = dict(f.attrs)
+        if attrs["compressor"] != cfg.compressor:
+            raise UsageError(f"{path.name} was written with --compressor {attrs['compressor']}; resume with it, "
+                             "or start over with --resume none")
+        try:
+            state = {name: torch.as_tensor(read(ds)) for name, ds in f["model"].items()}
+            run.model.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            raise UsageError(f"{path.name} does not fit this model: {str(e).splitlines()[0]}") from None
+        opt_state = {int(i): {k: torch.as_tensor(read(ds)) for k, ds in g.items()}
+                     for i, g in f["optimizer/state"].items()}
+        groups = json.loads(read(f["optimizer/param_groups"]))
+        try:
+            run.optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
+        except (ValueError, KeyError) as e:
+            raise UsageError(f"{path.name} holds state of another optimizer ({e}); "
+                             "resume with the same --optimizer") from None
+        comp = {"shared": {k: read(ds) for k, ds in f["compressor/shared"].items()}, "local": {}}
+        saved_world = int(attrs["world_size"])
+        if "compressor/residual/per_rank" in f:
+            if saved_world != world.size:
+                raise UsageError(f"{path.name} holds per-rank residuals of {saved_world} ranks (ef_resume=gather); "
+                                 f"resume on {saved_world} ranks, or with --ef-resume reset")
+            comp["local"]["residual"] = f["compressor/residual/per_rank"][world.rank]
+        elif "compressor/residual/mean" in f:
+            comp["local"]["residual"] = read(f["compressor/residual/mean"]) / world.size
+        run.compressor.load_state_dict(comp)
+        rng = read(f["rng/torch_cpu"])
+        if saved_world == world.size:
+            torch.set_rng_state(torch.from_numpy(rng[world.rank].copy()))
+        else:
+            torch.manual_seed(int(np.random.SeedSequence([cfg.seed, int(attrs["step"]), world.rank])
+                                  .generate_state(1)[0]))
+    return attrs
