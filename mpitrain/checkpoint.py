@@ -132,6 +132,8 @@ def save(run, world, step: int, wire_bytes_total: int = 0) -> Path | None:
         return None
     ckpt_dir = folder(cfg.run_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
+    for stale in ckpt_dir.glob("*.tmp-*"):  # left by a writer that was killed; never a complete file
+        stale.unlink(missing_ok=True)
     path = ckpt_dir / file_name(step)
 
     def write(tmp):

@@ -85,6 +85,9 @@ def train_main(argv, world) -> int:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["inspect"]:  # reading checkpoints never starts MPI
+        from .inspect import main as inspect_main
+        return inspect_main(argv[1:])
     from .comm import World
     from . import train
 

@@ -27,3 +27,26 @@ def not_a_module(info):
 
 def half_precision(info):
     return nn.Linear(64, info["num_classes"]).to(torch.float64)
+
+
+def nan_on_rank1_step3(info):
+    """An MLP whose 3rd training forward pass on rank 1 produces a NaN loss."""
+    class Poisoned(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, info["num_classes"]))
+            self.calls = 0
+
+        def forward(self, x):
+            self.calls += 1
+            out = self.net(x)
+            if self.calls == 3 and int(os.environ.get("PMI_RANK", "0")) == 1:
+                out = out * float("nan")
+            return out
+    return Poisoned()
+
+
+def big_mlp(info):
+    """About 10M parameters (40 MB of weights), so writing a checkpoint takes measurable time."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 3000), nn.ReLU(), nn.Linear(3000, 3000), nn.ReLU(),
+                         nn.Linear(3000, info["num_classes"]))

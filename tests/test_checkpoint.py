@@ -1,0 +1,174 @@
+"""Checkpoints under a real mpiexec: exact resume, world-size changes, NaN policy, preemption, kills."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+
+from helpers import MPIEXEC, ROOT, WORKERS, env, mpi, trainer
+from mpitrain import checkpoint
+
+COMMON = ["--lr-schedule", "constant", "--warmup-steps", 0, "--eval-every", 0, "--log-every", 1]
+
+
+def run_and_dump(folder, n, *flags):
+    folder.mkdir(exist_ok=True)
+    r = mpi(n, [WORKERS / "train_and_dump.py", folder, *COMMON, "--run-dir", folder, *flags])
+    assert r.returncode == 0, r.stderr
+    return np.load(folder / "params-0.npy"), r
+
+
+def model_of(path):
+    with h5py.File(path, "r") as f:
+        return {k: f["model"][k][()] for k in f["model"]}
+
+
+@pytest.mark.parametrize("compressor,optimizer", [("dense", "sgd"), ("dense", "adam"), ("greedylore", "sgd"),
+                                                  ("greedylore", "adam"), ("powersgd", "sgd"), ("powersgd", "adamw")])
+def test_resume_equals_an_uninterrupted_run(tmp_path, compressor, optimizer):
+    flags = ["--compressor", compressor, "--optimizer", optimizer, "--lr", 0.01 if optimizer != "sgd" else 0.05,
+             "--start-compress-step", 3, "--refresh-every", 4, "--rank", 4, "--model", "cnn"]
+    whole, _ = run_and_dump(tmp_path / "whole", 2, "--steps", 20, *flags)
+    for policy in (["gather"] if compressor == "dense" else ["gather", "mean"]):
+        part = tmp_path / policy
+        run_and_dump(part, 2, "--steps", 10, "--ef-resume", policy, *flags)
+        assert (part / "checkpoints" / "ckpt-000000010.h5").is_file()
+        resumed, r = run_and_dump(part, 2, "--steps", 20, "--ef-resume", policy, *flags)
+        assert "resumed from" in r.stdout and "ckpt-000000010.h5" in r.stdout
+        steps = [json.loads(x)["step"] for x in open(part / "metrics.jsonl") if '"train"' in x]
+        assert steps == list(range(1, 21))
+        if policy == "gather":
+            assert np.array_equal(resumed, whole)
+        else:
+            assert np.abs(resumed - whole).max() < 1e-5
+        assert not np.array_equal(resumed, np.load(part / "params-init.npy"))
+
+
+def test_resume_on_another_world_size_trains_on_for_linear_compressors(tmp_path):
+    flags = ["--compressor", "greedylore", "--start-compress-step", 3, "--refresh-every", 50]
+    run_and_dump(tmp_path, 4, "--steps", 10, *flags)
+    params, r = run_and_dump(tmp_path, 2, "--steps", 25, *flags)
+    assert "at step 10" in r.stdout
+    losses = [json.loads(x)["loss"] for x in open(tmp_path / "metrics.jsonl") if '"train"' in x]
+    assert len(losses) == 25 and np.mean(losses[-5:]) < np.mean(losses[:5])
+    # every rank's residual was stored only for gather: another world size is refused clearly
+    r = trainer(2, "--run-dir", tmp_path, "--steps", 30, "--ef-resume", "gather", *flags, *COMMON)
+    assert r.returncode == 0, r.stderr  # the latest file holds a mean residual: fine on any size
+    r = trainer(4, "--run-dir", tmp_path, "--steps", 35, "--ef-resume", "gather", *flags, *COMMON)
+    assert r.returncode == 2 and "per-rank residuals of 2 ranks" in r.stderr
+
+
+def test_non_finite_gradients_are_skipped_on_every_rank(tmp_path):
+    r = trainer(2, "--model", "user_models:nan_on_rank1_step3", "--steps", 8, "--run-dir", tmp_path, *COMMON)
+    assert r.returncode == 0, r.stderr
+    lines = [json.loads(x) for x in open(tmp_path / "metrics.jsonl") if '"train"' in x]
+    assert [x["skipped_steps"] for x in lines] == [0, 0, 1, 1, 1, 1, 1, 1]
+    assert not checkpoint.verify(tmp_path / "checkpoints" / "ckpt-000000008.h5")
+
+
+def test_non_finite_gradients_abort_when_asked(tmp_path):
+    r = trainer(2, "--model", "user_models:nan_on_rank1_step3", "--steps", 8, "--nan-policy", "abort",
+                "--run-dir", tmp_path, "--checkpoint-every", 1, *COMMON)
+    assert r.returncode == 1
+    assert r.stderr.count("non-finite gradients at step 3") == 1
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("ckpt-*")) == \
+        ["ckpt-000000001.h5", "ckpt-000000002.h5"]
+
+
+def test_auto_resume_falls_back_to_the_newest_checkpoint_that_verifies(tmp_path):
+    trainer(1, "--run-dir", tmp_path, "--steps", 6, "--checkpoint-every", 2, "--keep-last", 0, *COMMON)
+    newest = tmp_path / "checkpoints" / "ckpt-000000006.h5"
+    corrupt(newest)
+    assert checkpoint.verify(newest)
+    r = trainer(1, "--run-dir", tmp_path, "--steps", 8, *COMMON)
+    assert r.returncode == 0, r.stderr
+    assert "ckpt-000000006.h5 failed verification" in r.stdout
+    assert "resuming from ckpt-000000004.h5 instead" in r.stdout and "at step 4" in r.stdout
+
+
+def corrupt(path):
+    """Flip bytes inside the first chunk of the largest model dataset (checksum must catch it)."""
+    with h5py.File(path, "r") as f:
+        name = max(f["model"], key=lambda k: f["model"][k].size)
+        offset = f["model"][name].id.get_chunk_info(0).byte_offset
+    with open(path, "r+b") as fh:
+        fh.seek(offset + 16)
+        data = bytearray(fh.read(8))
+        fh.seek(offset + 16)
+        fh.write(bytes(b ^ 0xFF for b in data))
+    return name
+
+
+def test_keep_last_and_latest(tmp_path):
+    r = trainer(1, "--run-dir", tmp_path, "--steps", 9, "--checkpoint-every", 2, "--keep-last", 2, *COMMON)
+    assert r.returncode == 0, r.stderr
+    ckpts = tmp_path / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["ckpt-000000008.h5", "ckpt-000000009.h5", "latest"]
+    assert (ckpts / "latest").read_text().strip() == "ckpt-000000009.h5"
+    assert oct((ckpts / "ckpt-000000009.h5").stat().st_mode & 0o777) == "0o644"
+
+
+def test_sigusr1_checkpoints_exits_75_and_a_rerun_finishes_like_an_uninterrupted_run(tmp_path):
+    flags = ["--steps", 3000, "--log-every", 10, "--eval-every", 0]
+    script = [str(ROOT / "jobs" / "local.sh")]
+    e = env(PYTHON=sys.executable, NP="2")
+    whole = subprocess.run(script + ["--run-dir", str(tmp_path / "whole"), *map(str, flags)], env=e,
+                           capture_output=True, text=True, timeout=180)
+    assert whole.returncode == 0, whole.stderr
+    run_dir = tmp_path / "cut"
+    proc = subprocess.Popen(script + ["--run-dir", str(run_dir), *map(str, flags)], env=e,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and (not metrics.exists() or metrics.read_text().count("\n") < 20):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR1)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 75, err
+    assert "exit 75 asks the job script to requeue" in err
+    stopped_at = checkpoint.step_of(run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip())
+    assert 200 <= stopped_at < 3000
+    again = subprocess.run(script + ["--run-dir", str(run_dir), *map(str, flags)], env=e,
+                           capture_output=True, text=True, timeout=180)
+    assert again.returncode == 0, again.stderr
+    assert f"at step {stopped_at}" in again.stdout
+    a, b = model_of(run_dir / "checkpoints" / "ckpt-000003000.h5"), model_of(tmp_path / "whole" / "checkpoints" /
+                                                                          "ckpt-000003000.h5")
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_sigkill_during_checkpoint_writes_never_breaks_latest(tmp_path):
+    rng = random.Random(0)
+    cmd = [MPIEXEC, "-n", "2", sys.executable, "-m", "mpitrain", "--model", "user_models:big_mlp",
+           "--run-dir", str(tmp_path), "--checkpoint-every", 1, "--keep-last", 2, "--steps", 100000,
+           "--lr", "0.001", *map(str, COMMON)]
+    ckpts = tmp_path / "checkpoints"
+    kills = 0
+    for attempt in range(6):
+        proc = subprocess.Popen([str(c) for c in cmd], env=env(), start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        before = (ckpts / "latest").read_text() if (ckpts / "latest").exists() else ""
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and ((ckpts / "latest").read_text() if (ckpts / "latest").exists()
+                                               else "") == before:
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 0.6))  # somewhere inside the next writes
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        kills += 1
+        latest = ckpts / (ckpts / "latest").read_text().strip()
+        assert checkpoint.verify(latest) == [], latest
+        for p in ckpts.glob("ckpt-*.h5"):
+            assert checkpoint.verify(p) == [], p
+    assert kills == 6
+    steps_before = checkpoint.step_of(ckpts / (ckpts / "latest").read_text().strip())
+    r = trainer(2, "--model", "user_models:big_mlp", "--run-dir", tmp_path, "--steps", steps_before + 2,
+                "--lr", 0.001, *COMMON, timeout=180)
+    assert r.returncode == 0, r.stderr
+    assert f"at step {steps_before}" in r.stdout

@@ -1,0 +1,108 @@
+"""`mpitrain inspect`: summaries, tree, verify, diff, export, and clear refusals; no MPI."""
+import json
+import shutil
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from helpers import run, trainer
+from test_checkpoint import COMMON, corrupt
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    d = tmp_path_factory.mktemp("run")
+    r = trainer(2, "--run-dir", d, "--steps", 6, "--checkpoint-every", 3, "--compressor", "greedylore",
+                "--start-compress-step", 1, *COMMON)
+    assert r.returncode == 0, r.stderr
+    return d / "checkpoints" / "ckpt-000000003.h5", d / "checkpoints" / "ckpt-000000006.h5"
+
+
+def inspect(*args, **extra_env):
+    return run([sys.executable, "-m", "mpitrain", "inspect", *map(str, args)], **extra_env)
+
+
+def test_summary_without_mpi(ckpts, tmp_path):
+    # a fake mpi4py that cannot be imported proves inspect never touches MPI
+    (tmp_path / "mpi4py").mkdir()
+    (tmp_path / "mpi4py" / "__init__.py").write_text("raise ImportError('inspect must not import MPI')\n")
+    r = inspect(ckpts[1], "--json", PYTHONPATH=f"{tmp_path}:{run.__globals__['ROOT']}")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert (info["step"], info["world_size"], info["compressor"], info["ef_resume"]) == (6, 2, "greedylore", "mean")
+    assert info["model_values"] == 85002 and info["config"]["steps"] == 6
+    assert {"torch", "numpy", "h5py", "mpi"} <= info["versions"].keys()
+
+
+def test_tree_lists_every_dataset_checksummed(ckpts):
+    r = inspect(ckpts[0], "--tree", "--json")
+    rows = json.loads(r.stdout)
+    names = {x["name"] for x in rows}
+    assert {"/config", "/model/1.weight", "/optimizer/param_groups", "/compressor/shared/bases",
+            "/compressor/residual/mean", "/rng/torch_cpu"} <= names
+    assert all(x["fletcher32"] for x in rows)
+
+
+def test_verify_passes_then_names_the_corrupted_dataset(ckpts, tmp_path):
+    assert inspect(ckpts[1], "--verify").returncode == 0
+    bad = tmp_path / "bad.h5"
+    shutil.copy(ckpts[1], bad)
+    name = corrupt(bad)
+    r = inspect(bad, "--verify")
+    assert r.returncode == 1 and f"/model/{name}" in r.stdout
+
+
+def test_verify_finds_nan(ckpts, tmp_path):
+    bad = tmp_path / "nan.h5"
+    shutil.copy(ckpts[1], bad)
+    with h5py.File(bad, "r+") as f:
+        ds = f["model/1.bias"]
+        values = ds[()]
+        values[3] = np.nan
+        ds[...] = values
+    r = inspect(bad, "--verify")
+    assert r.returncode == 1 and "/model/1.bias: holds NaN or Inf" in r.stdout
+
+
+def test_diff_and_export(ckpts, tmp_path):
+    rows = json.loads(inspect(ckpts[0], "--diff", ckpts[1], "--json").stdout)
+    assert {r["tensor"] for r in rows} == {"1.weight", "1.bias", "3.weight", "3.bias", "5.weight", "5.bias"}
+    assert all(r["max_abs"] > 0 for r in rows)
+    same = json.loads(inspect(ckpts[1], "--diff", ckpts[1], "--json").stdout)
+    assert all(r["max_abs"] == 0 for r in same)
+    out = tmp_path / "w.pt"
+    assert inspect(ckpts[1], "--export-pt", out).returncode == 0
+    state = torch.load(out, weights_only=True)
+    with h5py.File(ckpts[1]) as f:
+        assert np.array_equal(state["5.weight"].numpy(), f["model/5.weight"][()])
+
+
+@pytest.mark.parametrize("kind", ["random", "truncated", "other_hdf5", "missing"])
+def test_what_is_not_a_checkpoint_gets_one_line_and_exit_2(ckpts, tmp_path, kind):
+    path = tmp_path / "x.h5"
+    if kind == "random":
+        path.write_bytes(np.random.default_rng(0).bytes(5000))
+    elif kind == "truncated":
+        path.write_bytes(ckpts[1].read_bytes()[:20000])
+    elif kind == "other_hdf5":
+        with h5py.File(path, "w") as f:
+            f["x"] = np.arange(3)
+    for extra in ([], ["--verify"], ["--tree"]):
+        r = inspect(path, *extra)
+        assert r.returncode == 2, (kind, extra, r.stdout, r.stderr)
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("mpitrain inspect: error:") and "Traceback" not in r.stderr
+
+
+@pytest.mark.skipif(not shutil.which("h5dump"), reason="hdf5-tools not installed (.ci/run installs them)")
+def test_standard_hdf5_tools_read_checkpoints(ckpts):
+    ls = subprocess.run(["h5ls", "-r", str(ckpts[1])], capture_output=True, text=True)
+    assert ls.returncode == 0 and "/model/1.weight" in ls.stdout and "/compressor/shared/bases" in ls.stdout
+    dump = subprocess.run(["h5dump", "-p", "-H", str(ckpts[1])], capture_output=True, text=True)
+    assert dump.returncode == 0 and "FLETCHER32" in dump.stdout.upper()
+    config = subprocess.run(["h5dump", "-d", "/config", str(ckpts[1])], capture_output=True, text=True)
+    assert '"compressor": "greedylore"' in config.stdout.replace('\\"', '"')
