@@ -24,6 +24,10 @@ def run_and_dump(folder, n, *flags):
     return np.load(folder / "params-0.npy"), r
 
 
+def losses(folder):
+    return np.array([json.loads(x)["loss"] for x in open(folder / "metrics.jsonl") if '"train"' in x])
+
+
 def model_of(path):
     with h5py.File(path, "r") as f:
         return {k: f["model"][k][()] for k in f["model"]}
@@ -43,11 +47,20 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, compressor, optimizer):
         assert "resumed from" in r.stdout and "ckpt-000000010.h5" in r.stdout
         steps = [json.loads(x)["step"] for x in open(part / "metrics.jsonl") if '"train"' in x]
         assert steps == list(range(1, 21))
+        start = np.load(part / "params-init.npy")
+        assert not np.array_equal(resumed, start)
         if policy == "gather":
             assert np.array_equal(resumed, whole)
-        else:
+            continue
+        # mean: the residuals' sum is summed in another order, so gradients differ by rounding
+        assert np.allclose(losses(part)[-20:], losses(tmp_path / "whole"), rtol=1e-5, atol=0)
+        if optimizer == "sgd":
             assert np.abs(resumed - whole).max() < 1e-5
-        assert not np.array_equal(resumed, np.load(part / "params-init.npy"))
+        else:
+            # Adam divides by sqrt(v): in rows of dead units the reconstruction leaves only rounding
+            # noise (~1e-10), which Adam turns into full +-lr steps, so those weights wander by
+            # rounding alone (they feed nothing: the losses above agree to 1e-5). Bound the whole.
+            assert np.linalg.norm(resumed - whole) < 1e-2 * np.linalg.norm(whole - start)
 
 
 def test_resume_on_another_world_size_trains_on_for_linear_compressors(tmp_path):
