@@ -44,7 +44,8 @@ class Config:
     seed: int = _f(0, "seed for initialisation, data order and every shared random draw", minimum=0)
     # exchange
     compressor: str = _f("dense", "gradient compressor (see --help for the list)")
-    error_feedback: bool = _f(True, "keep what compression left out and add it to the next step (EF14)")
+    error_feedback: str = _f("auto", "keep what compression left out and add it to the next step (EF14): "
+                                     "auto (on for biased compressors), on, off", choices=("auto", "on", "off"))
     start_compress_step: int = _f(10, "dense steps before compression starts", minimum=0)
     # low-rank compressors (greedylore, powersgd)
     rank: int = _f(4, "low-rank approximation rank r", minimum=1)
@@ -69,6 +70,16 @@ class Config:
     eval_every: int = _f(100, "evaluate every N steps (0: only at the end)", minimum=0)
     progress: str = _f("auto", "progress bar on rank 0: auto (when stdout is a terminal), always, never",
                        choices=("auto", "always", "never"))
+    # quantizers and sparsifiers (payloads exchanged with Allgatherv)
+    nu: float = _f(0.1, "sparse-dither: error level nu (det: ||C(x)-x||^2 <= nu||x||^2; rand: variance omega = nu)",
+                   minimum=1e-12)
+    dither: str = _f("det", "sparse-dither rounding: det (nearest, biased, contractive) or rand (stochastic, "
+                            "unbiased)", choices=("det", "rand"))
+    alpha: float = _f(0.2, "spherical: error level alpha in (0, 1)", minimum=1e-6)
+    block: int = _f(8, "spherical: block size m; encoding costs ~alpha^(-m/2) candidate draws per block, so it is "
+                       "practical only for small blocks (m <= 16) and small models", minimum=1)
+    levels: int = _f(16, "qsgd: quantisation levels s", minimum=1)
+    ratio: float = _f(0.01, "topk / randk: fraction of each tensor's coordinates sent", minimum=1e-9)
     # checkpoints and resume
     checkpoint_every: int = _f(0, "write RUN_DIR/checkpoints/ckpt-STEP.h5 every N steps (0: only at the end)",
                                minimum=0)
@@ -188,6 +199,10 @@ def resolve(args: argparse.Namespace, environ=None, compressors=()) -> Config:
             re.compile(cfg.uncompressed)
         except re.error as e:
             raise UsageError(f"uncompressed: not a regular expression ({e}): {cfg.uncompressed!r}") from None
+    if not 0 < cfg.alpha < 1:
+        raise UsageError(f"alpha: must be in (0, 1); got {cfg.alpha}")
+    if cfg.ratio > 1:
+        raise UsageError(f"ratio: must be in (0, 1]; got {cfg.ratio}")
     if not cfg.run_dir:
         cfg.run_dir = os.path.join("runs", datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ"))
     return cfg

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from .base import REGISTRY, Compressor
-from . import dense, lowrank  # noqa: F401  (each registers itself)
+from . import dense, lowrank, quantize  # noqa: F401  (each registers itself)
 
 
 def names() -> list[str]:

@@ -19,12 +19,15 @@ class Compressor:
     # Linear and shared across ranks: the trajectory depends on the residuals only through their
     # sum, so a checkpoint may store that sum once and resume exactly at any world size.
     linear = True
+    # Biased compressors need error feedback to converge; --error-feedback auto turns it on for them.
+    biased = True
 
     def __init__(self, layout, world, cfg):
         self.layout = layout
         self.world = world
         self.cfg = cfg
         self.stats: dict = {}
+        self.error_feedback = cfg.error_feedback == "on" or (cfg.error_feedback == "auto" and self.biased)
 
     def aggregate(self, step: int) -> None:
         raise NotImplementedError

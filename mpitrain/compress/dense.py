@@ -7,6 +7,7 @@ from .base import Compressor, register
 @register
 class Dense(Compressor):
     name = "dense"
+    biased = False
 
     def aggregate(self, step: int) -> None:
         self.world.allreduce_(self.layout.flat_np)  # shares of gradients and control words, contiguous

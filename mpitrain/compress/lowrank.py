@@ -87,7 +87,7 @@ class LowRank(Compressor):
         self.world.allreduce_(self.layout.flat_np)
 
     def add_residuals(self):
-        if self.cfg.error_feedback:
+        if self.error_feedback:
             for i in range(len(self.slots)):
                 self.grad(i).add_(self.residual.views[i])
 
@@ -106,7 +106,7 @@ class LowRank(Compressor):
     def keep_residual(self, i: int, left: torch.Tensor, right: torch.Tensor):
         """e = x - left @ right: what this rank's own share of the reconstruction leaves out
         (computed before the sum overwrites the payload)."""
-        if self.cfg.error_feedback:
+        if self.error_feedback:
             e = self.residual.views[i]
             e.copy_(self.grad(i))
             e.addmm_(left, right, alpha=-1.0)

@@ -1,0 +1,519 @@
+"""Quantizers and sparsifiers: Sparse Dithering, Spherical Compression, QSGD, natural compression,
+top-k (payloads that cannot be summed: Allgatherv, then decode-sum) and rand-k (summable).
+
+Every tensor is compressed on its own (its own norm). A codec writes a real bitstream and returns
+exactly what the receiver will decode, so decode(encode(x)) == C(x) bit for bit, and error
+feedback keeps e = p - C(p) with the very values that travelled.
+
+A rank's payload: one version byte, its three control words (fp32), then per tensor a uint32
+byte length and the tensor's bitstream, then a CRC32 of all of it. Per tensor of d values:
+  sparse-dither  31 (scale) + ceil(log2(d+1)) (zero count) + Rice-coded gaps between nonzeros
+                 + 1 sign bit per nonzero + unary levels (k bits for level k)
+  qsgd           32 (norm) + gamma(nnz+1) + per nonzero: gamma(gap+1), 1 sign bit, gamma(level)
+  natural        9 bits per value: sign and an 8-bit power-of-two exponent (code 0 is zero)
+  topk           k * (32 + ceil(log2 d)): indices and fp32 values
+  spherical      per block of m: 2 bits (zero, coded, raw); coded: fp32 norm + Rice(T - 1);
+                 raw (T past its cap): m fp32 values
+"""
+from __future__ import annotations
+
+import math
+import zlib
+
+import numpy as np
+
+from .base import Compressor, register
+from .bitcodec import BitReader, BitWriter, PayloadError, gamma_bits, rice_bits
+PAYLOAD_VERSION = 1
+RANDK = 4  # the purpose of rand-k's shared draws (the low-rank family uses 1 to 3)
+
+
+def _check_finite(x: np.ndarray):
+    if not np.isfinite(x).all():
+        raise ValueError("cannot compress a vector holding NaN or Inf")
+
+
+def _norm(x: np.ndarray) -> float:
+    """The Euclidean norm in float64: no overflow or underflow for any float32 input."""
+    return float(np.linalg.norm(x.astype(np.float64)))
+
+
+def _width(n: int) -> int:
+    """Bits to write any integer in [0, n]."""
+    return int(n).bit_length()
+
+
+def rice_parameter(mean: float) -> int:
+    """Golomb-Rice parameter for a geometric source with this mean."""
+    return max(0, int(round(math.log2(mean * math.log(2))))) if mean > 0 else 0
+
+
+class Codec:
+    biased = False
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def encode(self, x: np.ndarray, w: BitWriter, key: int) -> np.ndarray:
+        """Write x's code; return exactly what decode will produce (float32)."""
+        raise NotImplementedError
+
+    def decode(self, r: BitReader, d: int, key: int) -> np.ndarray:
+        raise NotImplementedError
+
+
+class SparseDither(Codec):
+    """u = x/||x|| on the grid {0, 2h, 4h, ...}, h = sqrt(nu/d); C(x) = gamma * sign * k with
+    gamma = 2h||x||. det: nearest level, ||C(x)-x||^2 <= nu ||x||^2 always. rand: stochastic
+    rounding, unbiased with variance <= nu ||x||^2."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.nu, self.randomized = cfg.nu, cfg.dither == "rand"
+        self.biased = not self.randomized
+
+    @staticmethod
+    def values(gamma: np.float32, k: np.ndarray, negative: np.ndarray) -> np.ndarray:
+        mag = gamma * k.astype(np.float32)
+        return np.where(negative, -mag, mag).astype(np.float32)
+
+    def levels(self, x: np.ndarray, key: int):
+        """(gamma as float32, integer levels k) of x."""
+        d, nrm = x.size, _norm(x)
+        step = 2 * math.sqrt(self.nu / d)
+        if nrm == 0:
+            return np.float32(0), np.zeros(d, dtype=np.int64)
+        r = np.abs(x.astype(np.float64)) / (nrm * step)
+        if self.randomized:
+            floor = np.floor(r)
+            k = floor + (np.random.Generator(np.random.Philox(key)).random(d) < r - floor)
+        else:
+            k = np.floor(r + 0.5)
+        return np.float32(step * nrm), k.astype(np.int64)
+
+    def encode(self, x, w, key):
+        _check_finite(x)
+        d = x.size
+        gamma, k = self.levels(x, key)
+        nz = np.flatnonzero(k)
+        n0 = d - nz.size
+        w.fixed(int(np.array(gamma).view(np.uint32)) & 0x7FFFFFFF, 31)
+        w.fixed(n0, _width(d))
+        w.rice(np.diff(nz, prepend=-1) - 1, rice_parameter(n0 / max(nz.size, 1)))
+        negative = x[nz] < 0
+        w.fixed(negative.astype(np.int64), 1)
+        w.unary(k[nz] - 1)
+        y = np.zeros(d, dtype=np.float32)
+        y[nz] = self.values(gamma, k[nz], negative)
+        return y
+
+    def decode(self, r, d, key):
+        gamma = np.array(r.fixed(1, 31)[0], dtype=np.uint32).view(np.float32)
+        n0 = int(r.fixed(1, _width(d))[0])
+        if n0 > d or (gamma == 0 and n0 != d):
+            raise PayloadError("sparse-dither header is inconsistent")
+        nnz = d - n0
+        nz = np.cumsum(r.rice(nnz, rice_parameter(n0 / max(nnz, 1)), cap=d) + 1) - 1
+        if nnz and nz[-1] >= d:
+            raise PayloadError("sparse-dither support runs past the end of the tensor")
+        negative = r.fixed(nnz, 1).astype(bool)
+        k = r.unary(nnz, cap=int(math.ceil(0.5 / math.sqrt(self.nu / d))) + 1) + 1
+        y = np.zeros(d, dtype=np.float32)
+        y[nz] = self.values(gamma, k, negative)
+        return y
+
+    def bits(self, x: np.ndarray, key: int = 0) -> int:
+        """The closed form: 31 + ceil(log2(d+1)) + Rice(gaps) + nnz + sum(k)."""
+        d = x.size
+        _, k = self.levels(x, key)
+        nz = np.flatnonzero(k)
+        gaps = np.diff(nz, prepend=-1) - 1
+        return 31 + _width(d) + int(rice_bits(gaps, rice_parameter((d - nz.size) / max(nz.size, 1))).sum()) \
+            + nz.size + int(k.sum())
+
+
+class QSGD(Codec):
+    """Stochastic rounding of |x_i|/||x|| to s levels (unbiased), Elias-coded (Alistarh et al.)."""
+
+    def levels(self, x, key):
+        s, nrm = self.cfg.levels, np.float32(_norm(x))
+        if nrm == 0:
+            return nrm, np.zeros(x.size, dtype=np.int64)
+        r = s * np.abs(x.astype(np.float64)) / float(nrm)
+        floor = np.floor(r)
+        k = floor + (np.random.Generator(np.random.Philox(key)).random(x.size) < r - floor)
+        return nrm, np.minimum(k, s).astype(np.int64)
+
+    def values(self, nrm, k, negative):
+        mag = (nrm / np.float32(self.cfg.levels)) * k.astype(np.float32)
+        return np.where(negative, -mag, mag).astype(np.float32)
+
+    def encode(self, x, w, key):
+        _check_finite(x)
+        nrm, k = self.levels(x, key)
+        nz = np.flatnonzero(k)
+        w.fixed(int(np.array(nrm).view(np.uint32)), 32)
+        w.gamma([nz.size + 1])
+        w.gamma(np.diff(nz, prepend=-1))
+        negative = x[nz] < 0
+        w.fixed(negative.astype(np.int64), 1)
+        w.gamma(k[nz])
+        y = np.zeros(x.size, dtype=np.float32)
+        y[nz] = self.values(nrm, k[nz], negative)
+        return y
+
+    def decode(self, r, d, key):
+        nrm = np.array(r.fixed(1, 32)[0], dtype=np.uint32).view(np.float32)
+        nnz = int(r.gamma(1)[0]) - 1
+        if not 0 <= nnz <= d:
+            raise PayloadError("qsgd header is inconsistent")
+        nz = np.cumsum(r.gamma(nnz)) - 1
+        if nnz and nz[-1] >= d:
+            raise PayloadError("qsgd support runs past the end of the tensor")
+        negative = r.fixed(nnz, 1).astype(bool)
+        k = r.gamma(nnz)
+        if (k > self.cfg.levels).any():
+            raise PayloadError("qsgd level above --levels")
+        y = np.zeros(d, dtype=np.float32)
+        y[nz] = self.values(nrm, k, negative)
+        return y
+
+    def bits(self, x, key=0) -> int:
+        _, k = self.levels(x, key)
+        nz = np.flatnonzero(k)
+        return 32 + int(gamma_bits([nz.size + 1]).sum() + gamma_bits(np.diff(nz, prepend=-1)).sum()) \
+            + nz.size + int(gamma_bits(k[nz]).sum())
+
+
+class Natural(Codec):
+    """Unbiased random rounding of each value to a neighbouring power of two: sign + 8-bit
+    exponent code. Codes 1..254 are 2^(c-127) over the whole float32 range (no clamping);
+    below 2^-126 a value rounds to 2^-126 or to 0 (code 0), still unbiased."""
+
+    SMALLEST = 2.0 ** -126
+
+    def codes(self, x, key):
+        t = np.abs(x.astype(np.float64))
+        if (t >= 2.0 ** 127).any():
+            raise ValueError("natural compression cannot round |x| >= 2^127 up (2^128 is not a float32)")
+        u = np.random.Generator(np.random.Philox(key)).random(x.size)
+        tiny = t < self.SMALLEST
+        e = np.floor(np.log2(np.where(tiny, 1.0, t)))
+        low = np.exp2(e)
+        up = u < (t - low) / low
+        code = (e + up + 127).astype(np.int64)
+        code[tiny] = (u[tiny] < t[tiny] / self.SMALLEST).astype(np.int64)  # 1 means 2^-126
+        return code
+
+    @staticmethod
+    def values(code, negative):
+        mag = np.where(code > 0, np.ldexp(np.float32(1), (code - 127).astype(np.int32)), np.float32(0))
+        return np.where(negative, -mag, mag).astype(np.float32)
+
+    def encode(self, x, w, key):
+        _check_finite(x)
+        code, negative = self.codes(x, key), np.signbit(x)
+        w.fixed(negative.astype(np.int64), 1)
+        w.fixed(code, 8)
+        return self.values(code, negative)
+
+    def decode(self, r, d, key):
+        negative = r.fixed(d, 1).astype(bool)
+        code = r.fixed(d, 8)
+        if (code == 255).any():
+            raise PayloadError("natural code 255 is not used")
+        return self.values(code, negative)
+
+    def bits(self, x, key=0) -> int:
+        return 9 * x.size
+
+
+class TopK(Codec):
+    """The k = ceil(ratio * d) largest magnitudes (ties to the lower index), sent exactly."""
+    biased = True
+
+    def k(self, d):
+        return min(d, max(1, math.ceil(self.cfg.ratio * d)))
+
+    def encode(self, x, w, key):
+        _check_finite(x)
+        idx = np.sort(np.argsort(-np.abs(x), kind="stable")[: self.k(x.size)])
+        w.fixed(idx, _width(x.size - 1))
+        w.fixed(x[idx].view(np.uint32).astype(np.int64), 32)
+        y = np.zeros(x.size, dtype=np.float32)
+        y[idx] = x[idx]
+        return y
+
+    def decode(self, r, d, key):
+        k = self.k(d)
+        idx = r.fixed(k, _width(d - 1))
+        if (np.diff(idx) <= 0).any() or (idx >= d).any():
+            raise PayloadError("topk indices are not increasing within the tensor")
+        y = np.zeros(d, dtype=np.float32)
+        y[idx] = r.fixed(k, 32).astype(np.uint32).view(np.float32)
+        return y
+
+    def bits(self, x, key=0) -> int:
+        return self.k(x.size) * (32 + _width(x.size - 1))
+
+
+def cap_fraction(alpha: float, m: int) -> float:
+    """P(alpha, m): the share of the unit sphere S^(m-1) within squared distance alpha of a point
+    of radius sqrt(1 - alpha) (= 1/2 I_alpha((m-1)/2, 1/2)), by quadrature over the polar angle."""
+    if m == 1:
+        return 0.5
+    theta_c = math.acos(math.sqrt(1 - alpha))
+    grid = lambda a, b: np.linspace(a, b, 200_001)  # noqa: E731
+    part = np.trapezoid(np.sin(grid(0, theta_c)) ** (m - 2), grid(0, theta_c))
+    whole = np.trapezoid(np.sin(grid(0, math.pi)) ** (m - 2), grid(0, math.pi))
+    return float(part / whole)
+
+
+_MASK = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser: a counter-based generator is this applied to (key, block, t, j)."""
+    with np.errstate(over="ignore"):
+        x = (x + np.uint64(0x9E3779B97F4A7C15)) & _MASK
+        x = ((x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)) & _MASK
+        x = ((x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)) & _MASK
+        return x ^ (x >> np.uint64(31))
+
+
+def candidates(key: int, block: int, ts: np.ndarray, m: int) -> np.ndarray:
+    """Unit vectors number t of a block (rows), each a pure function of (key, block, t): the
+    decoder jumps straight to candidate T."""
+    pairs = (m + 1) // 2
+    base = _mix(_mix(np.array([key], dtype=np.uint64)) ^ np.uint64(block))
+    with np.errstate(over="ignore"):
+        counters = (np.asarray(ts, dtype=np.uint64)[:, None] * np.uint64(2 * pairs)
+                    + np.arange(2 * pairs, dtype=np.uint64)[None, :])
+        u = (_mix(base ^ _mix(counters)) >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
+    radius = np.sqrt(-2.0 * np.log1p(-u[:, 0::2]))  # Box-Muller: 1 - u is in (0, 1]
+    z = np.concatenate([radius * np.cos(2 * np.pi * u[:, 1::2]), radius * np.sin(2 * np.pi * u[:, 1::2])], axis=1)
+    z = z[:, :m]
+    return z / np.linalg.norm(z, axis=1, keepdims=True)
+
+
+class Spherical(Codec):
+    """Blockwise Spherical Compression: for each block of m values, the first shared-seed random
+    direction within sqrt(alpha) of it, scaled to sqrt(1 - alpha) of its norm; T goes in a
+    Golomb-Rice code. ||C(x_b) - x_b||^2 <= alpha ||x_b||^2 on every draw. Expected cost
+    ~1/P(alpha, m) candidates per block: practical only for small blocks and small models."""
+    biased = True
+    ZERO, CODED, RAW = 0, 1, 2
+    SEARCH_BATCH = 4096
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.alpha, self.m = cfg.alpha, cfg.block
+        self.scale = np.float32(math.sqrt(1 - self.alpha))
+        self._params = {}
+
+    def params(self, m: int):
+        """(Rice parameter, cap on T) for blocks of m values: T passes its cap with probability e^-20."""
+        if m not in self._params:
+            p = cap_fraction(self.alpha, m)
+            self._params[m] = (rice_parameter(1 / p), int(math.ceil(20 / p)))
+        return self._params[m]
+
+    def value(self, nrm: np.float32, z: np.ndarray) -> np.ndarray:
+        return ((nrm * self.scale) * z.astype(np.float32)).astype(np.float32)
+
+    def search(self, xb: np.ndarray, nrm: np.float32, key: int, block: int) -> int:
+        """The smallest t whose candidate meets the bound in float arithmetic, or 0 past the cap."""
+        u = xb.astype(np.float64) / float(np.linalg.norm(xb.astype(np.float64)))
+        limit = self.alpha * float(np.sum(xb.astype(np.float64) ** 2))
+        _, cap = self.params(xb.size)
+        threshold = math.sqrt(1 - self.alpha)
+        for start in range(1, cap + 1, self.SEARCH_BATCH):
+            ts = np.arange(start, min(start + self.SEARCH_BATCH, cap + 1))
+            z = candidates(key, block, ts, xb.size)
+            for i in np.flatnonzero(z @ u >= threshold * (1 - 1e-12)):
+                if np.sum((self.value(nrm, z[i]).astype(np.float64) - xb) ** 2) <= limit:
+                    return int(ts[i])
+        return 0
+
+    def encode(self, x, w, key):
+        _check_finite(x)
+        y = np.zeros(x.size, dtype=np.float32)
+        kinds, norms, found, raws = [], [], {}, []
+        for b, start in enumerate(range(0, x.size, self.m)):
+            xb = x[start:start + self.m]
+            nrm = np.float32(_norm(xb))
+            t = self.search(xb, nrm, key, b) if nrm > 0 else 0
+            if nrm == 0:
+                kinds.append(self.ZERO)
+            elif t:
+                kinds.append(self.CODED)
+                norms.append(nrm)
+                found.setdefault(xb.size, []).append(t - 1)
+                y[start:start + xb.size] = self.value(nrm, candidates(key, b, np.array([t]), xb.size)[0])
+            else:
+                kinds.append(self.RAW)
+                raws.append(xb)
+                y[start:start + xb.size] = xb
+        w.fixed(kinds, 2)
+        w.fixed(np.array(norms, dtype=np.float32).view(np.uint32).astype(np.int64), 32)
+        for m in sorted(found):  # full blocks, then a shorter last one (its own Rice parameter)
+            w.rice(found[m], self.params(m)[0])
+        if raws:
+            w.fixed(np.concatenate(raws).astype(np.float32).view(np.uint32).astype(np.int64), 32)
+        return y
+
+    def decode(self, r, d, key):
+        sizes = [min(self.m, d - s) for s in range(0, d, self.m)]
+        kinds = r.fixed(len(sizes), 2)
+        if (kinds > self.RAW).any():
+            raise PayloadError("spherical block kind is invalid")
+        coded = np.flatnonzero(kinds == self.CODED)
+        norms = r.fixed(coded.size, 32).astype(np.uint32).view(np.float32)
+        ts = {}
+        for m in sorted({sizes[b] for b in coded}):
+            count = sum(1 for b in coded if sizes[b] == m)
+            k, cap = self.params(m)
+            ts[m] = list(r.rice(count, k, cap=cap) + 1)
+        raw_count = sum(sizes[b] for b in np.flatnonzero(kinds == self.RAW))
+        raw = r.fixed(raw_count, 32).astype(np.uint32).view(np.float32)
+        y = np.zeros(d, dtype=np.float32)
+        at_raw = 0
+        for i, b in enumerate(np.flatnonzero(kinds != self.ZERO)):
+            start, m = b * self.m, sizes[b]
+            if kinds[b] == self.CODED:
+                t = ts[m].pop(0)
+                y[start:start + m] = self.value(norms[np.searchsorted(coded, b)],
+                                                candidates(key, int(b), np.array([t]), m)[0])
+            else:
+                y[start:start + m] = raw[at_raw:at_raw + m]
+                at_raw += m
+        return y
+
+
+CODECS = {"sparse-dither": SparseDither, "qsgd": QSGD, "natural": Natural, "topk": TopK, "spherical": Spherical}
+
+
+class Exchanged(Compressor):
+    """Compress every tensor with a codec, Allgatherv the byte payloads, decode every rank's and sum.
+
+    With error feedback each rank keeps e = p - C(p), p = g + e, where C(p) is exactly what its
+    payload decodes to: sum over steps of what was sent = sum of gradients - the last residual.
+    """
+
+    linear = False
+
+    def __init__(self, layout, world, cfg):
+        self.codec = CODECS[self.name](cfg)
+        self.biased = self.codec.biased
+        super().__init__(layout, world, cfg)
+        self.grads = layout.flat_np[: layout.numel]
+        self.residual = np.zeros(layout.numel, dtype=np.float32) if self.error_feedback else None
+
+    def key(self, rank: int, step: int, slot) -> int:
+        return int(np.random.SeedSequence([self.cfg.seed, rank, step, slot.index]).generate_state(1, np.uint64)[0])
+
+    def encode(self, p: np.ndarray, step: int):
+        """This rank's payload and the vector it decodes to."""
+        sent = np.empty_like(p)
+        parts = [np.array([PAYLOAD_VERSION], dtype=np.uint8), self.layout.control.numpy().view(np.uint8)]
+        bits = 0
+        for slot in self.layout.slots:
+            w = BitWriter()
+            sent[slot.offset:slot.offset + slot.numel] = self.codec.encode(
+                p[slot.offset:slot.offset + slot.numel], w, self.key(self.world.rank, step, slot))
+            segment = w.bytes()
+            parts += [np.array([segment.size], dtype="<u4").view(np.uint8), segment]
+            bits += w.nbits
+        body = np.concatenate(parts)
+        crc = np.array([zlib.crc32(body.tobytes())], dtype="<u4").view(np.uint8)
+        self.stats = {"payload_bits": bits, "bits_per_value": bits / p.size}
+        return np.concatenate([body, crc]), sent
+
+    def decode(self, payload: np.ndarray, rank: int, step: int):
+        """(gradient share, control words) from one rank's payload; PayloadError if it is not exact."""
+        where = f"payload from rank {rank}"
+        if payload.size < 1 + 12 + 4 or zlib.crc32(payload[:-4].tobytes()) != int(payload[-4:].view("<u4")[0]):
+            raise PayloadError(f"{where}: checksum mismatch (truncated, extended or corrupted)")
+        if payload[0] != PAYLOAD_VERSION:
+            raise PayloadError(f"{where}: unknown payload version {payload[0]}")
+        control = payload[1:13].view(np.float32)
+        out, at = np.empty(self.layout.numel, dtype=np.float32), 13
+        for slot in self.layout.slots:
+            if at + 4 > payload.size - 4:
+                raise PayloadError(f"{where}: truncated")
+            n = int(payload[at:at + 4].view("<u4")[0])
+            segment = payload[at + 4:at + 4 + n]
+            if segment.size != n:
+                raise PayloadError(f"{where}: truncated")
+            reader = BitReader(segment)
+            try:
+                out[slot.offset:slot.offset + slot.numel] = self.codec.decode(
+                    reader, slot.numel, self.key(rank, step, slot))
+                reader.finish()
+            except PayloadError as e:
+                raise PayloadError(f"{where}, tensor {slot.name}: {e}") from None
+            at += 4 + n
+        if at != payload.size - 4:
+            raise PayloadError(f"{where}: extended past its last tensor")
+        return out, control
+
+    def aggregate(self, step: int) -> None:
+        p = self.grads
+        if self.error_feedback:
+            p += self.residual
+        payload, sent = self.encode(p, step)
+        if self.error_feedback:
+            np.subtract(p, sent, out=self.residual)
+        total = np.zeros(p.size, dtype=np.float64)
+        control = np.zeros(3, dtype=np.float64)
+        for rank, part in enumerate(self.world.allgatherv(payload)):  # same order on every rank
+            values, words = self.decode(part, rank, step)
+            total += values
+            control += words
+        p[...] = total
+        self.layout.control.copy_(self.layout.control.new_tensor(control))
+
+    def state_dict(self) -> dict:
+        return {"local": {"residual": self.residual.copy()} if self.residual is not None else {}, "shared": {}}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.residual is not None:
+            residual = state["local"].get("residual")
+            self.residual[...] = 0.0 if residual is None else residual
+
+
+for _name in CODECS:  # one registered compressor per codec, e.g. --compressor sparse-dither
+    register(type(f"Exchanged_{_name.replace('-', '_')}", (Exchanged,), {"name": _name}))
+
+
+@register
+class RandK(Compressor):
+    """k = ceil(ratio * d) coordinates per tensor, the same on every rank (shared seed by step and
+    tensor), scaled by d/k: unbiased, and summable, so one Allreduce carries every tensor's k values."""
+
+    name = "randk"
+    biased = False
+
+    def __init__(self, layout, world, cfg):
+        super().__init__(layout, world, cfg)
+        self.k = [min(s.numel, max(1, math.ceil(cfg.ratio * s.numel))) for s in layout.slots]
+        self.buffer = np.zeros(sum(self.k) + layout.control.numel(), dtype=np.float32)
+        self.grads = layout.flat_np[: layout.numel]
+
+    def indices(self, step: int) -> list[np.ndarray]:
+        return [np.sort(np.random.default_rng([self.cfg.seed, step, s.index, RANDK]).choice(s.numel, k, replace=False))
+                for s, k in zip(self.layout.slots, self.k)]
+
+    def aggregate(self, step: int) -> None:
+        chosen, at = self.indices(step), 0
+        for s, idx in zip(self.layout.slots, chosen):
+            self.buffer[at:at + idx.size] = self.grads[s.offset + idx] * (s.numel / idx.size)
+            at += idx.size
+        self.buffer[at:] = self.layout.control.numpy()
+        self.world.allreduce_(self.buffer)
+        self.grads[...] = 0.0
+        at = 0
+        for s, idx in zip(self.layout.slots, chosen):
+            self.grads[s.offset + idx] = self.buffer[at:at + idx.size]
+            at += idx.size
+        self.layout.control.copy_(self.layout.control.new_tensor(self.buffer[at:]))
