@@ -7,7 +7,8 @@ feedback keeps e = p - C(p) with the very values that travelled.
 
 A rank's payload: one version byte, its three control words (fp32), then per tensor a uint32
 byte length and the tensor's bitstream, then a CRC32 of all of it. Per tensor of d values:
-  sparse-dither  31 (scale) + ceil(log2(d+1)) (zero count) + Rice-coded gaps between nonzeros
+  sparse-dither  31 (scale) + ceil(log2(d+1)) (zero count) + 1 flag + Rice-coded gaps between the
+                 nonzeros or between the zeros (whichever is shorter, as the flag says)
                  + 1 sign bit per nonzero + unary levels (k bits for level k)
   qsgd           32 (norm) + gamma(nnz+1) + per nonzero: gamma(gap+1), 1 sign bit, gamma(level)
   natural        9 bits per value: sign and an 8-bit power-of-two exponent (code 0 is zero)
@@ -91,6 +92,20 @@ class SparseDither(Codec):
             k = np.floor(r + 0.5)
         return np.float32(step * nrm), k.astype(np.int64)
 
+    @staticmethod
+    def support(k: np.ndarray):
+        """(flag, gaps, Rice parameter): the support as gaps between nonzeros (flag 0) or between
+        zeros (flag 1), whichever codes shorter. Rice codes are near-optimal only for long gaps,
+        so the rarer class is usually the one to code."""
+        best = None
+        for flag, marked in enumerate((np.flatnonzero(k), np.flatnonzero(k == 0))):
+            gaps = np.diff(marked, prepend=-1) - 1
+            param = rice_parameter((k.size - marked.size) / max(marked.size, 1))
+            length = int(rice_bits(gaps, param).sum())
+            if best is None or length < best[0]:
+                best = (length, flag, gaps, param)
+        return best[1:]
+
     def encode(self, x, w, key):
         _check_finite(x)
         d = x.size
@@ -99,7 +114,9 @@ class SparseDither(Codec):
         n0 = d - nz.size
         w.fixed(int(np.array(gamma).view(np.uint32)) & 0x7FFFFFFF, 31)
         w.fixed(n0, _width(d))
-        w.rice(np.diff(nz, prepend=-1) - 1, rice_parameter(n0 / max(nz.size, 1)))
+        flag, gaps, param = self.support(k)
+        w.fixed(flag, 1)
+        w.rice(gaps, param)
         negative = x[nz] < 0
         w.fixed(negative.astype(np.int64), 1)
         w.unary(k[nz] - 1)
@@ -113,9 +130,17 @@ class SparseDither(Codec):
         if n0 > d or (gamma == 0 and n0 != d):
             raise PayloadError("sparse-dither header is inconsistent")
         nnz = d - n0
-        nz = np.cumsum(r.rice(nnz, rice_parameter(n0 / max(nnz, 1)), cap=d) + 1) - 1
-        if nnz and nz[-1] >= d:
+        flag = int(r.fixed(1, 1)[0])
+        count = n0 if flag else nnz
+        marked = np.cumsum(r.rice(count, rice_parameter((d - count) / max(count, 1)), cap=d) + 1) - 1
+        if count and marked[-1] >= d:
             raise PayloadError("sparse-dither support runs past the end of the tensor")
+        if flag:
+            is_zero = np.zeros(d, dtype=bool)
+            is_zero[marked] = True
+            nz = np.flatnonzero(~is_zero)
+        else:
+            nz = marked
         negative = r.fixed(nnz, 1).astype(bool)
         k = r.unary(nnz, cap=int(math.ceil(0.5 / math.sqrt(self.nu / d))) + 1) + 1
         y = np.zeros(d, dtype=np.float32)
@@ -123,13 +148,10 @@ class SparseDither(Codec):
         return y
 
     def bits(self, x: np.ndarray, key: int = 0) -> int:
-        """The closed form: 31 + ceil(log2(d+1)) + Rice(gaps) + nnz + sum(k)."""
-        d = x.size
+        """The closed form: 31 + ceil(log2(d+1)) + 1 + Rice(gaps) + nnz + sum(k)."""
         _, k = self.levels(x, key)
-        nz = np.flatnonzero(k)
-        gaps = np.diff(nz, prepend=-1) - 1
-        return 31 + _width(d) + int(rice_bits(gaps, rice_parameter((d - nz.size) / max(nz.size, 1))).sum()) \
-            + nz.size + int(k.sum())
+        _, gaps, param = self.support(k)
+        return 31 + _width(x.size) + 1 + int(rice_bits(gaps, param).sum()) + int(np.count_nonzero(k)) + int(k.sum())
 
 
 class QSGD(Codec):
@@ -416,17 +438,18 @@ class Exchanged(Compressor):
         """This rank's payload and the vector it decodes to."""
         sent = np.empty_like(p)
         parts = [np.array([PAYLOAD_VERSION], dtype=np.uint8), self.layout.control.numpy().view(np.uint8)]
-        bits = 0
+        segment_bits = []
         for slot in self.layout.slots:
             w = BitWriter()
             sent[slot.offset:slot.offset + slot.numel] = self.codec.encode(
                 p[slot.offset:slot.offset + slot.numel], w, self.key(self.world.rank, step, slot))
             segment = w.bytes()
             parts += [np.array([segment.size], dtype="<u4").view(np.uint8), segment]
-            bits += w.nbits
+            segment_bits.append(w.nbits)
         body = np.concatenate(parts)
         crc = np.array([zlib.crc32(body.tobytes())], dtype="<u4").view(np.uint8)
-        self.stats = {"payload_bits": bits, "bits_per_value": bits / p.size}
+        bits = sum(segment_bits)
+        self.stats = {"payload_bits": bits, "bits_per_value": bits / p.size, "segment_bits": segment_bits}
         return np.concatenate([body, crc]), sent
 
     def decode(self, payload: np.ndarray, rank: int, step: int):

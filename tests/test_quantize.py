@@ -1,0 +1,314 @@
+"""Quantizers and sparsifiers: the brief's section 7, with bounds from the math and fixed seeds."""
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from helpers import WORKERS, mpi
+from mpitrain.compress import quantize
+from mpitrain.compress.bitcodec import BitReader, BitWriter, PayloadError
+from mpitrain.layout import CONTROL
+
+
+def cfg(**kw):
+    base = dict(nu=0.1, dither="det", alpha=0.2, block=8, levels=16, ratio=0.1, seed=0)
+    base.update(kw)
+    return SimpleNamespace(**base)
+
+
+def roundtrip(codec, x, key=7):
+    w = BitWriter()
+    y = codec.encode(x.astype(np.float32), w, key)
+    r = BitReader(w.bytes())
+    z = codec.decode(r, x.size, key)
+    r.finish()
+    assert np.array_equal(y.view(np.uint32), z.view(np.uint32)), "decode(encode(x)) must equal C(x) bit for bit"
+    return y, w.nbits
+
+
+def vectors(d, seed=0):
+    rng = np.random.default_rng(seed)
+    g = rng.standard_normal(d)
+    third = np.where(np.arange(d) % 3 == 0, g, 0)
+    mixed = g * 10.0 ** rng.uniform(-30, 30, d)
+    out = {"gaussian": g, "heavy": g ** 3, "ones": np.ones(d), "onehot": np.eye(1, d)[0], "third": third,
+           "mixed": mixed}
+    return {k: v.astype(np.float32) for k, v in out.items()}
+
+
+# -- sparse dithering ------------------------------------------------------------------------------
+
+def test_sparse_dither_worked_example():
+    codec = quantize.SparseDither(cfg(nu=0.25))
+    x = np.array([3, -4, 0, 0.1], dtype=np.float32)
+    gamma, k = codec.levels(x, 0)
+    assert list(k) == [1, 2, 0, 0]
+    assert gamma == pytest.approx(2.50049995, rel=1e-7)
+    y, bits = roundtrip(codec, x)
+    np.testing.assert_allclose(y, [2.50050, -5.00100, 0, 0], atol=1e-5)
+    assert np.sum((y - x) ** 2) / np.sum(x ** 2) == pytest.approx(0.05044, abs=1e-5)
+    # 31 scale + 3 zero count + 1 flag + 2 gap bits (nonzeros at 0, 1: Rice k=0 "0", "0")
+    # + 2 signs + 3 level bits ("0" and "10"): 42, the brief's integer layout
+    assert bits == 31 + 3 + 1 + 2 + 2 + 3 == 42 == codec.bits(x)
+    w = BitWriter()
+    codec.encode(x, w, 0)
+    stream = np.unpackbits(w.bytes())[:bits]
+    assert "".join(map(str, stream[-3:])) == "010"
+
+
+def test_sparse_dither_one_coordinate():
+    y, _ = roundtrip(quantize.SparseDither(cfg(nu=0.1)), np.array([1.5], dtype=np.float32))
+    h = math.sqrt(0.1)
+    assert y[0] == pytest.approx(2 * 2 * h * 1.5, rel=1e-6)  # k = 2
+    assert (y[0] - 1.5) ** 2 / 1.5 ** 2 == pytest.approx(0.0701, abs=1e-4)
+
+
+@pytest.mark.parametrize("d", [1, 2, 3, 7, 64, 1000])
+def test_deterministic_sparse_dither_is_in_C_nu_with_exact_bit_counts(d):
+    nu = 0.1
+    codec = quantize.SparseDither(cfg(nu=nu))
+    for name, x in vectors(d).items():
+        y, bits = roundtrip(codec, x)
+        x64 = x.astype(np.float64)
+        assert np.sum((y - x64) ** 2) <= nu * np.sum(x64 ** 2) * (1 + 1e-6) + 1e-30, name
+        gamma, k = codec.levels(x, 0)
+        assert np.array_equal(np.abs(y), gamma * k.astype(np.float32)) and np.all(np.sign(y[k > 0]) == np.sign(x[k > 0]))
+        assert bits == codec.bits(x)
+        # levels: sum k <= sqrt(1 - tau) d / (2 sqrt nu) + (1 - tau) d / 2 (nearest rounding + Cauchy-Schwarz)
+        tau = np.mean(k == 0)
+        assert k.sum() <= math.sqrt(1 - tau) * d / (2 * math.sqrt(nu)) + (1 - tau) * d / 2 + 1e-9
+
+
+def test_sparse_dither_support_code_is_close_to_the_combinatorial_bound_and_total_to_the_paper():
+    d, nu = 100_000, 0.1
+    codec = quantize.SparseDither(cfg(nu=nu))
+    x = vectors(d)["gaussian"]
+    _, k = codec.levels(x, 0)
+    n0 = int(np.sum(k == 0))
+    _, gaps, param = codec.support(k)
+    support = 1 + int(quantize.rice_bits(gaps, param).sum())
+    log_binom = (math.lgamma(d + 1) - math.lgamma(n0 + 1) - math.lgamma(d - n0 + 1)) / math.log(2)
+    assert log_binom <= support <= 1.03 * log_binom + 64
+    # the poster's worst-case total at nu = 0.1 is 3.35 d + log d + O(1)
+    _, bits = roundtrip(codec, x)
+    assert bits <= 3.35 * d + math.log2(d) + 31
+
+
+def test_randomized_sparse_dither_is_unbiased_with_variance_at_most_nu():
+    d, nu, n = 1000, 0.25, 2000
+    codec = quantize.SparseDither(cfg(nu=nu, dither="rand"))
+    x = vectors(d)["gaussian"]
+    x64 = x.astype(np.float64)
+    ys, bits = [], []
+    for key in range(n):
+        y, b = roundtrip(codec, x, key) if key < 20 else (codec.encode(x, BitWriter(), key), None)
+        ys.append(y)
+        if b:
+            bits.append(b)
+    ys = np.array(ys, dtype=np.float64)
+    omega = np.mean(np.sum((ys - x64) ** 2, axis=1)) / np.sum(x64 ** 2)
+    assert omega <= nu * (1 + 5 / math.sqrt(n))
+    assert np.sum((ys.mean(0) - x64) ** 2) <= 4 * omega * np.sum(x64 ** 2) / n
+    assert np.mean(bits) <= (math.log2(3) + 1 / (2 * math.sqrt(nu))) * d + math.log2(d) + 31
+    _, k = codec.levels(x, 3)
+    r = np.abs(x64) / (np.linalg.norm(x64) * 2 * math.sqrt(nu / d))
+    assert np.all((k == np.floor(r)) | (k == np.floor(r) + 1))
+
+
+# -- spherical -----------------------------------------------------------------------------------------
+
+def test_cap_fraction_matches_the_incomplete_beta():
+    assert quantize.cap_fraction(0.2, 10) == pytest.approx(1.0125e-4, rel=1e-3)
+    assert quantize.cap_fraction(0.3, 1) == 0.5
+    assert quantize.cap_fraction(0.5, 2) == pytest.approx(0.25, rel=1e-6)  # arccos(sqrt(.5))/pi
+
+
+@pytest.mark.parametrize("m", [1, 3, 4, 8])
+def test_spherical_is_in_C_alpha_on_every_draw(m):
+    alpha = 0.3
+    codec = quantize.Spherical(cfg(alpha=alpha, block=m))
+    x = vectors(21, seed=m)["gaussian"]
+    for key in range(5):
+        y, _ = roundtrip(codec, x, key)
+        for s in range(0, x.size, m):
+            xb, yb = x[s:s + m].astype(np.float64), y[s:s + m].astype(np.float64)
+            assert np.linalg.norm(yb) == pytest.approx(math.sqrt(1 - alpha) * np.linalg.norm(xb), rel=1e-6)
+            assert np.sum((yb - xb) ** 2) <= alpha * np.sum(xb ** 2)
+    if m == 1:
+        assert np.allclose(np.abs(y), math.sqrt(1 - alpha) * np.abs(x), rtol=1e-6)
+
+
+def test_spherical_T_is_geometric_with_mean_one_over_P_and_search_batching_does_not_matter():
+    alpha, m, n = 0.5, 4, 2000
+    codec = quantize.Spherical(cfg(alpha=alpha, block=m))
+    x = vectors(m * n, seed=1)["gaussian"]
+    ts = [codec.search(x[s:s + m], np.float32(np.linalg.norm(x[s:s + m])), 3, b)
+          for b, s in enumerate(range(0, x.size, m))]
+    p = quantize.cap_fraction(alpha, m)
+    sigma = math.sqrt((1 - p) / p ** 2 / n)
+    assert min(ts) >= 1 and abs(np.mean(ts) - 1 / p) <= 5 * sigma
+    w1 = BitWriter()
+    codec.encode(x[:64], w1, 3)
+    codec.SEARCH_BATCH = 7
+    w2 = BitWriter()
+    codec.encode(x[:64], w2, 3)
+    assert np.array_equal(w1.bytes(), w2.bytes())
+    # Rice length per coded block: ((T-1) >> k) + 1 + k, plus the 2-bit kind and the 32-bit norm
+    k, _ = codec.params(m)
+    blocks = len(range(0, 64, m))
+    assert w1.nbits == sum(((t - 1) >> k) + 1 + k + 2 + 32 for t in ts[:blocks])
+
+
+def test_spherical_zero_blocks_and_the_raw_fallback():
+    codec = quantize.Spherical(cfg(alpha=0.2, block=8))
+    x = np.concatenate([np.zeros(8), np.arange(1, 17)]).astype(np.float32)
+    y, _ = roundtrip(codec, x)
+    assert not y[:8].any() and y[8:].all()
+    codec._params = {8: (0, 1)}  # T capped at 1: candidate 1 hits with P(0.2, 8) ~ 6e-4, else raw
+    y, bits = roundtrip(codec, x)
+    assert np.array_equal(y[8:], x[8:]) and bits == 3 * 2 + 16 * 32
+
+
+# -- baselines ---------------------------------------------------------------------------------------
+
+def unbiased_stats(codec, x, n):
+    ys = np.array([codec.encode(x, BitWriter(), key) for key in range(n)], dtype=np.float64)
+    x64 = x.astype(np.float64)
+    omega = np.mean(np.sum((ys - x64) ** 2, axis=1)) / np.sum(x64 ** 2)
+    return ys, omega, np.sum((ys.mean(0) - x64) ** 2) <= 4 * omega * np.sum(x64 ** 2) / n
+
+
+def test_qsgd_unbiased_variance_levels_and_bits():
+    d, s, n = 1000, 16, 2000
+    codec = quantize.QSGD(cfg(levels=s))
+    x = vectors(d)["gaussian"]
+    ys, omega, unbiased = unbiased_stats(codec, x, n)
+    assert unbiased and omega <= min(d / (4 * s * s), math.sqrt(d) / s) * (1 + 5 / math.sqrt(n))
+    _, k = codec.levels(x, 1)
+    assert k.min() >= 0 and k.max() <= s
+    for name, v in vectors(64).items():
+        _, bits = roundtrip(codec, v)
+        assert bits == codec.bits(v, 7), name  # the same key: the same random levels
+
+
+def test_natural_compression_powers_of_two_unbiased_nine_bits_no_clamping():
+    codec = quantize.Natural(cfg())
+    x = np.array([1.0, 0.75, -3.0, 1e30, -1e-30, 2.0 ** -126, 1e-44, 0.0, 2.0 ** 17 * 1.3], dtype=np.float32)
+    y, bits = roundtrip(codec, x)
+    assert bits == 9 * x.size
+    nz = y[y != 0].astype(np.float64)
+    assert np.all(np.log2(np.abs(nz)) == np.round(np.log2(np.abs(nz))))
+    assert y[0] == 1.0 and y[5] == 2.0 ** -126 and y[7] == 0  # exact powers map to themselves
+    ys, omega, unbiased = unbiased_stats(codec, np.full(400, 4 / 3 * 2 ** 20, dtype=np.float32), 300)
+    assert unbiased and omega <= 1 / 8 * (1 + 5 / math.sqrt(300))
+    big = np.full(2000, 1.3e30, dtype=np.float32)  # GRACE clamps exponents above 2^17: we must not
+    assert abs(codec.encode(big, BitWriter(), 5).astype(np.float64).mean() / 1.3e30 - 1) < 0.02
+    with pytest.raises(ValueError, match="2\\^127"):
+        codec.encode(np.array([3e38], dtype=np.float32), BitWriter(), 0)
+
+
+def test_topk_exact_support_ties_and_contraction():
+    codec = quantize.TopK(cfg(ratio=0.3))
+    x = np.array([1, -3, 3, 0, 2, -2, 0.5, 3, 0, 1], dtype=np.float32)
+    y, bits = roundtrip(codec, x)
+    assert list(np.flatnonzero(y)) == [1, 2, 7]  # the three 3s; ties go to the lower index
+    assert bits == 3 * (32 + 4)
+    k = 300  # ratio 0.3 of 1000
+    for v in vectors(1000).values():
+        y, _ = roundtrip(codec, v)
+        v64 = v.astype(np.float64)
+        assert np.count_nonzero(y) <= k and np.sum((y - v64) ** 2) <= (1 - k / 1000) * np.sum(v64 ** 2)
+
+
+@pytest.mark.parametrize("name", ["sparse-dither", "qsgd", "natural", "topk", "spherical"])
+def test_edge_cases(name):
+    codec = quantize.CODECS[name](cfg(block=4))
+    zeros = np.zeros(13, dtype=np.float32)
+    y, bits = roundtrip(codec, zeros)
+    assert not y.any()
+    for bad in (np.nan, np.inf, -np.inf):
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            codec.encode(np.array([1, bad, 2], dtype=np.float32), BitWriter(), 0)
+    roundtrip(codec, np.full(16, 1e30, dtype=np.float32))  # ||x||^2 overflows float32: computed in float64
+    roundtrip(codec, np.full(16, 1e-45, dtype=np.float32))  # denormals
+    roundtrip(codec, np.array([2.5], dtype=np.float32))
+
+
+def test_a_reader_refuses_truncated_or_extended_streams():
+    codec = quantize.SparseDither(cfg())
+    w = BitWriter()
+    codec.encode(vectors(50)["gaussian"], w, 0)
+    data = w.bytes()
+    with pytest.raises(PayloadError):
+        codec.decode(BitReader(data[:-3]), 50, 0)
+    r = BitReader(np.concatenate([data, [0]]).astype(np.uint8))
+    codec.decode(r, 50, 0)
+    with pytest.raises(PayloadError, match="left over"):
+        r.finish()
+
+
+# -- transport under mpiexec ----------------------------------------------------------------------------
+
+EXCHANGED = [("sparse-dither", []), ("sparse-dither", ["--dither", "rand"]), ("qsgd", []), ("natural", []),
+             ("topk", ["--ratio", "0.2"]), ("spherical", ["--alpha", "0.5", "--block", "4"])]
+
+
+@pytest.mark.parametrize("name,extra", EXCHANGED)
+def test_every_rank_decodes_the_same_sum_of_what_each_sent(tmp_path, name, extra):
+    n, steps = 3, 4
+    r = mpi(n, [WORKERS / "compress_stream.py", tmp_path, "noise", steps, "--compressor", name,
+                "--error-feedback", "on", *extra])
+    assert r.returncode == 0, r.stderr
+    ranks = [dict(np.load(tmp_path / f"rank-{k}.npz")) for k in range(n)]
+    for t in range(steps):
+        sent = [rr["g"][t].astype(np.float64) + rr["e_old"][t] - rr["e_new"][t] for rr in ranks]
+        for rr in ranks:
+            assert np.array_equal(rr["result"][t], ranks[0]["result"][t])  # bitwise, on every rank
+        np.testing.assert_allclose(ranks[0]["result"][t], np.sum(sent, axis=0), rtol=1e-5, atol=1e-6)
+        stats = [eval_stats(rr["stats"][t]) for rr in ranks]
+        for rr, st in zip(ranks, stats):  # each rank's wire bytes: its payload + the size exchange
+            frame = 1 + 4 * len(CONTROL) + 4 * 6 + 4
+            payload = sum(math.ceil(b / 8) for b in st["segment_bits"]) + frame
+            assert rr["wire"][t] == payload + 8 * n
+    # error feedback telescopes: sum of what was sent = sum of gradients - the last residual
+    for rr in ranks:
+        sent_total = sum(rr["g"][t].astype(np.float64) + rr["e_old"][t] - rr["e_new"][t] for t in range(steps))
+        np.testing.assert_allclose(sent_total, rr["g"].astype(np.float64).sum(0) - rr["e_new"][-1], atol=1e-5)
+
+
+def eval_stats(text):
+    import json
+    return json.loads(str(text))
+
+
+def test_randk_shares_its_coordinates_and_is_unbiased(tmp_path):
+    n = 2
+    r = mpi(n, [WORKERS / "compress_stream.py", tmp_path, "noise", 3, "--compressor", "randk", "--ratio", "0.25"])
+    assert r.returncode == 0, r.stderr
+    ranks = [dict(np.load(tmp_path / f"rank-{k}.npz")) for k in range(n)]
+    numels = [24 * 40, 6 * 30, 48 * 16, 12 * 12, 8 * 12, 5]
+    ks = [math.ceil(0.25 * d) for d in numels]
+    for t in range(3):
+        res = ranks[0]["result"][t]
+        assert np.array_equal(res, ranks[1]["result"][t])
+        at = 0
+        total = ranks[0]["g"][t] + ranks[1]["g"][t]
+        for d, k in zip(numels, ks):
+            chosen = np.flatnonzero(res[at:at + d])
+            assert chosen.size == k
+            np.testing.assert_allclose(res[at:at + d][chosen], total[at:at + d][chosen] * d / k, rtol=1e-5)
+            at += d
+        assert ranks[0]["wire"][t] == 4 * (sum(ks) + len(CONTROL))
+    d, k = 1000, 100  # unbiased with variance d/k - 1, from the same shared draws the compressor uses
+    x = np.random.default_rng(0).standard_normal(d)
+    ys = []
+    for step in range(3000):
+        idx = np.random.default_rng([0, step, 0, quantize.RANDK]).choice(d, k, replace=False)
+        y = np.zeros(d)
+        y[idx] = x[idx] * d / k
+        ys.append(y)
+    ys = np.array(ys)
+    omega = np.mean(np.sum((ys - x) ** 2, axis=1)) / np.sum(x ** 2)
+    assert omega == pytest.approx(d / k - 1, rel=5 / math.sqrt(3000))
+    assert np.sum((ys.mean(0) - x) ** 2) <= 4 * omega * np.sum(x ** 2) / 3000
