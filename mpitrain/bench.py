@@ -10,6 +10,14 @@
               powersgd, random and lazy at r = 4, same steps and seeds: final eval metric, total
               wire bytes, and convergence.png (eval metric against step and against bytes;
               needs matplotlib).
+  checkpoint  a ~100 MB model (25M parameters, greedylore with residuals): checkpoint write (with
+              fsync and rename) and verified read against a raw fsynced write and read of the same
+              bytes in the same run, and the training stall a checkpoint costs, in steps.
+  bytes-to-target   the paper's experiment: L2-regularised logistic regression on the bundled
+              breast-cancer set (rows split across the ranks), compressed gradient descent with
+              step 1/L, until ||x - x*||^2 / ||x0 - x*||^2 <= 1e-4: bytes to get there for fp32
+              ("basic"), the best top-k, sparse dithering (det nu=0.1, rand omega=0.25), spherical
+              (alpha=0.2), qsgd and natural; bytes-to-target.png (needs matplotlib).
 
 Each writes WHAT-n<ranks>.json and .md into --out (rank 0) and prints the table.
 """
@@ -215,6 +223,144 @@ def _plot_convergence(rows: list[dict], path: str):
     fig.savefig(path, dpi=110)
 
 
+TARGET_ARMS = {
+    "basic (fp32)": {"compressor": "dense"},
+    **{f"topk k={k}": {"compressor": "topk", "ratio": k / 31} for k in (1, 2, 4, 8, 16)},
+    "sparse-dither det nu=0.1": {"compressor": "sparse-dither", "nu": 0.1, "dither": "det"},
+    "sparse-dither rand omega=0.25": {"compressor": "sparse-dither", "nu": 0.25, "dither": "rand"},
+    "spherical alpha=0.2": {"compressor": "spherical", "alpha": 0.2, "block": 8},
+    "qsgd s=4": {"compressor": "qsgd", "levels": 4},
+    "natural": {"compressor": "natural"},
+}
+
+
+def logistic_problem(world, lam: float = 1e-2):
+    """(A, y, this rank's rows, lambda, x*, L) for L2-regularised logistic regression."""
+    ds = Dataset(locate("breast_cancer"))
+    x_tr, y_tr = ds.rows("train", np.arange(ds.n_train))
+    x_te, y_te = ds.rows("test", np.arange(ds.n_test))
+    a = np.hstack([np.vstack([x_tr, x_te]).astype(np.float64), np.ones((ds.n_train + ds.n_test, 1))])
+    y = np.where(np.concatenate([y_tr, y_te]) == 1, 1.0, -1.0)
+    x = np.zeros(a.shape[1])
+    for _ in range(50):  # Newton's method, float64: x* to machine precision
+        s = 1 / (1 + np.exp(y * (a @ x)))
+        grad = -(a.T @ (y * s)) / len(y) + lam * x
+        hess = (a.T * (s * (1 - s))) @ a / len(y) + lam * np.eye(a.shape[1])
+        x -= np.linalg.solve(hess, grad)
+    smooth = np.linalg.eigvalsh(a.T @ a / len(y)).max() / 4 + lam
+    return a, y, np.arange(world.rank, len(y), world.size), lam, x, smooth
+
+
+def bench_bytes_to_target(world, out: str, error_feedback: str, target: float = 1e-4,
+                          max_steps: int = 20000) -> list[dict]:
+    """error_feedback "off" is the paper's plain compressed gradient descent; "auto" the product's."""
+    a, y, mine, lam, x_star, smooth = logistic_problem(world)
+    rows, curves = [], {}
+    for arm, overrides in TARGET_ARMS.items():
+        cfg = dataclasses.replace(Config(), error_feedback=error_feedback, **overrides)
+        holder = torch.nn.Module()
+        holder.x = torch.nn.Parameter(torch.zeros(a.shape[1]))
+        layout = GradLayout(holder)
+        comp = compress.build(cfg, layout, world)
+        x = np.zeros(a.shape[1])
+        start = float(np.sum((x - x_star) ** 2))
+        wire = codec_bits = 0
+        curve = [(0, 0, 1.0)]
+        world.take_sent_bytes()
+        for step in range(max_steps):
+            s = 1 / (1 + np.exp(y[mine] * (a[mine] @ x)))  # this rank's share of the full gradient
+            share = -(a[mine].T @ (y[mine] * s)) / len(y) + lam * x / world.size
+            layout.grads.copy_(torch.from_numpy(share))
+            comp.aggregate(step)
+            x -= layout.grads.numpy().astype(np.float64) / smooth
+            wire += world.take_sent_bytes()
+            codec_bits += comp.stats.get("payload_bits", 32 * a.shape[1] if cfg.compressor == "dense" else 0)
+            error = float(np.sum((x - x_star) ** 2)) / start
+            curve.append((wire, codec_bits / 8, error))
+            if error <= target or not np.isfinite(error):
+                break
+        reached = error <= target
+        curves[arm] = curve
+        rows.append({"arm": arm, "ranks": world.size, "reached": reached, "steps": step + 1,
+                     "final_error": error, "wire_bytes_to_target": wire if reached else None,
+                     "codec_bytes_to_target": codec_bits / 8 if reached else None,
+                     "error_feedback": comp.error_feedback})
+    basic = rows[0]
+    topks = [r for r in rows if r["arm"].startswith("topk") and r["reached"]]
+    best = min(topks, key=lambda r: r["wire_bytes_to_target"]) if topks else None
+    for r in rows:
+        r["best_topk"] = best is not None and r is best
+        for key in ("wire_bytes_to_target", "codec_bytes_to_target"):
+            if r[key]:
+                r[key.replace("_to_target", "") + "_vs_basic"] = basic[key] / r[key]
+    if world.rank == 0:
+        _plot_target(curves, [r["arm"] for r in rows if not r["arm"].startswith("topk") or r is best],
+                     os.path.join(out, f"bytes-to-target-n{world.size}-ef-{error_feedback}.png"), target,
+                     f"{world.size} rank(s), error feedback {error_feedback}")
+    return rows
+
+
+def _plot_target(curves: dict, arms: list[str], path: str, target: float, title: str):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("bench: matplotlib is not installed; the plot is skipped (pip install matplotlib)")
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for arm in arms:
+        wire, codec, error = zip(*curves[arm])
+        axes[0].semilogy(wire, error, label=arm)
+        axes[1].semilogy(codec, error, label=arm)
+    for ax, xlabel in zip(axes, ("bytes on the wire per rank (comm.py, framing included)",
+                                 "codec bytes per rank (the paper's accounting)")):
+        ax.axhline(target, color="grey", lw=0.8, ls="--")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("||x - x*||^2 / ||x0 - x*||^2")
+        ax.set_title(f"logistic regression, breast cancer, {title}", fontsize=9)
+        ax.set_ylim(target / 10, 2)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def bench_checkpoint(world, out: str, repeats: int = 3) -> list[dict]:
+    from . import checkpoint, train
+    cfg = dataclasses.replace(Config(), model="mpitrain.bench:mlp_100mb", compressor="greedylore", steps=10 ** 6,
+                              start_compress_step=0, run_dir=os.path.join(out, "checkpoint-run"), resume="none",
+                              keep_last=1, progress="never")
+    run = train.prepare(cfg, world)
+    train.resume(run, world)
+    step_s = _timed(lambda: (train.backward(run, world, 0), run.compressor.aggregate(1), run.optimizer.step()), 3)
+    nbytes = 4 * run.layout.numel
+    raw = os.path.join(out, "raw.bin")
+
+    def raw_write():
+        with open(raw, "wb") as fh:
+            fh.write(run.layout.params_np.tobytes())
+            fh.flush()
+            os.fsync(fh.fileno())
+    saved = []
+    save_s = _timed(lambda: saved.append(checkpoint.save(run, world, len(saved) + 1)), repeats)
+    raw_write_s = _timed(raw_write, repeats)
+    path = saved[-1]
+    read_s = _timed(lambda: checkpoint.load(path, run, world), repeats)
+    verify_s = _timed(lambda: checkpoint.verify(path), repeats) if world.rank == 0 else 0.0
+    raw_read_s = _timed(lambda: np.fromfile(raw, dtype=np.float32), repeats)
+    size = os.path.getsize(path) if world.rank == 0 else 0
+    return [{"params": run.layout.numel, "model_mb": nbytes / 1e6, "file_mb": size / 1e6,
+             "save_s": save_s, "raw_write_s": raw_write_s, "write_ratio": raw_write_s / save_s,
+             "save_mb_per_s": size / 1e6 / save_s, "load_s": read_s, "verify_s": verify_s, "raw_read_s": raw_read_s,
+             "read_ratio": raw_read_s / read_s, "step_s": step_s, "stall_steps": save_s / step_s}]
+
+
+def mlp_100mb(info):
+    """25M parameters (100 MB of fp32 weights) for the checkpoint benchmark."""
+    return models.mlp(info, hidden=(4900, 4900))
+
+
 def _markdown(rows: list[dict]) -> str:
     keys = list(dict.fromkeys(k for r in rows for k in r))
     fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else ("" if v is None else str(v))  # noqa: E731
@@ -223,20 +369,26 @@ def _markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv, world) -> int:
+def parse(argv, world):
     parser = Parser(prog="mpitrain bench", description="Measure the trainer; see `python -m mpitrain bench --help`.")
     parser.quiet = world.rank != 0
-    parser.add_argument("what", choices=["allreduce", "compress", "convergence"])
+    parser.add_argument("what", choices=["allreduce", "compress", "convergence", "checkpoint", "bytes-to-target"])
     parser.add_argument("--out", default="bench", help="folder for the JSON and Markdown results")
     parser.add_argument("--repeats", type=int, default=100, help="timed repetitions per case")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(args, world) -> int:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world.local_size))
+    os.makedirs(args.out, exist_ok=True)
     tables = {"allreduce": lambda: {"allreduce": bench_allreduce(world, args.repeats)},
               "compress": lambda: {"compress": bench_compress(world, args.repeats),
                                    "scores": bench_scores(world, args.repeats)},
-              "convergence": lambda: {"convergence": bench_convergence(world, args.out)}}[args.what]()
+              "convergence": lambda: {"convergence": bench_convergence(world, args.out)},
+              "checkpoint": lambda: {"checkpoint": bench_checkpoint(world, args.out)},
+              "bytes-to-target": lambda: {f"error feedback {ef}": bench_bytes_to_target(world, args.out, ef)
+                                          for ef in ("off", "auto")}}[args.what]()
     if world.rank == 0:
-        os.makedirs(args.out, exist_ok=True)
         stem = os.path.join(args.out, f"{args.what}-n{world.size}")
         with open(stem + ".json", "w") as fh:
             json.dump({"benchmark": args.what, "mpi": world.library_version(), "ranks": world.size,

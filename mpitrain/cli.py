@@ -95,5 +95,12 @@ def main(argv=None) -> int:
     abort_on_exception(world, train.STATE)
     if argv[:1] == ["bench"]:
         from . import bench
-        return bench.main(argv[1:], world)
+        error, args = None, None
+        try:
+            args = bench.parse(argv[1:], world)
+        except UsageError as e:
+            error = str(e)
+        if agree_on_error(world, error):
+            return 2
+        return bench.main(args, world)
     return train_main(argv, world)

@@ -5,33 +5,9 @@ import torch
 from torch import nn
 
 
-def raises_on_rank1_step3(info):
-    """An MLP whose 3rd training forward pass raises on rank 1 only."""
-    class Flaky(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, info["num_classes"]))
-            self.calls = 0
-
-        def forward(self, x):
-            self.calls += 1
-            if self.calls == 3 and int(os.environ.get("PMI_RANK", "0")) == 1:
-                raise RuntimeError("deliberate failure in the user's model")
-            return self.net(x)
-    return Flaky()
-
-
-def not_a_module(info):
-    return 42
-
-
-def half_precision(info):
-    return nn.Linear(64, info["num_classes"]).to(torch.float64)
-
-
-def nan_on_rank1_step3(info):
-    """An MLP whose 3rd training forward pass on rank 1 produces a NaN loss."""
-    class Poisoned(nn.Module):
+def _faulty_on_rank1_call3(info, fault):
+    """An MLP whose 3rd training forward pass on rank 1 passes its output through `fault`."""
+    class Faulty(nn.Module):
         def __init__(self):
             super().__init__()
             self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, info["num_classes"]))
@@ -41,9 +17,27 @@ def nan_on_rank1_step3(info):
             self.calls += 1
             out = self.net(x)
             if self.calls == 3 and int(os.environ.get("PMI_RANK", "0")) == 1:
-                out = out * float("nan")
+                return fault(out)
             return out
-    return Poisoned()
+    return Faulty()
+
+
+def raises_on_rank1_step3(info):
+    def fault(out):
+        raise RuntimeError("deliberate failure in the user's model")
+    return _faulty_on_rank1_call3(info, fault)
+
+
+def nan_on_rank1_step3(info):
+    return _faulty_on_rank1_call3(info, lambda out: out * float("nan"))
+
+
+def not_a_module(info):
+    return 42
+
+
+def half_precision(info):
+    return nn.Linear(64, info["num_classes"]).to(torch.float64)
 
 
 def big_mlp(info):
