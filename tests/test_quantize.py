@@ -282,6 +282,20 @@ def eval_stats(text):
     return json.loads(str(text))
 
 
+def test_randk_error_feedback_telescopes(tmp_path):
+    r = mpi(2, [WORKERS / "compress_stream.py", tmp_path, "noise", 4, "--compressor", "randk", "--ratio", "0.25",
+                "--error-feedback", "on"])
+    assert r.returncode == 0, r.stderr
+    ranks = [dict(np.load(tmp_path / f"rank-{k}.npz")) for k in range(2)]
+    for t in range(4):
+        sent = [rr["g"][t].astype(np.float64) + rr["e_old"][t] - rr["e_new"][t] for rr in ranks]
+        # recomputing p = g + e in float64 differs from the float32 p by up to half an ulp per rank
+        ulp = max(np.spacing(np.abs(rr["g"][t] + rr["e_old"][t]).max()) for rr in ranks)
+        np.testing.assert_allclose(ranks[0]["result"][t], sent[0] + sent[1], rtol=1e-5, atol=2 * ulp)
+        # only the k chosen coordinates of each tensor travel (elsewhere only float32 rounding remains)
+        assert np.count_nonzero(np.abs(sent[0]) > 2 * ulp) == sum(math.ceil(0.25 * d) for d in (960, 180, 768, 144, 96, 5))
+
+
 def test_randk_shares_its_coordinates_and_is_unbiased(tmp_path):
     n = 2
     r = mpi(n, [WORKERS / "compress_stream.py", tmp_path, "noise", 3, "--compressor", "randk", "--ratio", "0.25"])

@@ -449,7 +449,8 @@ class Exchanged(Compressor):
         body = np.concatenate(parts)
         crc = np.array([zlib.crc32(body.tobytes())], dtype="<u4").view(np.uint8)
         bits = sum(segment_bits)
-        self.stats = {"payload_bits": bits, "bits_per_value": bits / p.size, "segment_bits": segment_bits}
+        self.stats = {"payload_bits": bits, "bits_per_value": bits / p.size}
+        self.segment_bits = segment_bits  # per tensor, for tests and diagnostics
         return np.concatenate([body, crc]), sent
 
     def decode(self, payload: np.ndarray, rank: int, step: int):
@@ -522,6 +523,7 @@ class RandK(Compressor):
         self.k = [min(s.numel, max(1, math.ceil(cfg.ratio * s.numel))) for s in layout.slots]
         self.buffer = np.zeros(sum(self.k) + layout.control.numel(), dtype=np.float32)
         self.grads = layout.flat_np[: layout.numel]
+        self.residual = np.zeros(layout.numel, dtype=np.float32) if self.error_feedback else None
 
     def indices(self, step: int) -> list[np.ndarray]:
         return [np.sort(np.random.default_rng([self.cfg.seed, step, s.index, RANDK]).choice(s.numel, k, replace=False))
@@ -529,8 +531,13 @@ class RandK(Compressor):
 
     def aggregate(self, step: int) -> None:
         chosen, at = self.indices(step), 0
+        if self.residual is not None:
+            self.grads += self.residual
+            self.residual[...] = self.grads
         for s, idx in zip(self.layout.slots, chosen):
             self.buffer[at:at + idx.size] = self.grads[s.offset + idx] * (s.numel / idx.size)
+            if self.residual is not None:  # e = p - C(p), with C(p) this rank's own scaled values
+                self.residual[s.offset + idx] -= self.buffer[at:at + idx.size]
             at += idx.size
         self.buffer[at:] = self.layout.control.numpy()
         self.world.allreduce_(self.buffer)
@@ -540,3 +547,6 @@ class RandK(Compressor):
             self.grads[s.offset + idx] = self.buffer[at:at + idx.size]
             at += idx.size
         self.layout.control.copy_(self.layout.control.new_tensor(self.buffer[at:]))
+
+    state_dict = Exchanged.state_dict
+    load_state_dict = Exchanged.load_state_dict

@@ -80,7 +80,7 @@ for t in range(steps):
     n_compressed = len(getattr(comp, "slots", []))
     record["ratios"].append(np.array(comp.last_ratios or [np.nan] * n_compressed, dtype=np.float64))
     record["refresh"].append(bool(comp.stats.get("refresh", False)))
-    record["stats"].append(json.dumps(comp.stats))
+    record["stats"].append(json.dumps({**comp.stats, "segment_bits": getattr(comp, "segment_bits", [])}))
 
 state = comp.state_dict()
 np.savez(out / f"rank-{world.rank}.npz",
