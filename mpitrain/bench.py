@@ -10,9 +10,9 @@
               powersgd, random and lazy at r = 4, same steps and seeds: final eval metric, total
               wire bytes, and convergence.png (eval metric against step and against bytes;
               needs matplotlib).
-  checkpoint  a ~100 MB model (25M parameters, greedylore with residuals): checkpoint write (with
-              fsync and rename) and verified read against a raw fsynced write and read of the same
-              bytes in the same run, and the training stall a checkpoint costs, in steps.
+  checkpoint  a ~100 MB model (25M parameters, SGD momentum, greedylore bases and residuals): the
+              checkpoint's write (fsync, rename) and load against a raw fsynced write and a read
+              of as many bytes in the same run; the training stall a checkpoint costs, in steps.
   bytes-to-target   the paper's experiment: L2-regularised logistic regression on the bundled
               breast-cancer set (rows split across the ranks), compressed gradient descent with
               step 1/L, until ||x - x*||^2 / ||x0 - x*||^2 <= 1e-4: bytes to get there for fp32
@@ -335,21 +335,22 @@ def bench_checkpoint(world, out: str, repeats: int = 3) -> list[dict]:
     train.resume(run, world)
     step_s = _timed(lambda: (train.backward(run, world, 0), run.compressor.aggregate(1), run.optimizer.step()), 3)
     nbytes = 4 * run.layout.numel
+    saved = []
+    save_s = _timed(lambda: saved.append(checkpoint.save(run, world, len(saved) + 1)), repeats)
+    path = saved[-1]
+    size = os.path.getsize(path) if world.rank == 0 else 0
     raw = os.path.join(out, "raw.bin")
+    blob = np.random.default_rng(0).integers(0, 255, size, dtype=np.uint8)  # the checkpoint's byte count
 
     def raw_write():
         with open(raw, "wb") as fh:
-            fh.write(run.layout.params_np.tobytes())
+            fh.write(blob.tobytes())
             fh.flush()
             os.fsync(fh.fileno())
-    saved = []
-    save_s = _timed(lambda: saved.append(checkpoint.save(run, world, len(saved) + 1)), repeats)
     raw_write_s = _timed(raw_write, repeats)
-    path = saved[-1]
     read_s = _timed(lambda: checkpoint.load(path, run, world), repeats)
     verify_s = _timed(lambda: checkpoint.verify(path), repeats) if world.rank == 0 else 0.0
-    raw_read_s = _timed(lambda: np.fromfile(raw, dtype=np.float32), repeats)
-    size = os.path.getsize(path) if world.rank == 0 else 0
+    raw_read_s = _timed(lambda: np.fromfile(raw, dtype=np.uint8), repeats)
     return [{"params": run.layout.numel, "model_mb": nbytes / 1e6, "file_mb": size / 1e6,
              "save_s": save_s, "raw_write_s": raw_write_s, "write_ratio": raw_write_s / save_s,
              "save_mb_per_s": size / 1e6 / save_s, "load_s": read_s, "verify_s": verify_s, "raw_read_s": raw_read_s,
