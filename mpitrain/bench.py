@@ -23,17 +23,16 @@ Each writes WHAT-n<ranks>.json and .md into --out (rank 0) and prints the table.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import time
 
 import numpy as np
 import torch
 
 from . import compress, models
 from .cli import Parser
-import dataclasses
-import time
-
 from .config import Config
 from .data import Dataset, locate
 from .layout import GradLayout
@@ -141,7 +140,6 @@ def bench_compress(world, repeats: int) -> list[dict]:
                          "bytes_amortised": amortised_bytes, "dense_over_wire": layout.dense_bytes / amortised_bytes,
                          "compress_s_step": step_s, "refresh_s": first_s if refreshes else None,
                          "fwd_bwd_s": fwd_bwd_s, "compress_over_fwd_bwd": amortised_s / fwd_bwd_s})
-            del comp
     return rows
 
 
@@ -158,7 +156,6 @@ def bench_scores(world, repeats: int) -> list[dict]:
                 comp = compress.build(cfg, layout, world)
                 comp.aggregate(0)  # the refresh that makes the bases
                 timing[scores] = _timed(lambda: comp.select(1), 2 if case.endswith("125m") else repeats)
-                del comp
             rows.append({"model": case, "rank": r, "probes": Config.probes, "probe_scores_s": timing["probe"],
                          "full_projection_s": timing["exact"], "speedup": timing["exact"] / timing["probe"]})
     return rows
@@ -194,13 +191,21 @@ def bench_convergence(world, out: str, rank: int = 4) -> list[dict]:
     return rows
 
 
-def _plot_convergence(rows: list[dict], path: str):
+def _pyplot():
+    """matplotlib's pyplot for files, or None (plots are optional: pip install matplotlib)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        return plt
     except ImportError:
-        print("bench: matplotlib is not installed; convergence.png skipped (pip install matplotlib)")
+        print("bench: matplotlib is not installed; plots skipped (pip install matplotlib)")
+        return None
+
+
+def _plot_convergence(rows: list[dict], path: str):
+    plt = _pyplot()
+    if plt is None:
         return
     jobs = list(dict.fromkeys(r["job"] for r in rows))
     fig, axes = plt.subplots(len(jobs), 2, figsize=(11, 4 * len(jobs)), squeeze=False)
@@ -301,12 +306,8 @@ def bench_bytes_to_target(world, out: str, error_feedback: str, target: float = 
 
 
 def _plot_target(curves: dict, arms: list[str], path: str, target: float, title: str):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("bench: matplotlib is not installed; the plot is skipped (pip install matplotlib)")
+    plt = _pyplot()
+    if plt is None:
         return
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for arm in arms:

@@ -1,5 +1,4 @@
 """Data parallelism under a real mpiexec: what the ranks hold after they exchange gradients."""
-import json
 
 import numpy as np
 import pytest
