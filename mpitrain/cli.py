@@ -50,8 +50,9 @@ def train_main(argv, world) -> int:
     from .config import add_arguments, resolve
 
     parser = Parser(prog="mpitrain", description="MPI data-parallel training with gradient compression. "
-                    "Run under mpiexec/srun: mpiexec -n 4 python -m mpitrain [flags]. "
-                    "Subcommands: bench allreduce.")
+                    "Run under mpiexec/srun: mpiexec -n 4 python -m mpitrain [flags]. Also: "
+                    "`mpitrain bench {allreduce,compress,convergence,checkpoint,bytes-to-target}` and "
+                    "`mpitrain inspect CHECKPOINT` (no MPI).")
     parser.quiet = world.rank != 0
     add_arguments(parser, compress.names())
     error, run = None, None
