@@ -12,7 +12,7 @@
     /rng/torch_cpu     each rank's torch generator state, one row per rank
 
 Every dataset is chunked with fletcher32 checksums (JSON text as a fixed-length string, so
-h5dump prints it); no lzf, no pickle: loading a checkpoint never runs code. Rank 0 writes a
+h5dump prints it); no lzf, no serialised Python objects: loading a checkpoint never runs code. Rank 0 writes a
 temporary file in the same folder, fsyncs it, renames it into place and fsyncs the folder; only
 then does `latest` (the file name of the newest complete checkpoint) move, the same way.
 

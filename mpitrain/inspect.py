@@ -52,7 +52,12 @@ def diff(path, other) -> list[dict]:
 
 
 def export_pt(path, out):
-    """The model weights as a torch state_dict file (for torch.load(..., weights_only=True))."""
+    """The model weights as a torch state_dict .pt file, the one format issue 4 asks for by name.
+
+    This is the only place mpitrain writes torch's serialisation format, which encodes the dict
+    structure itself; readers should load it with torch's weights_only loader, which accepts only
+    tensors and plain containers. Checkpoints and every other file of the project are HDF5 or JSON.
+    """
     import torch
     with checkpoint.open_checkpoint(path) as f:
         state = {name: torch.as_tensor(checkpoint.read(ds)) for name, ds in f["model"].items()}
