@@ -33,7 +33,7 @@ import torch
 
 from . import compress, models
 from .cli import Parser
-from .config import Config
+from .config import Config, UsageError
 from .data import Dataset, locate
 from .layout import GradLayout
 
@@ -77,8 +77,11 @@ def bench_allreduce(world, repeats: int) -> list[dict]:
 LM_125M = {"vocab_size": 32000, "seq_len": 128, "d": 768, "layers": 12, "heads": 12, "ffn": 3072}
 ARMS = [("dense", {}), *[(f"{name}-r{r}", {"compressor": c, "select": sel, "rank": r})
                           for r in (4, 8, 32)
-                          for name, c, sel in (("greedylore", "greedylore", "greedy"), ("powersgd", "powersgd", "greedy"),
-                                               ("random", "greedylore", "random"), ("lazy", "greedylore", "lazy"))]]
+                          for name, c, sel in (("greedylore", "greedylore", "greedy"),
+                                               ("greedylore-paper", "greedylore-paper", "greedy"),
+                                               ("powersgd", "powersgd", "greedy"),
+                                               ("random", "greedylore-paper", "random"),
+                                               ("lazy", "greedylore-paper", "lazy"))]]
 
 
 def _fwd_bwd_case(name: str):
@@ -116,10 +119,10 @@ def bench_compress(world, repeats: int) -> list[dict]:
         layout, fwd_bwd = _fwd_bwd_case(case)
         fwd_bwd_s = _timed(fwd_bwd, 2 if case.endswith("125m") else repeats)
         grads = layout.grads.clone()
-        refresh_every = Config.refresh_every
         for arm, overrides in ARMS:
-            cfg = dataclasses.replace(Config(), start_compress_step=0, refresh_every=refresh_every, **overrides)
+            cfg = dataclasses.replace(Config(), start_compress_step=0, **overrides)
             comp = compress.build(cfg, layout, world)
+            refresh_every = getattr(comp, "refresh_every", 0)
             world.take_sent_bytes()
 
             def step(i):
@@ -131,11 +134,12 @@ def bench_compress(world, repeats: int) -> list[dict]:
             n = 2 if case.endswith("125m") else repeats
             step_s = float(np.median([step(1 + k) for k in range(n)]))
             step_bytes = world.take_sent_bytes() // n
-            refreshes = cfg.compressor == "greedylore"  # a dense step + SVD every refresh_every steps
+            refreshes = refresh_every > 0  # a dense step + SVD every refresh_every steps
             amortised_bytes = (first_bytes + (refresh_every - 1) * step_bytes) / refresh_every if refreshes else step_bytes
             amortised_s = (first_s + (refresh_every - 1) * step_s) / refresh_every if refreshes else step_s
             rows.append({"model": case, "arm": arm, "params": layout.numel,
                          "compressed_matrices": len(getattr(comp, "slots", [])),
+                         "directions": sum(getattr(comp, "r", [])),
                          "bytes_refresh_step": first_bytes if refreshes else None, "bytes_step": step_bytes,
                          "bytes_amortised": amortised_bytes, "dense_over_wire": layout.dense_bytes / amortised_bytes,
                          "compress_s_step": step_s, "refresh_s": first_s if refreshes else None,
@@ -152,7 +156,7 @@ def bench_scores(world, repeats: int) -> list[dict]:
         for r in (4, 32):
             timing = {}
             for scores in ("probe", "exact"):
-                cfg = dataclasses.replace(Config(), compressor="greedylore", rank=r, scores=scores, start_compress_step=0)
+                cfg = dataclasses.replace(Config(), compressor="greedylore-paper", rank=r, scores=scores, start_compress_step=0)
                 comp = compress.build(cfg, layout, world)
                 comp.aggregate(0)  # the refresh that makes the bases
                 timing[scores] = _timed(lambda: comp.select(1), 2 if case.endswith("125m") else repeats)
@@ -161,34 +165,64 @@ def bench_scores(world, repeats: int) -> list[dict]:
     return rows
 
 
+LM = {"model": "transformer", "dataset": "shakespeare", "optimizer": "adam", "lr": 3e-3, "batch_size": 16,
+      "eval_every": 100, "warmup_steps": 30}
 CONVERGENCE_JOBS = {
     "digits-mlp": {},
-    "shakespeare-transformer": {"model": "transformer", "dataset": "shakespeare", "optimizer": "adam", "lr": 3e-3,
-                                "steps": 600, "batch_size": 16, "eval_every": 50, "warmup_steps": 30},
+    "mnist1d-resnet": {"model": "resnet", "dataset": "mnist1d", "steps": 600, "lr": 0.02},
+    "shakespeare-transformer": {**LM, "steps": 3000},
+    "shakespeare-transformer-600": {**LM, "steps": 600, "eval_every": 50},
 }
-CONVERGENCE_ARMS = {"dense": {}, "greedylore": {"compressor": "greedylore"}, "powersgd": {"compressor": "powersgd"},
-                    "random": {"compressor": "greedylore", "select": "random"},
-                    "lazy": {"compressor": "greedylore", "select": "lazy"}}
+# greedylore at --rank r spends the bytes powersgd spends at rank r: "equal bytes". The paper's
+# algorithm, powersgd and greedylore with 32-bit factors show the same rank r (equal rank).
+CONVERGENCE_ARMS = {"dense": {}, "powersgd": {"compressor": "powersgd"},
+                    "greedylore-paper": {"compressor": "greedylore-paper"},
+                    "greedylore": {"compressor": "greedylore"},
+                    "greedylore-fp32": {"compressor": "greedylore", "factor_bits": 32},
+                    "random": {"compressor": "greedylore-paper", "select": "random"},
+                    "lazy": {"compressor": "greedylore-paper", "select": "lazy"}}
 
 
-def bench_convergence(world, out: str, rank: int = 4) -> list[dict]:
+def bench_convergence(world, out: str, jobs: list[str], arms: list[str], rank: int = 4) -> list[dict]:
     from . import train
     rows = []
-    for job, settings in CONVERGENCE_JOBS.items():
-        for arm, overrides in CONVERGENCE_ARMS.items():
+    for job in jobs:
+        for arm in arms:
+            settings, overrides = CONVERGENCE_JOBS[job], CONVERGENCE_ARMS[arm]
             cfg = dataclasses.replace(Config(), rank=rank, progress="never", log_every=10**9, resume="none",
+                                      contraction_every=50 if arm != "dense" else 0,
                                       run_dir=os.path.join(out, "convergence", f"{job}-{arm}"), **settings, **overrides)
             run = train.prepare(cfg, world)
             train.resume(run, world)
             summary = train.train(run, world)
             metric = "eval_bpc" if "eval_bpc" in summary else "eval_accuracy"
+            # the measuring Allreduce (contraction_every) is counted in wire bytes: take it out
+            train_bytes = summary["wire_bytes_per_rank"] - _measuring_bytes(cfg.run_dir)
+            captured = _mean_of(cfg.run_dir, "captured"), _mean_of(cfg.run_dir, "captured_optimal")
             rows.append({"job": job, "arm": arm, "rank": rank, "steps": cfg.steps, metric: summary[metric],
-                         "wire_bytes_per_rank": summary["wire_bytes_per_rank"],
-                         "dense_over_wire": summary["dense_bytes_per_rank"] / summary["wire_bytes_per_rank"],
+                         "wire_mb_per_rank": train_bytes / 1e6,
+                         "dense_over_wire": summary["dense_bytes_per_rank"] / train_bytes,
+                         "captured": captured[0], "captured_optimal": captured[1],
                          "wall_time_s": summary["wall_time_s"], "run_dir": cfg.run_dir})
     if world.rank == 0:
         _plot_convergence(rows, os.path.join(out, "convergence.png"))
     return rows
+
+
+def _train_lines(run_dir: str) -> list[dict]:
+    with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
+        return [x for x in map(json.loads, fh) if x["kind"] == "train"]
+
+
+def _measuring_bytes(run_dir: str) -> int:
+    """What the contraction measurements added: one dense Allreduce of the compressed matrices."""
+    lines = [x for x in _train_lines(run_dir) if "contraction" in x]
+    return sum(x.get("measuring_bytes", 0) for x in lines)
+
+
+def _mean_of(run_dir: str, key: str) -> float | None:
+    values = [x[key] for x in _train_lines(run_dir) if key in x]
+    return float(np.mean(values)) if values else None
 
 
 def _pyplot():
@@ -377,7 +411,20 @@ def parse(argv, world):
     parser.add_argument("what", choices=["allreduce", "compress", "convergence", "checkpoint", "bytes-to-target"])
     parser.add_argument("--out", default="bench", help="folder for the JSON and Markdown results")
     parser.add_argument("--repeats", type=int, default=100, help="timed repetitions per case")
+    parser.add_argument("--jobs", default="", help="convergence: comma-separated jobs (default digits-mlp,"
+                        "shakespeare-transformer-600; also mnist1d-resnet, shakespeare-transformer: 3000 steps)")
+    parser.add_argument("--arms", default="", help="convergence: comma-separated arms (default: all of "
+                        + ", ".join(CONVERGENCE_ARMS) + ")")
+    parser.add_argument("--rank", type=int, default=4, help="convergence: --rank of every low-rank arm")
     return parser.parse_args(argv)
+
+
+def _choose(text: str, known: dict, default: list[str]) -> list[str]:
+    names = [x for x in text.split(",") if x] or default
+    unknown = [x for x in names if x not in known]
+    if unknown:
+        raise UsageError(f"bench: unknown {', '.join(unknown)}; choose from {', '.join(known)}")
+    return names
 
 
 def main(args, world) -> int:
@@ -386,7 +433,9 @@ def main(args, world) -> int:
     tables = {"allreduce": lambda: {"allreduce": bench_allreduce(world, args.repeats)},
               "compress": lambda: {"compress": bench_compress(world, args.repeats),
                                    "scores": bench_scores(world, args.repeats)},
-              "convergence": lambda: {"convergence": bench_convergence(world, args.out)},
+              "convergence": lambda: {"convergence": bench_convergence(
+                  world, args.out, _choose(args.jobs, CONVERGENCE_JOBS, ["digits-mlp", "shakespeare-transformer-600"]),
+                  _choose(args.arms, CONVERGENCE_ARMS, list(CONVERGENCE_ARMS)), args.rank)},
               "checkpoint": lambda: {"checkpoint": bench_checkpoint(world, args.out)},
               "bytes-to-target": lambda: {f"error feedback {ef}": bench_bytes_to_target(world, args.out, ef)
                                           for ef in ("off", "auto")}}[args.what]()

@@ -52,8 +52,20 @@ class Config:
     min_compression_rate: float = _f(2.0, "compress a matrix only if it saves this factor (greedylore: "
                                           "min(n,m) > rate*r; powersgd: (n+m)*r*rate < n*m)", minimum=0.0)
     uncompressed: str = _f("", "regular expression: parameters whose name matches are sent dense")
-    refresh_every: int = _f(200, "greedylore: dense step + SVD of the average every N compressed-phase steps",
-                            minimum=1)
+    refresh_every: int = _f(-1, "greedylore: dense step + SVD of the average every N compressed-phase steps "
+                                "(0: only the first; -1: the compressor's default, 0 for greedylore, whose basis "
+                                "tracks, and 200 for greedylore-paper)", minimum=-1)
+    basis: str = _f("tracking", "greedylore basis between refreshes: tracking (rotated toward a warm-started "
+                                "power step every step) or fixed (the paper's semi-lazy basis)",
+                    choices=("tracking", "fixed"))
+    allocation: str = _f("per-matrix", "greedylore directions: per-matrix (as many as fit in the bytes powersgd sends "
+                                       "for that matrix at --rank) or global (one greedy choice over all matrices by "
+                                       "energy per byte, within the same total)", choices=("global", "per-matrix"))
+    factor_bits: int = _f(16, "greedylore: Q travels as 16-bit integers on shared per-row scales (exact integer "
+                              "sums; error feedback keeps the rounding) or as 32-bit floats", choices=(16, 32))
+    refresh_residual: str = _f("keep", "greedylore: what a dense refresh does with the error-feedback residual: "
+                                       "flush it into the refresh, keep it for the next step, or drop it",
+                               choices=("flush", "keep", "drop"))
     select: str = _f("greedy", "greedylore directions: greedy (top-r by global energy), random (r of the "
                                "full basis), lazy (top-r singular vectors of the last refresh, GaLore-like)",
                      choices=("greedy", "random", "lazy"))
@@ -124,7 +136,7 @@ def _coerce(name: str, value, source: str):
         raise UsageError(f"{where}: expected {kind.__name__}, got {type(value).__name__} {value!r}")
     meta = f.metadata
     if meta["choices"] and value not in meta["choices"]:
-        raise UsageError(f"{where}: must be one of {', '.join(meta['choices'])}; got {value!r}")
+        raise UsageError(f"{where}: must be one of {', '.join(map(str, meta['choices']))}; got {value!r}")
     if meta["minimum"] is not None and value < meta["minimum"]:
         raise UsageError(f"{where}: must be >= {meta['minimum']}; got {value!r}")
     if kind is float and value != value:
