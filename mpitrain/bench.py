@@ -156,7 +156,8 @@ def bench_scores(world, repeats: int) -> list[dict]:
         for r in (4, 32):
             timing = {}
             for scores in ("probe", "exact"):
-                cfg = dataclasses.replace(Config(), compressor="greedylore-paper", rank=r, scores=scores, start_compress_step=0)
+                cfg = dataclasses.replace(Config(), compressor="greedylore-paper", rank=r, scores=scores,
+                                          start_compress_step=0)
                 comp = compress.build(cfg, layout, world)
                 comp.aggregate(0)  # the refresh that makes the bases
                 timing[scores] = _timed(lambda: comp.select(1), 2 if case.endswith("125m") else repeats)

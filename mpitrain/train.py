@@ -65,7 +65,7 @@ def prepare(cfg: Config, world) -> Run:
         raise UsageError(f"model {cfg.model}: {e}") from None
     batches = ShardedBatches(dataset, cfg.batch_size, world.rank, world.size, cfg.seed)
     compressor = compress.build(cfg, layout, world)
-    if cfg.ef_resume == "mean" and not compressor.linear:
+    if cfg.ef_resume == "mean" and not compressor.reshardable:
         raise UsageError(f"--ef-resume mean needs a linear compressor; {cfg.compressor} is not "
                          "(use gather or reset)")
     return Run(cfg, dataset, batches, model, layout, compressor, make_optimizer(cfg, model.parameters()))
@@ -153,7 +153,7 @@ def backward(run: Run, world, step: int):
     finite = bool(torch.isfinite(share)) and bool(torch.isfinite(run.layout.grads.sum(dtype=torch.float64)))
     if not finite:
         run.layout.grads.zero_()
-    run.layout.control.copy_(torch.tensor([float(share) if finite else 0.0, float(not finite),
+    run.layout.control.copy_(torch.tensor([float(share.detach()) if finite else 0.0, float(not finite),
                                            float(STATE["stop_requested"])]))
 
 

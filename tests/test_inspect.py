@@ -33,7 +33,7 @@ def test_summary_without_mpi(ckpts, tmp_path):
     r = inspect(ckpts[1], "--json", PYTHONPATH=f"{tmp_path}:{run.__globals__['ROOT']}")
     assert r.returncode == 0, r.stderr
     info = json.loads(r.stdout)
-    assert (info["step"], info["world_size"], info["compressor"], info["ef_resume"]) == (6, 2, "greedylore", "mean")
+    assert (info["step"], info["world_size"], info["compressor"], info["ef_resume"]) == (6, 2, "greedylore", "gather")
     assert info["model_values"] == 85002 and info["config"]["steps"] == 6
     assert {"torch", "numpy", "h5py", "mpi"} <= info["versions"].keys()
 

@@ -19,6 +19,9 @@ class Compressor:
     # Linear and shared across ranks: the trajectory depends on the residuals only through their
     # sum, so a checkpoint may store that sum once and resume exactly at any world size.
     linear = True
+    # The residuals may be re-sharded (their sum stored once, each rank resuming from sum / N): the
+    # sum of what all ranks will send stays that of the uninterrupted run. Exact when linear.
+    reshardable = True
     # Biased compressors need error feedback to converge; --error-feedback auto turns it on for them.
     biased = True
 

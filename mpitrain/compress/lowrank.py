@@ -181,22 +181,22 @@ class GreedyLore(LowRank):
     direction's energy in the global x-bar = sum_i (g_i + e_i) is estimated, the directions are
     chosen greedily by energy, and Q = P^T x travels in one Allreduce. Because B is complete,
     choosing by energy keeps at least the chosen share of it: the compressor contracts at every
-    step (delta = r/d per matrix; (budget - largest cost) / total cost under global allocation).
+    step (delta = r/d per matrix; see `contraction_bound` for global allocation).
 
     `basis`:
       fixed     the paper's semi-lazy basis: the singular vectors of the dense average at the last
                 refresh; energies from shared Gaussian probes (d x k floats per matrix).
-      tracking  the basis follows the gradient between refreshes. One Allreduce carries the sketch
-                Y = x-bar [W | Omega'] (W: orth of last step's Q^T, a warm-started power step;
-                Omega': shared probes with W projected out). B is rotated by t Householder
-                reflectors (O(d^2 t)) so that its first t columns are the left singular vectors of
-                x-bar W and the others stay orthonormal. Energies are exact inside span(W) and
-                probe-estimated (unbiased) on its complement.
+      tracking  the basis follows the gradient. One Allreduce carries the sketch x [W | Omega']
+                (W: orth of last step's Q^T, a warm-started power step; Omega': shared probes with
+                W projected out). B is rotated by t Householder reflectors (O(d^2 t)) so that its
+                first t columns are the left singular vectors of x-bar W and the others stay an
+                orthonormal completion. Energies are exact inside span(W); on its complement they
+                are unbiased probe estimates, discounted by the peak noise alone reaches there.
     `allocation`:
-      per-matrix  r directions per matrix;
-      global      one greedy choice over all (matrix, direction) pairs by energy per float sent
-                  (a direction costs D for Q now and d for tracking it next step), filling the
-                  budget that PowerSGD spends at the same --rank, probes included.
+      per-matrix  each matrix sends what fits in its own share of the budget;
+      global      one greedy choice over all (matrix, direction) pairs by energy per byte.
+    The budget (not greedylore-paper): --rank r buys what powersgd sends at rank r, probes first.
+    `factor_bits` 16: Q travels as int16 on per-row scales every rank shares (see `quantize`).
     `refresh_residual`: what a dense refresh does with the error-feedback residual: flush it into
     the dense exchange (then zero it), keep it for the next compressed step, or drop it.
     """
@@ -216,7 +216,10 @@ class GreedyLore(LowRank):
         self.tracking = self.basis == "tracking"
         self.refresh_every = cfg.refresh_every if cfg.refresh_every >= 0 else 0 if self.tracking else 200
         k = cfg.probes
-        self.integer = self.factor_bits == 16
+        # 16-bit Q needs a first (fp32) round to carry the dense tensors: greedy selection has one
+        self.integer = self.factor_bits == 16 and cfg.select == "greedy"
+        # each rank rounds its own Q: the trajectory depends on every residual, not on their sum only
+        self.linear = not self.integer
         # bytes per direction: its row of Q (and, 16-bit, the row's scale), and when tracking its
         # fp32 column of next step's sketch
         self.cost = [(2 * D + 4 if self.integer else 4 * D) + (4 * d if self.tracking else 0)
@@ -266,17 +269,17 @@ class GreedyLore(LowRank):
         self.stats["refresh"] = False
         xbar = self.global_inputs() if self.measuring(step) else None
         ranks, chosen = self.select(step)  # 16-bit factors: the dense tensors travelled in this round
-        integer = self.integer and self.cfg.select == "greedy"
-        payload = self.payload.carve([(r, D) for r, D in zip(ranks, self.D)], 0 if integer else self.dense_numel)
+        dense_here = 0 if self.integer else self.dense_numel
+        payload = self.payload.carve([(r, D) for r, D in zip(ranks, self.D)], dense_here)
         projectors = self.p.carve([(d, r) for d, r in zip(self.d, ranks)])
         for i, (idx, q) in enumerate(zip(chosen, payload.views)):
             torch.index_select(self.bases.views[i], 1, idx, out=projectors.views[i])
             torch.matmul(projectors.views[i].t(), self.oriented(self.grad(i)), out=q)
-        ints = self.quantize(payload, sum(ranks)) if integer else None
+        ints = self.quantize(payload, sum(ranks)) if self.integer else None
         factors = [self.factors(self.grad(i), p, q) for i, (p, q) in enumerate(zip(projectors.views, payload.views))]
         for i, (left, right) in enumerate(factors):
             self.keep_residual(i, left, right)  # of what this rank really sends (rounded, if 16-bit)
-        if integer:
+        if self.integer:
             self.world.allreduce_(ints.np)  # exact integer sums, identical on every rank
             self.dequantize(ints, payload)
         else:

@@ -423,6 +423,7 @@ class Exchanged(Compressor):
     """
 
     linear = False
+    reshardable = False
 
     def __init__(self, layout, world, cfg):
         self.codec = CODECS[self.name](cfg)
