@@ -48,7 +48,8 @@ class Config:
                                      "auto (on for biased compressors), on, off", choices=("auto", "on", "off"))
     start_compress_step: int = _f(10, "dense steps before compression starts", minimum=0)
     # low-rank compressors (greedylore, powersgd)
-    rank: int = _f(4, "low-rank approximation rank r", minimum=1)
+    rank: int = _f(4, "low-rank rank r (powersgd, greedylore-paper); greedylore sends per matrix as many "
+                      "directions as fit in the bytes powersgd sends at rank r", minimum=1)
     min_compression_rate: float = _f(2.0, "compress a matrix only if it saves this factor (greedylore: "
                                           "min(n,m) > rate*r; powersgd: (n+m)*r*rate < n*m)", minimum=0.0)
     uncompressed: str = _f("", "regular expression: parameters whose name matches are sent dense")
