@@ -427,19 +427,19 @@ class GreedyLore(LowRank):
                 probes.sub_((probes @ w.t()) @ w)
             torch.matmul(self.oriented(self.grad(i)), right.t(), out=sketch.views[i])
         self.exchange_first_round(sketch)  # x-bar [W | Omega'] for every matrix
-        energies = []
         for i, (y, t) in enumerate(zip(sketch.views, self.ranks)):
-            basis = self.bases.views[i]
             if t:
                 u = torch.linalg.svd(y[:, :t], full_matrices=False).U
-                self.rotate(basis, u, self.rotated.views[i])
+                self.rotate(self.bases.views[i], u, self.rotated.views[i])
+        self.verify_bases()  # before any choice is made from them
+        energies = []
+        for basis, y, t in zip(self.bases.views, sketch.views, self.ranks):
             e = basis.t() @ y
             energy = e[:, :t].square().sum(1)
             # exact inside span(W); on its complement a probe estimate, discounted by the peak that
             # noise alone reaches among the complement's directions (measured: undiscounted noisy
             # picks displaced tracked directions and cost 0.04 bpc on the LM)
             energies.append(energy.add_(e[:, t:].square().mean(1) / noise_peak(k, len(energy) - t)))
-        self.verify_bases()
         if cfg.scores == "exact":  # diagnostics: the true energies over the rotated bases (d x D each)
             exact = self.payload.carve([(d, D) for d, D in zip(self.d, self.D)])
             for i, out in enumerate(exact.views):
@@ -458,7 +458,7 @@ class GreedyLore(LowRank):
         basis.copy_(scratch)
 
     def allocate(self, energies: list[torch.Tensor]) -> tuple[list[int], list[torch.Tensor]]:
-        """One greedy choice over every (matrix, direction) by energy per float, within the budget."""
+        """One greedy choice over every (matrix, direction) by energy per byte, within the budget."""
         order = [torch.argsort(e, descending=True, stable=True)[:c] for e, c in zip(energies, self.cap)]
         density = torch.cat([e[o] / c for e, o, c in zip(energies, order, self.cost)])
         owner = torch.cat([torch.full((len(o),), i) for i, o in enumerate(order)])
