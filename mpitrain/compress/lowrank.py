@@ -5,9 +5,9 @@ sum_i P P^T x_i = P P^T sum_i x_i. So the payloads are summed with Allreduce, an
 trajectory depends on the ranks' residuals only through their sum.
 
 Each matrix X (n x m) is handled in its oriented form Xt (d x D, d = min(n, m)): X itself when
-n <= m, X^T otherwise, so the basis is always d x d and the payload r x D. Every Q, and every
-tensor that is not compressed, travels in ONE contiguous Allreduce per round; the layout's
-control words ride in it too.
+n <= m, X^T otherwise, so the basis is always d x d and the payload r x D. Each round is ONE
+contiguous Allreduce over every matrix; the tensors that are not compressed and the layout's
+control words ride in the fp32 round (with Q, or with greedylore's sketch when Q is 16-bit).
 """
 from __future__ import annotations
 
@@ -60,9 +60,15 @@ class Buffer:
         offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
         self.views = [self.flat[o:o + a * b].view(a, b) for o, (a, b) in zip(offsets, shapes)]
         self.tail = self.flat[offsets[-1]:]
+        self.carved: dict = {}
 
     def carve(self, shapes: list[tuple[int, int]], extra: int = 0) -> "Buffer":
-        return Buffer(shapes, extra, flat=self.flat)
+        key = (tuple(shapes), extra)  # the same every step unless ranks move (global allocation)
+        if key not in self.carved:
+            if len(self.carved) >= 8:
+                self.carved.clear()
+            self.carved[key] = Buffer(shapes, extra, flat=self.flat)
+        return self.carved[key]
 
 
 class LowRank(Compressor):
