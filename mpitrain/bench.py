@@ -2,14 +2,15 @@
 
   allreduce   the trainer's dense aggregation path against a bare mpi4py Allreduce of the same
               bytes, interleaved in one run, for the default models.
-  compress    per model and compressor (dense, greedylore, powersgd, random, lazy at r = 4, 8, 32):
-              bytes counted on a refresh and on a compressed step, amortised over the refresh
-              schedule; compressor time against one forward+backward; probe scores against the
-              full projection. Models: the defaults and the layer shapes of a 125M transformer.
-  convergence the default job and the character LM trained to the end with dense, greedylore,
-              powersgd, random and lazy at r = 4, same steps and seeds: final eval metric, total
-              wire bytes, and convergence.png (eval metric against step and against bytes;
-              needs matplotlib).
+  compress    per model and compressor (dense, greedylore, greedylore-paper, powersgd, random, lazy
+              at r = 4, 8, 32): bytes counted on a refresh and on a compressed step, amortised
+              over the refresh schedule; compressor time against one forward+backward; the
+              paper's probe scores against the full projection. Models: the defaults and the
+              layer shapes of a 125M transformer.
+  convergence --jobs (digits MLP, mnist1d ResNet, the character LM at 600 or 3000 steps) trained
+              to the end with each of --arms at --rank, same steps and seeds: final eval metric,
+              wire bytes (without the measuring Allreduce), mean captured / captured_optimal,
+              and convergence.png (eval metric against step and against bytes; needs matplotlib).
   checkpoint  a ~100 MB model (25M parameters, SGD momentum, greedylore bases and residuals): the
               checkpoint's write (fsync, rename) and load against a raw fsynced write and a read
               of as many bytes in the same run; the training stall a checkpoint costs, in steps.
@@ -33,7 +34,7 @@ import torch
 
 from . import compress, models
 from .cli import Parser
-from .config import Config, UsageError
+from .config import Config
 from .data import Dataset, locate
 from .layout import GradLayout
 
@@ -174,8 +175,8 @@ CONVERGENCE_JOBS = {
     "shakespeare-transformer": {**LM, "steps": 3000},
     "shakespeare-transformer-600": {**LM, "steps": 600, "eval_every": 50},
 }
-# greedylore at --rank r spends the bytes powersgd spends at rank r: "equal bytes". The paper's
-# algorithm, powersgd and greedylore with 32-bit factors show the same rank r (equal rank).
+# greedylore (16- or 32-bit factors) at --rank r spends the bytes powersgd spends at rank r: equal
+# bytes. greedylore-paper and powersgd send the literal rank r: equal rank.
 CONVERGENCE_ARMS = {"dense": {}, "powersgd": {"compressor": "powersgd"},
                     "greedylore-paper": {"compressor": "greedylore-paper"},
                     "greedylore": {"compressor": "greedylore"},
@@ -217,8 +218,7 @@ def _train_lines(run_dir: str) -> list[dict]:
 
 def _measuring_bytes(run_dir: str) -> int:
     """What the contraction measurements added: one dense Allreduce of the compressed matrices."""
-    lines = [x for x in _train_lines(run_dir) if "contraction" in x]
-    return sum(x.get("measuring_bytes", 0) for x in lines)
+    return sum(x.get("measuring_bytes", 0) for x in _train_lines(run_dir))
 
 
 def _mean_of(run_dir: str, key: str) -> float | None:
@@ -417,14 +417,17 @@ def parse(argv, world):
     parser.add_argument("--arms", default="", help="convergence: comma-separated arms (default: all of "
                         + ", ".join(CONVERGENCE_ARMS) + ")")
     parser.add_argument("--rank", type=int, default=4, help="convergence: --rank of every low-rank arm")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.jobs = _choose(parser, "job", args.jobs, CONVERGENCE_JOBS, ["digits-mlp", "shakespeare-transformer-600"])
+    args.arms = _choose(parser, "arm", args.arms, CONVERGENCE_ARMS, list(CONVERGENCE_ARMS))
+    return args
 
 
-def _choose(text: str, known: dict, default: list[str]) -> list[str]:
+def _choose(parser, what: str, text: str, known: dict, default: list[str]) -> list[str]:
     names = [x for x in text.split(",") if x] or default
     unknown = [x for x in names if x not in known]
     if unknown:
-        raise UsageError(f"bench: unknown {', '.join(unknown)}; choose from {', '.join(known)}")
+        parser.error(f"unknown {what} {', '.join(unknown)}; choose from {', '.join(known)}")
     return names
 
 
@@ -434,9 +437,8 @@ def main(args, world) -> int:
     tables = {"allreduce": lambda: {"allreduce": bench_allreduce(world, args.repeats)},
               "compress": lambda: {"compress": bench_compress(world, args.repeats),
                                    "scores": bench_scores(world, args.repeats)},
-              "convergence": lambda: {"convergence": bench_convergence(
-                  world, args.out, _choose(args.jobs, CONVERGENCE_JOBS, ["digits-mlp", "shakespeare-transformer-600"]),
-                  _choose(args.arms, CONVERGENCE_ARMS, list(CONVERGENCE_ARMS)), args.rank)},
+              "convergence": lambda: {"convergence": bench_convergence(world, args.out, args.jobs, args.arms,
+                                                                       args.rank)},
               "checkpoint": lambda: {"checkpoint": bench_checkpoint(world, args.out)},
               "bytes-to-target": lambda: {f"error feedback {ef}": bench_bytes_to_target(world, args.out, ef)
                                           for ef in ("off", "auto")}}[args.what]()

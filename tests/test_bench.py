@@ -16,3 +16,10 @@ def test_bench_allreduce_writes_its_table(tmp_path):
 def test_bench_rejects_an_unknown_benchmark(tmp_path):
     r = mpi(1, ["-m", "mpitrain", "bench", "nosuch", "--out", tmp_path])
     assert r.returncode == 2 and r.stderr.count("mpitrain: error:") == 1
+
+
+def test_bench_convergence_rejects_an_unknown_job_or_arm_in_one_line(tmp_path):
+    for flag, name in (("--jobs", "nosuch"), ("--arms", "dense,zip")):
+        r = mpi(2, ["-m", "mpitrain", "bench", "convergence", flag, name, "--out", tmp_path])
+        assert r.returncode == 2 and r.stderr.count("mpitrain: error:") == 1, r.stderr
+        assert "Traceback" not in r.stderr and name.split(",")[-1] in r.stderr
