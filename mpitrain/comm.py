@@ -2,15 +2,27 @@
 
 Every collective runs on a contiguous numpy array with mpi4py's uppercase, buffer-based calls.
 Owners of torch buffers keep a numpy view made once (`tensor.numpy()` shares memory): converting
-per call costs more than the conversion itself, about 30 us per Allreduce measured here. Each collective adds to `sent_bytes` the bytes this rank
-hands to it (its input buffer: the whole buffer for Allreduce, its own payload for Allgatherv, the
-root's buffer for Bcast, each rank's part for Gather). Metrics read these counters; nothing else
-in the project computes wire bytes from a formula.
+per call costs more than the conversion itself, about 30 us per Allreduce measured here. Each
+collective adds to `sent_bytes` the bytes this rank hands to it (its input buffer: the whole
+buffer for Allreduce, its own payload for Allgatherv, the root's buffer for Bcast, each rank's
+part for Gather). Metrics read these counters; nothing else in the project computes wire bytes
+from a formula.
+
+Stalls. With `stall_timeout` set, collectives are the nonblocking calls and this rank waits for
+them with a deadline. A rank that has waited past it tells every other rank, on a separate
+communicator, that it is present; a waiting rank that hears this answers the same way. After a
+short grace the lowest rank present names the ranks it did not hear from (the stopped, wedged or
+still-busy ones) and ends the whole job with exit code `STALLED`. A rank that never arrives
+cannot answer, which is the point.
+
+Large messages. MPI counts are C ints; no single call here moves more than `max_message_bytes`
+(a little under 2 GiB): bigger buffers go in pieces, and Allgatherv in rounds.
 """
 from __future__ import annotations
 
-import sys
 import os
+import sys
+import time
 
 import numpy as np
 
@@ -18,12 +30,15 @@ from mpi4py import MPI
 
 
 _OPS = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}
+STALLED = 3  # exit code of a job ended by the stall watchdog
+_STALL_TAG = 7
+_LOOK_S = 0.05  # how often a waiting rank checks its deadline and listens for stall notices
 
 
 class World:
     """Rank, size, node-local rank/size and counted collectives over MPI.COMM_WORLD."""
 
-    def __init__(self):
+    def __init__(self, stall_timeout: float = 0.0):
         self._comm = MPI.COMM_WORLD
         self.rank = self._comm.Get_rank()
         self.size = self._comm.Get_size()
@@ -31,7 +46,11 @@ class World:
         self.local_rank = node.Get_rank()
         self.local_size = node.Get_size()
         node.Free()
+        self._side = self._comm.Dup()  # stall notices only; never carries data
         self.sent_bytes = 0
+        self.stall_timeout = stall_timeout  # seconds; 0: wait forever (blocking calls)
+        self.where = "start-up"  # named in a stall message; the training loop sets "step N"
+        self.max_message_bytes = 2**31 - 2**20
 
     # -- counters -------------------------------------------------------------------------
     def take_sent_bytes(self) -> int:
@@ -43,18 +62,22 @@ class World:
     def allreduce_(self, arr: np.ndarray, op: str = "sum") -> np.ndarray:
         """In-place Allreduce of a contiguous array; returns it."""
         self.sent_bytes += arr.nbytes
-        self._comm.Allreduce(MPI.IN_PLACE, arr, op=_OPS[op])
+        for piece in self._pieces(arr):
+            self._run("Allreduce", lambda: self._comm.Iallreduce(MPI.IN_PLACE, piece, op=_OPS[op]),
+                      lambda: self._comm.Allreduce(MPI.IN_PLACE, piece, op=_OPS[op]))
         return arr
 
     def bcast_(self, arr: np.ndarray, root: int = 0) -> np.ndarray:
         """In-place broadcast from `root`; returns the array."""
         if self.rank == root:
             self.sent_bytes += arr.nbytes
-        self._comm.Bcast(arr, root=root)
+        for piece in self._pieces(arr):
+            self._run("Bcast", lambda: self._comm.Ibcast(piece, root=root), lambda: self._comm.Bcast(piece, root=root))
         return arr
 
     def allgatherv(self, payload: np.ndarray) -> list[np.ndarray]:
-        """Every rank's uint8 payload (sizes may differ), in rank order: one size exchange, one Allgatherv."""
+        """Every rank's uint8 payload (sizes may differ), in rank order: one size exchange, then
+        one Allgatherv, or rounds of them when a count or the total would pass max_message_bytes."""
         mine = np.ascontiguousarray(payload, dtype=np.uint8).reshape(-1)
         counts = np.zeros(self.size, dtype=np.int64)
         counts[self.rank] = mine.size
@@ -63,15 +86,38 @@ class World:
         np.cumsum(counts[:-1], out=displs[1:])
         recv = np.empty(int(counts.sum()), dtype=np.uint8)
         self.sent_bytes += mine.nbytes
-        self._comm.Allgatherv(mine, [recv, counts, displs, MPI.BYTE])
+        if recv.size <= self.max_message_bytes:
+            self._allgatherv(mine, recv, counts, displs)
+        else:  # round k: every rank sends bytes [k*c, (k+1)*c) of its payload
+            c = max(1, self.max_message_bytes // self.size)
+            for k in range(-(-int(counts.max()) // c)):
+                part = np.clip(counts - k * c, 0, c)
+                part_displs = np.zeros(self.size, dtype=np.int64)
+                np.cumsum(part[:-1], out=part_displs[1:])
+                got = np.empty(int(part.sum()), dtype=np.uint8)
+                self._allgatherv(mine[k * c:k * c + part[self.rank]], got, part, part_displs)
+                for r in np.flatnonzero(part):
+                    recv[displs[r] + k * c:displs[r] + k * c + part[r]] = got[part_displs[r]:part_displs[r] + part[r]]
         return [recv[d:d + c] for d, c in zip(displs, counts)]
+
+    def _allgatherv(self, mine, recv, counts, displs):
+        spec = [recv, counts, displs, MPI.BYTE]
+        self._run("Allgatherv", lambda: self._comm.Iallgatherv(mine, spec), lambda: self._comm.Allgatherv(mine, spec))
 
     def gather(self, arr: np.ndarray, root: int = 0) -> np.ndarray | None:
         """Stack every rank's equal-shaped array on `root` (None elsewhere)."""
         arr = np.ascontiguousarray(arr)
         out = np.empty((self.size,) + arr.shape, dtype=arr.dtype) if self.rank == root else None
         self.sent_bytes += arr.nbytes
-        self._comm.Gather(arr, out, root=root)
+        flat = arr.reshape(-1)
+        step = max(1, self.max_message_bytes // max(1, self.size * arr.itemsize))
+        for lo in range(0, max(flat.size, 1), step):
+            piece = flat[lo:lo + step]
+            got = np.empty((self.size, piece.size), dtype=arr.dtype) if self.rank == root else None
+            self._run("Gather", lambda: self._comm.Igather(piece, got, root=root),
+                      lambda: self._comm.Gather(piece, got, root=root))
+            if out is not None:
+                out.reshape(self.size, -1)[:, lo:lo + step] = got
         return out
 
     def first_rank_where(self, flag: bool) -> int | None:
@@ -81,7 +127,7 @@ class World:
         return None if v[0] == self.size else int(v[0])
 
     def barrier(self):
-        self._comm.Barrier()
+        self._run("Barrier", self._comm.Ibarrier, self._comm.Barrier)
 
     def abort(self, code: int = 1):
         """End every rank of the job now (the only safe exit when one rank fails alone)."""
@@ -90,6 +136,51 @@ class World:
         if self.size == 1:
             os._exit(code)
         self._comm.Abort(code)
+
+    # -- waiting with a deadline -----------------------------------------------------------
+    def _pieces(self, arr: np.ndarray):
+        flat = arr.reshape(-1)
+        step = max(1, self.max_message_bytes // max(1, arr.itemsize))
+        return [flat] if flat.size <= step else [flat[i:i + step] for i in range(0, flat.size, step)]
+
+    def _run(self, what: str, start, blocking):
+        if not self.stall_timeout or self.size == 1:
+            blocking()
+            return
+        request = start()
+        if request.Test():
+            return
+        now = time.monotonic()
+        deadline, look = now + self.stall_timeout, now + _LOOK_S
+        while not request.Test():
+            now = time.monotonic()
+            if now >= look:
+                look = now + _LOOK_S
+                if now >= deadline or self._side.Iprobe(source=MPI.ANY_SOURCE, tag=_STALL_TAG):
+                    self._end_stall(what)
+            os.sched_yield()  # ranks often outnumber cores; let the ones still computing run
+
+    def _end_stall(self, what: str, grace_s: float = 2.0):
+        """Tell every rank this one is here, hear who else is, and let the lowest present rank end the job."""
+        me = np.array([self.rank], dtype=np.int64)
+        notices = [self._side.Isend(me, dest=r, tag=_STALL_TAG) for r in range(self.size) if r != self.rank]
+        present, status, heard = {self.rank}, MPI.Status(), np.zeros(1, dtype=np.int64)
+        end = time.monotonic() + grace_s
+        while time.monotonic() < end:
+            while self._side.Iprobe(source=MPI.ANY_SOURCE, tag=_STALL_TAG, status=status):
+                self._side.Recv(heard, source=status.Get_source(), tag=_STALL_TAG)
+                present.add(int(heard[0]))
+            time.sleep(0.01)
+        missing = sorted(set(range(self.size)) - present)
+        if self.rank == min(present):
+            names = ", ".join(map(str, missing)) or "none (all present, yet the collective did not complete)"
+            print(f"mpitrain: stalled at {self.where}: rank(s) {names} did not arrive in {what} within "
+                  f"{self.stall_timeout:g} s (--stall-timeout); ending the job with exit {STALLED}, "
+                  "no checkpoint of this step", file=sys.stderr, flush=True)
+            self.abort(STALLED)
+        time.sleep(2 * grace_s)  # the lowest present rank is ending the job; if it cannot, end it here
+        del notices
+        self.abort(STALLED)
 
     # -- for benchmarks only: the bare library call, uncounted -----------------------------
     def raw_allreduce_(self, arr: np.ndarray):
