@@ -1,8 +1,10 @@
 """Command line: `mpitrain [train flags]`, `mpitrain bench WHAT`, and the exit-code contract.
 
 Exit codes: 0 done; 2 a usage/config/data mistake (one line from one rank, every rank exits 2);
-75 stopped by SIGUSR1/SIGTERM after writing a checkpoint (requeue me); 1 anything else (an
-uncaught exception on any rank aborts the whole job, naming rank and step).
+3 a rank stalled (waited in a collective past --stall-timeout; the line names the ranks that did
+not arrive); 75 stopped by SIGUSR1/SIGTERM after writing a checkpoint (requeue me); 1 anything
+else (an uncaught exception on any rank aborts the whole job, naming rank and step; a failed
+sync check names the ranks that differ from rank 0).
 """
 from __future__ import annotations
 
@@ -64,6 +66,7 @@ def train_main(argv, world) -> int:
                 print(cfg.to_json())
             return 0
         train.set_threads(cfg, world)
+        world.stall_timeout = cfg.stall_timeout
         run = train.prepare(cfg, world)
     except UsageError as e:
         error = str(e)
@@ -72,7 +75,7 @@ def train_main(argv, world) -> int:
     try:
         train.resume(run, world)
     except UsageError as e:
-        error = str(e) if world.rank == 0 else "(reported by rank 0)"
+        error = str(e)  # the same line on every rank that failed; the lowest prints it
     if agree_on_error(world, error):
         return 2
     try:

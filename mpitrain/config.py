@@ -33,7 +33,9 @@ class Config:
     dataset: str = _f("digits", "bundled dataset (digits, breast_cancer, mnist1d, shakespeare) or a path to an .h5 file")
     data_dir: str = _f("", "folder of the bundled datasets (default: the project's data/)")
     steps: int = _f(300, "optimizer steps to run", minimum=1)
-    batch_size: int = _f(32, "samples per rank per step", minimum=1)
+    batch_size: int = _f(0, "samples per rank per step (0: 32, or fewer when the world is so large that one global "
+                            "batch of 32 per rank would not fit in the training rows; the start-up line says which)",
+                         minimum=0)
     # optimizer
     optimizer: str = _f("sgd", "optimizer", choices=("sgd", "adam", "adamw"))
     lr: float = _f(0.05, "peak learning rate", minimum=0.0)
@@ -105,6 +107,14 @@ class Config:
                         choices=("auto", "mean", "gather", "reset"))
     nan_policy: str = _f("skip", "non-finite gradients on any rank: skip the step (counted) or abort",
                          choices=("skip", "abort"))
+    # keeping a cluster job honest
+    stall_timeout: float = _f(300.0, "end the job (exit 3, naming the ranks that did not arrive) when a rank waits in "
+                                     "a collective longer than this many seconds (0: wait forever)", minimum=0.0)
+    sync_check_every: int = _f(200, "every N steps compare a checksum of every rank's parameters and optimizer "
+                                    "state (0: never)", minimum=0)
+    on_divergence: str = _f("abort", "when a rank's checksum differs from rank 0's: abort (exit 1, naming the ranks) "
+                                     "or rebroadcast (rank 0's state wins, counted in metrics)",
+                            choices=("abort", "rebroadcast"))
     threads: int = _f(0, "torch threads per rank (0: the node's cores divided by its ranks, or OMP_NUM_THREADS)",
                       minimum=0)
 

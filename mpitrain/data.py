@@ -25,6 +25,13 @@ from .config import UsageError
 
 BUNDLED = ("digits", "breast_cancer", "mnist1d", "shakespeare")
 LM_SEQ_LEN = 64
+DEFAULT_BATCH = 32
+
+
+def batch_for(n_train: int, size: int, asked: int) -> int:
+    """Samples per rank per step: what the user asked for, or with 0 the default, made smaller
+    when the world is so large that one global batch would not fit in the training rows."""
+    return asked or max(1, min(DEFAULT_BATCH, n_train // size))
 
 
 def search_dirs(data_dir: str = "") -> list[Path]:
@@ -97,7 +104,8 @@ class ShardedBatches:
         self.steps_per_epoch = dataset.n_train // (batch * size)
         if self.steps_per_epoch == 0:
             raise UsageError(f"{dataset.path.name} has {dataset.n_train} training rows, fewer than "
-                             f"one global batch ({size} ranks x {batch})")
+                             f"one global batch ({size} ranks x {batch}); use a smaller --batch-size, fewer "
+                             "ranks or more data")
         self._epoch = None
 
     def epoch_rows(self, epoch: int) -> np.ndarray:

@@ -16,11 +16,13 @@ import json
 import os
 import sys
 
+from .data import DEFAULT_BATCH
+
 
 class RunLog:
     def __init__(self, cfg, world, total_steps: int):
         self.active = world.rank == 0
-        self.total = total_steps
+        self.cfg, self.total = cfg, total_steps
         self.bar = cfg.progress == "always" or (cfg.progress == "auto" and sys.stdout.isatty())
         if not self.active:
             return
@@ -28,6 +30,17 @@ class RunLog:
         with open(os.path.join(cfg.run_dir, "config.json"), "w") as fh:
             fh.write(cfg.to_json() + "\n")
         self._fh = open(os.path.join(cfg.run_dir, "metrics.jsonl"), "a")
+
+    def start(self, size: int, batches, chosen: bool):
+        """The start-up line: what is trained, on how many ranks, with what batch."""
+        if not self.active:
+            return
+        cfg, rows = self.cfg, batches.dataset.n_train
+        how = f" (the default {DEFAULT_BATCH} per rank would not fit the training rows)" \
+            if chosen and batches.batch < DEFAULT_BATCH else ""
+        print(f"mpitrain: {cfg.model} on {cfg.dataset} ({rows} training rows), {size} ranks x {batches.batch} "
+              f"samples per rank = global batch {size * batches.batch}{how}, {batches.steps_per_epoch} steps per "
+              f"epoch; compressor {cfg.compressor}, {cfg.steps} steps, run dir {cfg.run_dir}", flush=True)
 
     def _write(self, record: dict):
         self._fh.write(json.dumps(record) + "\n")

@@ -5,6 +5,7 @@ import math
 import os
 import signal
 import time
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -12,7 +13,7 @@ import torch
 
 from . import checkpoint, compress, models
 from .config import Config, UsageError
-from .data import Dataset, ShardedBatches, locate
+from .data import Dataset, ShardedBatches, batch_for, locate
 from .layout import GradLayout
 from .metrics import RunLog
 
@@ -42,6 +43,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     start_step: int = 0
     wire_bytes_total: int = 0  # carried across resumes, for plots against bytes
+    batch_chosen: bool = False  # --batch-size 0: the per-rank batch was chosen from the data
 
 
 def set_threads(cfg: Config, world) -> int:
@@ -63,12 +65,15 @@ def prepare(cfg: Config, world) -> Run:
         layout = GradLayout(model)
     except ValueError as e:
         raise UsageError(f"model {cfg.model}: {e}") from None
+    batch_chosen = cfg.batch_size == 0
+    cfg.batch_size = batch_for(dataset.n_train, world.size, cfg.batch_size)  # config.json records the batch used
     batches = ShardedBatches(dataset, cfg.batch_size, world.rank, world.size, cfg.seed)
     compressor = compress.build(cfg, layout, world)
     if cfg.ef_resume == "mean" and not compressor.reshardable:
         raise UsageError(f"--ef-resume mean needs a linear compressor; {cfg.compressor} is not "
                          "(use gather or reset)")
-    return Run(cfg, dataset, batches, model, layout, compressor, make_optimizer(cfg, model.parameters()))
+    return Run(cfg, dataset, batches, model, layout, compressor, make_optimizer(cfg, model.parameters()),
+               batch_chosen=batch_chosen)
 
 
 def resume(run: Run, world):
@@ -77,7 +82,7 @@ def resume(run: Run, world):
     path, error = None, None
     if world.rank == 0:
         try:
-            path, notes = checkpoint.choose(run.cfg)
+            path, notes = checkpoint.choose(run.cfg, run)
         except UsageError as e:
             error, notes = str(e), []
         for note in notes:
@@ -157,16 +162,51 @@ def backward(run: Run, world, step: int):
                                            float(STATE["stop_requested"])]))
 
 
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The optimizer's state tensors in parameter order (the same order on every rank)."""
+    return [state[key] for group in optimizer.param_groups for p in group["params"]
+            for state in [optimizer.state.get(p, {})] for key in sorted(state) if isinstance(state[key], torch.Tensor)]
+
+
+def check_sync(run: Run, world, step: int) -> int:
+    """Compare every rank's checksum of parameters and optimizer state with rank 0's in one small
+    Allreduce. A mismatch ends the job naming the ranks, or rank 0's state is broadcast (returns 1)."""
+    sums = np.zeros(world.size, dtype=np.uint64)
+    state = optimizer_tensors(run.optimizer)
+    opt_crc = 0
+    for tensor in state:
+        opt_crc = zlib.crc32(tensor.contiguous().numpy(), opt_crc)
+    sums[world.rank] = (zlib.crc32(run.layout.params_np) << 32) | opt_crc
+    world.allreduce_(sums)
+    differ = np.flatnonzero(sums != sums[0])
+    if not differ.size:
+        return 0
+    ranks = ", ".join(map(str, differ))
+    if run.cfg.on_divergence == "abort":
+        raise TrainingStopped(1, f"sync check at step {step}: rank(s) {ranks} hold parameters or optimizer state "
+                                 "that differ from rank 0's (--on-divergence abort); no checkpoint written")
+    world.bcast_(run.layout.params_np)
+    for tensor in state:  # state tensors are contiguous CPU tensors, so numpy() shares their memory
+        world.bcast_(tensor.numpy())
+    if world.rank == 0:
+        print(f"mpitrain: sync check at step {step}: rank(s) {ranks} differed from rank 0; "
+              "rank 0's parameters and optimizer state broadcast (--on-divergence rebroadcast)", flush=True)
+    return 1
+
+
 def train(run: Run, world) -> dict:
     cfg, layout, compressor, optimizer = run.cfg, run.layout, run.compressor, run.optimizer
     for sig in STOP_SIGNALS:
         signal.signal(sig, request_stop)
     evaluate, log = Evaluator(run, world), RunLog(cfg, world, cfg.steps)
+    log.start(world.size, run.batches, run.batch_chosen)
     world.take_sent_bytes()
-    wire_total, eval_bytes, skipped, started = run.wire_bytes_total, 0, 0, time.perf_counter()
+    wire_total, eval_bytes, skipped, rebroadcasts = run.wire_bytes_total, 0, 0, 0
+    started = time.perf_counter()
     result = evaluate() if run.start_step >= cfg.steps else {}
     for step in range(run.start_step, cfg.steps):
         STATE["step"], done = step + 1, step + 1  # steps are numbered from 1 outside the loop
+        world.where = f"step {done}"
         t0 = time.perf_counter()
         backward(run, world, step)
         compressor.aggregate(step)
@@ -179,11 +219,14 @@ def train(run: Run, world) -> dict:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             optimizer.step()
+        if cfg.sync_check_every and done % cfg.sync_check_every == 0:
+            rebroadcasts += check_sync(run, world, done)
         wire = world.take_sent_bytes()
         wire_total += wire
         if done % cfg.log_every == 0 or done == cfg.steps or nonfinite or "contraction" in compressor.stats:
             log.train({"step": done, "loss": loss, "lr": lr, "wire_bytes": wire, "dense_bytes": layout.dense_bytes,
-                       "step_time_s": time.perf_counter() - t0, "skipped_steps": skipped, **compressor.stats})
+                       "step_time_s": time.perf_counter() - t0, "skipped_steps": skipped, "rebroadcasts": rebroadcasts,
+                       **compressor.stats})
         if done == cfg.steps or (cfg.eval_every and done % cfg.eval_every == 0):
             result = evaluate()
             eval_bytes += world.take_sent_bytes()
@@ -198,7 +241,7 @@ def train(run: Run, world) -> dict:
     steps_run = cfg.steps - run.start_step
     mean_wire = world.allreduce_(np.array([wire_total - run.wire_bytes_total], dtype=np.float64))[0] / world.size
     summary = {"steps": cfg.steps, "steps_run": steps_run, "world_size": world.size,
-               "wall_time_s": time.perf_counter() - started, **result, "skipped_steps": skipped,
+               "wall_time_s": time.perf_counter() - started, **result, "skipped_steps": skipped, "rebroadcasts": rebroadcasts,
                "wire_bytes_per_rank": mean_wire, "dense_bytes_per_rank": layout.dense_bytes * steps_run,
                "wire_bytes_eval_per_rank": eval_bytes, "run_dir": cfg.run_dir}
     log.summary(summary)

@@ -1,5 +1,6 @@
 """Models a user might bring with --model user_models:NAME (tests put this folder on PYTHONPATH)."""
 import os
+import signal
 
 import torch
 from torch import nn
@@ -30,6 +31,26 @@ def raises_on_rank1_step3(info):
 
 def nan_on_rank1_step3(info):
     return _faulty_on_rank1_call3(info, lambda out: out * float("nan"))
+
+
+def stops_on_rank1_step3(info):
+    """Rank 1 stops itself (SIGSTOP, as a wedged node or a stuck filesystem would) in its 3rd step."""
+    def fault(out):
+        os.kill(os.getpid(), signal.SIGSTOP)
+        return out
+    return _faulty_on_rank1_call3(info, fault)
+
+
+def drifts_on_rank1_step3(info):
+    """Rank 1's parameters change behind the exchange's back in its 3rd step (a memory fault)."""
+    model = None
+
+    def fault(out):
+        with torch.no_grad():
+            next(model.parameters()).add_(1e-3)
+        return out
+    model = _faulty_on_rank1_call3(info, fault)
+    return model
 
 
 def not_a_module(info):
