@@ -108,7 +108,7 @@ def main(argv=None) -> int:
     except UsageError as e:
         print(f"mpitrain inspect: error: {e}", file=sys.stderr)
         return 2
-    except (OSError, KeyError, ValueError) as e:  # a damaged file that opened but does not read
+    except checkpoint.DAMAGE as e:  # a damaged file whose layout checked but whose data does not read
         print(f"mpitrain inspect: error: {args.path}: damaged checkpoint ({type(e).__name__}: {e})", file=sys.stderr)
         return 2
 
