@@ -22,7 +22,6 @@ readers without MPI.
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 from datetime import datetime, timezone
@@ -33,9 +32,11 @@ import numpy as np
 import torch
 
 from .config import UsageError
+from .schema import (DAMAGE, FORMAT, FORMAT_VERSION, ROOT_ATTRS, SCALAR, check_isolated, open_h5, structure_faults,
+                     why)
 
-FORMAT, FORMAT_VERSION = "mpitrain-checkpoint", 2  # 2: every array declares its shape; /optimizer names its parameters
-SCALAR = "scalar"  # attribute marking a 0-d value stored as shape (1,) (scalars cannot be chunked)
+NON_FINITE = "holds NaN or Inf"
+NOT_A_CHECKPOINT = ("no such checkpoint", "is not a readable HDF5 file", "is an HDF5 file but not")
 
 
 def folder(run_dir: str) -> Path:
@@ -182,205 +183,26 @@ def prune(ckpt_dir: Path, keep_last: int, keep: Path):
             old.unlink(missing_ok=True)
 
 
-# -- reading: nothing in the file is trusted until checked -----------------------------------
-
-# What h5py and the HDF5 library raise on a damaged file (and json/int on a damaged value).
-DAMAGE = (OSError, RuntimeError, KeyError, ValueError, TypeError, IndexError, OverflowError, AttributeError)
-ROOT_ATTRS = {"format": str, "format_version": int, "step": int, "epoch": int, "world_size": int, "created": str,
-              "versions": str, "compressor": str, "ef_resume": str, "wire_bytes_total": int}
-EF_POLICIES = ("mean", "gather", "reset")
-TEXT = ("/config", "/optimizer/param_groups")
-
-
-def _why(e: Exception) -> str:
-    return f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else 'no detail'}"
-
-
-def _is(value, kind) -> bool:
-    if kind is int:
-        return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
-    return isinstance(value, str)
-
-
-def _open_h5(path) -> h5py.File:
-    """Open read-only; raises UsageError for a missing file, or one that is not HDF5 or not ours."""
-    try:
-        f = h5py.File(path, "r", locking=False)
-    except FileNotFoundError:
-        raise UsageError(f"no such checkpoint: {path}") from None
-    except DAMAGE as e:
-        raise UsageError(f"{path} is not a readable HDF5 file ({str(e).split('(')[0].strip()})") from None
-    try:
-        ours = f.attrs.get("format") == FORMAT
-    except DAMAGE:
-        ours = False
-    if not ours:
-        f.close()
-        raise UsageError(f"{path} is an HDF5 file but not an mpitrain checkpoint")
-    return f
-
-
-def root_faults(f: h5py.File) -> list[str]:
-    """Every root attribute present, of its type and in its range."""
-    faults = []
-    try:
-        attrs = {k: f.attrs[k] for k in ROOT_ATTRS if k in f.attrs}
-    except DAMAGE as e:
-        return [f"root attributes unreadable ({_why(e)})"]
-    for key, kind in ROOT_ATTRS.items():
-        if key not in attrs:
-            faults.append(f"root attribute {key} is missing")
-        elif not _is(attrs[key], kind):
-            faults.append(f"root attribute {key} is {type(attrs[key]).__name__} {attrs[key]!r}, not {kind.__name__}")
-        elif kind is int and attrs[key] < (1 if key in ("format_version", "world_size") else 0):
-            faults.append(f"root attribute {key} = {attrs[key]} is out of range")
-    version = attrs.get("format_version")
-    if _is(version, int) and version > FORMAT_VERSION:
-        faults.insert(0, f"format version {version}; this mpitrain reads up to {FORMAT_VERSION}")
-    if _is(attrs.get("ef_resume"), str) and attrs["ef_resume"] not in EF_POLICIES:
-        faults.append(f"root attribute ef_resume = {attrs['ef_resume']!r} is not one of {', '.join(EF_POLICIES)}")
-    if _is(attrs.get("versions"), str) and not isinstance(_json(attrs["versions"]), dict):
-        faults.append("root attribute versions is not a JSON object")
-    return faults
-
-
-def _json(text: str):
-    try:
-        return json.loads(text)
-    except ValueError:
-        return None
-
-
-def _walk(group: h5py.Group, prefix: str, faults: list, found: dict):
-    """Collect the datasets under `group` by hard links only; any other kind of link is a fault."""
-    try:
-        names = sorted(group.keys())
-    except DAMAGE as e:
-        faults.append(f"{prefix or '/'}: unreadable group ({_why(e)})")
-        return
-    for name in names:
-        where = f"{prefix}/{name}"
+def open_checkpoint(path, isolated: bool = True, full: bool = False) -> h5py.File:
+    """Open read-only once the layout checks (first in a child process with a deadline, unless a
+    rank that already did so vouches for the file; `full`: every dataset's checksum too, for callers
+    that read all the data); any fault raises UsageError. NaN or Inf in the data is not a fault here."""
+    faults = [x for x in check_isolated(path, full) if not x.endswith(NON_FINITE)] if isolated else []
+    if not faults:
         try:
-            link = group.get(name, getlink=True)
-            if not isinstance(link, h5py.HardLink):
-                target = getattr(link, "filename", "") + ":" + getattr(link, "path", "?")
-                faults.append(f"{where}: a {type(link).__name__} to {target.lstrip(':')}; a checkpoint holds no links")
-                continue
-            obj = group[name]
+            f = open_h5(path)
+        except UsageError as e:
+            faults = [str(e)]
+    if not faults:
+        try:
+            faults, _ = structure_faults(f, os.path.getsize(path))
         except DAMAGE as e:
-            faults.append(f"{where}: unreadable ({_why(e)})")
-            continue
-        if isinstance(obj, h5py.Group):
-            _walk(obj, where, faults, found)
-        elif isinstance(obj, h5py.Dataset):
-            found[where] = obj
-        else:
-            faults.append(f"{where}: neither a group nor a dataset")
-
-
-def _dataset_faults(where: str, ds: h5py.Dataset, file_size: int, declared_shapes: bool) -> list[str]:
-    """A dataset's storage, dtype and size against what it declares and what the file can hold."""
-    try:
-        if ds.is_virtual or ds.external:
-            return [f"{where}: its data lives in other files; a checkpoint is self-contained"]
-        dtype, shape = ds.dtype, ds.shape
-        if shape is None:
-            return [f"{where}: holds no dataspace"]
-        text = where in TEXT
-        if text != (dtype.kind == "S") or dtype.kind not in "fiubS" or dtype.fields or dtype.subdtype:
-            return [f"{where}: stores {dtype}, expected {'text' if text else 'numbers'}"]
-        nbytes = math.prod(shape) * dtype.itemsize
-        if nbytes > file_size:
-            return [f"{where}: declares {shape} x {dtype.itemsize} bytes = {nbytes}, more than the whole file "
-                    f"({file_size} bytes)"]
-        if text:
-            return [] if shape == (1,) else [f"{where}: text of shape {shape}, expected (1,)"]
-        name, scalar = ds.attrs.get("dtype"), ds.attrs.get(SCALAR, False)
-        if not _is(name, str):
-            return [f"{where}: its dtype attribute is missing or not text"]
-        expected = np.dtype(np.uint16) if name == "bfloat16" else np.dtype(name) if name in np.sctypeDict else None
-        if expected is None or expected != dtype:
-            return [f"{where}: stored as {dtype} but declared {name}"]
-        if declared_shapes:
-            declared = ds.attrs.get("shape")
-            want = (1,) if scalar else tuple(int(n) for n in np.asarray(declared).reshape(-1)) \
-                if declared is not None else None
-            if declared is None or want != shape or (scalar and np.asarray(declared).size):
-                return [f"{where}: shape {shape} differs from its declared shape "
-                        f"{None if declared is None else list(np.asarray(declared).reshape(-1))}"]
-    except DAMAGE as e:
-        return [f"{where}: unreadable ({_why(e)})"]
-    return []
-
-
-def structure_faults(f: h5py.File, file_size: int) -> tuple[list[str], dict]:
-    """Faults of the file's layout against the schema, checked from metadata alone (nothing large is
-    read), and the datasets by path. A file without faults here is safe to read."""
-    faults = root_faults(f)
+            faults = [f"damaged ({why(e)})"]
+        if faults:
+            f.close()
     if faults:
-        return faults, {}
-    version = int(f.attrs["format_version"])
-    found: dict[str, h5py.Dataset] = {}
-    _walk(f, "", faults, found)
-    groups = {p.rsplit("/", 1)[0] for p in found}
-    faults += [f"missing {key}" for key in ("/config", "/optimizer/param_groups", "/rng/torch_cpu") if key not in found]
-    faults += [f"missing {key}" for key in ("/model",) if key not in groups]
-    for where, ds in found.items():
-        parts = where.split("/")[1:]
-        known = (where in TEXT or where == "/rng/torch_cpu" or (len(parts) == 2 and parts[0] == "model")
-                 or (len(parts) == 4 and parts[:2] == ["optimizer", "state"] and parts[2].isdigit())
-                 or (len(parts) == 3 and parts[:2] == ["compressor", "shared"])
-                 or where in ("/compressor/residual/mean", "/compressor/residual/per_rank"))
-        faults += _dataset_faults(where, ds, file_size, version >= 2) if known else \
-            [f"{where}: not part of the checkpoint schema"]
-    if faults:
-        return faults, found
-    world = int(f.attrs["world_size"])
-    for where in ("/rng/torch_cpu", "/compressor/residual/per_rank"):
-        if where in found and (len(found[where].shape) != 2 or found[where].shape[0] != world):
-            faults.append(f"{where}: shape {found[where].shape}, expected one row per rank of {world}")
-    config, groups = _json(read(found["/config"])), _json(read(found["/optimizer/param_groups"]))
-    if not isinstance(config, dict):
-        faults.append("/config: not a JSON object")
-    if not (isinstance(groups, list) and all(isinstance(g, dict) and isinstance(g.get("params"), list)
-                                             and all(_is(i, int) for i in g["params"]) for g in groups)):
-        faults.append("/optimizer/param_groups: not a JSON list of groups with integer params")
-    if version >= 2:
-        faults += _optimizer_faults(f, found)
-    return faults, found
-
-
-def _optimizer_faults(f: h5py.File, found: dict) -> list[str]:
-    """Optimizer state against the model it belongs to: per-parameter arrays have the parameter's shape."""
-    try:
-        names = _json(f["optimizer"].attrs.get("param_names", ""))
-    except DAMAGE as e:
-        return [f"/optimizer: unreadable attributes ({_why(e)})"]
-    if not (isinstance(names, list) and all(isinstance(n, str) and f"/model/{n}" in found for n in names)):
-        return ["/optimizer: param_names is not a JSON list of the names in /model"]
-    faults = []
-    for where, ds in found.items():
-        parts = where.split("/")
-        if parts[1:3] == ["optimizer", "state"]:
-            index = int(parts[3])
-            if index >= len(names):
-                faults.append(f"{where}: state of parameter {index}, but the model has {len(names)}")
-            elif ds.shape not in ((1,), found[f"/model/{names[index]}"].shape):
-                faults.append(f"{where}: shape {ds.shape} does not match /model/{names[index]} "
-                              f"{found[f'/model/{names[index]}'].shape}")
-    return faults
-
-
-def open_checkpoint(path) -> h5py.File:
-    """Open read-only after checking root attributes and layout; any fault raises UsageError."""
-    f = _open_h5(path)
-    try:
-        faults, _ = structure_faults(f, os.path.getsize(path))
-    except DAMAGE as e:
-        faults = [f"damaged ({_why(e)})"]
-    if faults:
-        f.close()
-        raise UsageError(f"{path}: {faults[0]}" + (f" (and {len(faults) - 1} more faults)" if len(faults) > 1 else ""))
+        first = faults[0] if any(x in faults[0] for x in NOT_A_CHECKPOINT) else f"{path}: {faults[0]}"
+        raise UsageError(first + (f" (and {len(faults) - 1} more faults)" if len(faults) > 1 else ""))
     return f
 
 
@@ -405,29 +227,11 @@ def datasets(f: h5py.File):
 
 def verify(path, run=None) -> list[str]:
     """Faults found by checking the layout, then reading every dataset (checksums) and scanning floats
-    for NaN/Inf; with `run`, also whether the checkpoint fits its model, optimizer and compressor."""
-    try:
-        f = _open_h5(path)
-    except UsageError as e:
-        return [str(e)]
-    with f:
-        try:
-            faults, found = structure_faults(f, os.path.getsize(path))
-        except DAMAGE as e:
-            return [f"damaged ({_why(e)})"]
-        if faults:
-            return faults
-        for where, ds in found.items():
-            try:
-                value = read(ds)
-            except DAMAGE as e:  # HDF5 reports a fletcher32 mismatch as a read error
-                faults.append(f"{where}: unreadable ({str(e).split(';')[0]})")
-                continue
-            if isinstance(value, torch.Tensor):
-                value = value.float().numpy()
-            if isinstance(value, np.ndarray) and value.dtype.kind == "f" and not np.isfinite(value).all():
-                faults.append(f"{where}: holds NaN or Inf")
-        if not faults and run is not None:
+    for NaN/Inf, in a child process with a deadline; with `run`, also whether the checkpoint fits its
+    model, optimizer and compressor."""
+    faults = check_isolated(path, full=True)
+    if not faults and run is not None:
+        with open_checkpoint(path, isolated=False) as f:
             faults = fit_faults(f, run)
     return faults
 
@@ -517,7 +321,7 @@ def load(path: Path, run, world) -> dict:
     """Restore model, optimizer, compressor and generator state on every rank; returns the root attrs.
     Every rank checks the layout and the fit before it reads an array."""
     cfg = run.cfg
-    with open_checkpoint(path) as f:
+    with open_checkpoint(path, isolated=False) as f:  # rank 0 checked it in a child process (choose)
         faults = fit_faults(f, run)
         if faults:
             raise UsageError(f"{path.name}: {faults[0]}")
@@ -525,10 +329,11 @@ def load(path: Path, run, world) -> dict:
         if attrs["compressor"] != cfg.compressor:
             raise UsageError(f"{path.name} was written with --compressor {attrs['compressor']}; resume with it, "
                              "or start over with --resume none")
-        saved_world = attrs["world_size"]
-        if "compressor/residual/per_rank" in f and saved_world != world.size:
+        saved_world, per_rank = attrs["world_size"], "compressor/residual/per_rank" in f
+        if per_rank and saved_world != world.size and cfg.ef_resume not in ("reset", "mean"):
             raise UsageError(f"{path.name} holds per-rank residuals of {saved_world} ranks (ef_resume=gather); "
-                             f"resume on {saved_world} ranks, or with --ef-resume reset")
+                             f"resume on {saved_world} ranks, or with --ef-resume reset (or mean, for a "
+                             "compressor whose residuals re-shard)")
         try:
             run.model.load_state_dict({name: torch.as_tensor(read(ds)) for name, ds in f["model"].items()})
             opt_state = {int(i): {k: torch.as_tensor(read(ds)) for k, ds in g.items()}
@@ -537,14 +342,16 @@ def load(path: Path, run, world) -> dict:
             run.optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
             comp = {"shared": {k: read(ds) for k, ds in f["compressor/shared"].items()}
                     if "compressor/shared" in f else {}, "local": {}}
-            if "compressor/residual/per_rank" in f:
+            if per_rank and saved_world == world.size:
                 comp["local"]["residual"] = f["compressor/residual/per_rank"][world.rank]
+            elif per_rank and cfg.ef_resume == "mean":  # the ranks' sum, shared out again
+                comp["local"]["residual"] = read(f["compressor/residual/per_rank"]).sum(0) / world.size
             elif "compressor/residual/mean" in f:
                 comp["local"]["residual"] = read(f["compressor/residual/mean"]) / world.size
             run.compressor.load_state_dict(comp)
             rng = read(f["rng/torch_cpu"])
         except DAMAGE as e:
-            raise UsageError(f"{path.name} does not load ({_why(e)})") from None
+            raise UsageError(f"{path.name} does not load ({why(e)})") from None
         if saved_world == world.size:
             torch.set_rng_state(torch.from_numpy(rng[world.rank].copy()))
         else:

@@ -48,6 +48,7 @@ class World:
         node.Free()
         self._side = self._comm.Dup()  # stall notices only; never carries data
         self.sent_bytes = 0
+        self.calls = 0  # collective calls made (a piece of a large message is a call)
         self.stall_timeout = stall_timeout  # seconds; 0: wait forever (blocking calls)
         self.where = "start-up"  # named in a stall message; the training loop sets "step N"
         self.max_message_bytes = 2**31 - 2**20
@@ -144,6 +145,7 @@ class World:
         return [flat] if flat.size <= step else [flat[i:i + step] for i in range(0, flat.size, step)]
 
     def _run(self, what: str, start, blocking):
+        self.calls += 1
         if not self.stall_timeout or self.size == 1:
             blocking()
             return

@@ -34,7 +34,7 @@ def tree(path) -> list[dict]:
 def diff(path, other) -> list[dict]:
     """Per-tensor max abs and max relative difference of the model weights."""
     rows = []
-    with checkpoint.open_checkpoint(path) as a, checkpoint.open_checkpoint(other) as b:
+    with checkpoint.open_checkpoint(path, full=True) as a, checkpoint.open_checkpoint(other, full=True) as b:
         names = sorted(set(a["model"]) | set(b["model"]))
         for name in names:
             if name not in a["model"] or name not in b["model"]:
@@ -59,7 +59,7 @@ def export_pt(path, out):
     tensors and plain containers. Checkpoints and every other file of the project are HDF5 or JSON.
     """
     import torch
-    with checkpoint.open_checkpoint(path) as f:
+    with checkpoint.open_checkpoint(path, full=True) as f:
         state = {name: torch.as_tensor(checkpoint.read(ds)) for name, ds in f["model"].items()}
     torch.save(state, out)
     return len(state)
@@ -91,7 +91,7 @@ def main(argv=None) -> int:
         args = parser.parse_args(argv)
         if args.verify:
             faults = checkpoint.verify(args.path)
-            if faults and faults[0].startswith(("no such", f"{args.path} is")):
+            if faults and any(x in faults[0] for x in checkpoint.NOT_A_CHECKPOINT):
                 raise UsageError(faults[0])
             _print({"path": args.path, "ok": not faults, "faults": faults}, args.json)
             return 1 if faults else 0

@@ -1,0 +1,151 @@
+"""A cluster job that never hangs and never trusts a file: stalls, divergence, hostile checkpoints,
+world sizes, large messages. Every multi-rank case runs under a real mpiexec."""
+import json
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from helpers import WORKERS, mpi, run, trainer
+from mpitrain import compress
+from mpitrain.comm import STALLED
+from test_checkpoint import COMMON, run_and_dump
+
+
+def test_a_stopped_rank_ends_the_job_with_exit_3_naming_it(tmp_path):
+    timeout = 6
+    started = time.monotonic()
+    r = trainer(4, "--model", "user_models:stops_on_rank1_step3", "--stall-timeout", timeout, "--steps", 50,
+                "--run-dir", tmp_path, "--checkpoint-every", 1, *COMMON, timeout=120)
+    took = time.monotonic() - started
+    assert r.returncode == STALLED, (r.returncode, r.stderr)
+    lines = [x for x in r.stderr.splitlines() if x.startswith("mpitrain: stalled")]
+    assert len(lines) == 1 and "step 3" in lines[0] and "rank(s) 1 did" in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
+    # steps 1 and 2 were checkpointed; the stalled step 3 never is
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("ckpt-*")) == \
+        ["ckpt-000000001.h5", "ckpt-000000002.h5"]
+    assert took <= timeout + 10 + 8, took  # + 8: four ranks importing torch on two cores before step 1
+
+
+def test_no_stall_message_when_nothing_is_wrong(tmp_path):
+    r = trainer(3, "--stall-timeout", 5, "--steps", 30, "--run-dir", tmp_path, *COMMON)
+    assert r.returncode == 0 and "stalled" not in r.stderr, r.stderr
+
+
+def test_divergence_is_caught_within_one_check_interval_and_named(tmp_path):
+    r = trainer(3, "--model", "user_models:drifts_on_rank1_step3", "--sync-check-every", 4, "--steps", 20,
+                "--run-dir", tmp_path, "--checkpoint-every", 1, *COMMON)
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.count("sync check at step 4: rank(s) 1 hold") == 1 and "Traceback" not in r.stderr
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("ckpt-*"))[-1] == "ckpt-000000003.h5"
+
+
+def test_rebroadcast_makes_every_rank_hold_rank_0s_state_again(tmp_path):
+    run_and_dump(tmp_path, 3, "--model", "user_models:drifts_on_rank1_step3", "--sync-check-every", 4,
+                 "--steps", 12, "--on-divergence", "rebroadcast")
+    params = [np.load(tmp_path / f"params-{r}.npy") for r in range(3)]
+    assert np.array_equal(params[0], params[1]) and np.array_equal(params[0], params[2])
+    lines = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
+    assert [x["rebroadcasts"] for x in lines if x["kind"] == "train"] == [0] * 3 + [1] * 9
+    assert lines[-1]["rebroadcasts"] == 1
+    # without the drift the checks pass and nothing is broadcast
+    run_and_dump(tmp_path / "clean", 3, "--sync-check-every", 4, "--steps", 12, "--on-divergence", "rebroadcast")
+    assert json.loads(open(tmp_path / "clean" / "metrics.jsonl").readlines()[-1])["rebroadcasts"] == 0
+
+
+def test_the_default_job_runs_on_16_ranks_without_flags(tmp_path):
+    r = trainer(16, "--run-dir", tmp_path, "--progress", "never", timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "16 ranks x 32 samples per rank = global batch 512" in r.stdout
+    assert "Warning" not in r.stderr and "warn" not in r.stderr.lower(), r.stderr[-2000:]
+    summary = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert summary["world_size"] == 16 and summary["eval_accuracy"] > 0.9
+
+
+def test_the_batch_shrinks_to_fit_a_large_world_and_a_user_batch_is_still_checked(tmp_path):
+    r = trainer(0, "--print-config", MPITRAIN_BATCH_SIZE="0")
+    assert json.loads(r.stdout)["batch_size"] == 0  # resolved from the data at start-up, not here
+    from mpitrain.data import batch_for
+    assert batch_for(1438, 1, 0) == 32 and batch_for(1438, 64, 0) == 22 and batch_for(1438, 256, 0) == 5
+    assert batch_for(1438, 256, 7) == 7
+    r = trainer(3, "--batch-size", 600, "--run-dir", tmp_path)
+    assert r.returncode == 2 and "fewer than one global batch (3 ranks x 600)" in r.stderr
+
+
+def test_allgatherv_and_allreduce_in_pieces_match_one_call(tmp_path):
+    r = mpi(3, [WORKERS / "large_messages.py", tmp_path])
+    assert r.returncode == 0, r.stderr
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["pieces_used"] and report["equal"], report
+
+
+COMPRESSORS = compress.names()
+FAST = {"spherical": ["--alpha", 0.5, "--block", 4]}  # its encoder is slow at the defaults (issue 11)
+
+
+@pytest.mark.parametrize("name", COMPRESSORS)
+def test_resume_on_another_world_size_per_compressor(tmp_path, name):
+    """What README's table says: a residual kept per rank (ef_resume gather) ties the checkpoint to its
+    world size and is refused elsewhere with one line; everything else re-shards and trains on."""
+    flags = ["--compressor", name, *FAST.get(name, []), "--start-compress-step", 1, "--run-dir", tmp_path, *COMMON]
+    r = trainer(2, "--steps", 3, *flags)
+    assert r.returncode == 0, r.stderr
+    tree = json.loads(run([sys.executable, "-m", "mpitrain", "inspect", "--tree", "--json",
+                           tmp_path / "checkpoints" / "ckpt-000000003.h5"]).stdout)
+    r = trainer(3, "--steps", 5, *flags)
+    if "/compressor/residual/per_rank" in [x["name"] for x in tree]:
+        assert r.returncode == 2 and "per-rank residuals of 2 ranks" in r.stderr, r.stderr
+        assert r.stderr.count("\n") == 1
+        r = trainer(3, "--steps", 5, "--ef-resume", "reset", *flags)
+    assert r.returncode == 0, r.stderr
+    assert "at step 3" in r.stdout and "done: 5 steps on 3 ranks" in r.stdout
+
+
+def test_fuzzed_checkpoints_never_crash_or_hang_inspect_or_resume(tmp_path):
+    flags = ["--steps", 4, "--checkpoint-every", 4, "--compressor", "greedylore", "--start-compress-step", 1,
+             "--eval-every", 0, "--progress", "never", "--run-dir", tmp_path / "run"]
+    assert trainer(0, *flags).returncode == 0
+    good = tmp_path / "run" / "checkpoints" / "ckpt-000000004.h5"
+    (tmp_path / "out").mkdir()
+    r = run([str(x) for x in (sys.executable, WORKERS / "fuzz_checkpoints.py", good, tmp_path / "out", 0, *flags)],
+            timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = [json.loads(x) for x in open(tmp_path / "out" / "results.jsonl")]
+    results = [x for x in lines if "file" in x]
+    assert len(results) >= 300 and len(results) == len(lines) // 2  # every file started also finished
+    for x in results:
+        assert not x["escaped"], (x["file"], x["escaped"])
+        for what in ("verify", "summary", "tree", "diff"):
+            assert x[what] in ((0, 1, 2) if what == "verify" else (0, 2)), (x["file"], what, x)
+            if x[what] == 2:  # one line, no traceback
+                assert x[what + "_stderr"].count("\n") == 1 and "Traceback" not in x[what + "_stderr"], x
+        assert x["resume"] in ("loaded", "refused")
+        if x["kind"] == "structural":  # every hostile edit is named by --verify and refused by resume
+            assert (x["verify"], x["resume"]) == (1, "refused"), x
+        if x["kind"] == "truncate" or x["verify"]:
+            assert x["resume"] == "refused", x
+
+
+HOSTILE = {
+    "step_is_text": lambda f: f.attrs.__setitem__("step", "ten"),
+    "external_link": lambda f: (f.__delitem__("model/1.weight"),
+                                f.__setitem__("model/1.weight", __import__("h5py").ExternalLink("x.h5", "/y"))),
+    "huge": lambda f: (f.__delitem__("model/1.bias"),
+                       f.create_dataset("model/1.bias", shape=(2**40,), dtype="f4", chunks=(2**16,))),
+}
+
+
+@pytest.mark.parametrize("edit", HOSTILE)
+def test_a_hostile_checkpoint_is_one_line_exit_2_and_auto_falls_back(tmp_path, edit):
+    import h5py
+    assert trainer(2, "--run-dir", tmp_path, "--steps", 4, "--checkpoint-every", 2, *COMMON).returncode == 0
+    newest = tmp_path / "checkpoints" / "ckpt-000000004.h5"
+    with h5py.File(newest, "r+") as f:
+        HOSTILE[edit](f)
+    r = trainer(2, "--run-dir", tmp_path / "other", "--resume", newest, "--steps", 6, *COMMON)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+    r = trainer(2, "--run-dir", tmp_path, "--steps", 6, *COMMON)
+    assert r.returncode == 0, r.stderr
+    assert "ckpt-000000004.h5 failed verification" in r.stdout and "at step 2" in r.stdout
