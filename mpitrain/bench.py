@@ -398,6 +398,32 @@ def mlp_100mb(info):
     return models.mlp(info, hidden=(4900, 4900))
 
 
+GUARD_ARMS = {"off": {"stall_timeout": 0.0, "sync_check_every": 0},
+              "watchdog": {"sync_check_every": 0},
+              "watchdog+sync-check (defaults)": {},
+              "sync-check every step": {"sync_check_every": 1}}
+
+
+def bench_guard(world, out: str, repeats: int) -> list[dict]:
+    """What the stall watchdog and the sync check cost on the default job: every arm `repeats`
+    times, interleaved so that drifts in machine load fall on every arm alike; medians compared."""
+    from . import train
+    times, settings = {arm: [] for arm in GUARD_ARMS}, {}
+    for i in range(repeats):
+        for arm, overrides in GUARD_ARMS.items():
+            cfg = dataclasses.replace(Config(), progress="never", log_every=10**9, resume="none",
+                                      run_dir=os.path.join(out, "guard", f"{i}-{arm.split()[0]}"), **overrides)
+            world.stall_timeout, settings[arm] = cfg.stall_timeout, (cfg.stall_timeout, cfg.sync_check_every)
+            run = train.prepare(cfg, world)
+            train.resume(run, world)
+            times[arm].append(train.train(run, world)["wall_time_s"])
+    world.stall_timeout = 0.0
+    base = float(np.median(times["off"]))
+    return [{"arm": arm, "stall_timeout_s": settings[arm][0], "sync_check_every": settings[arm][1],
+             "median_wall_s": float(np.median(t)), "overhead_vs_off": float(np.median(t)) / base - 1,
+             "runs": len(t)} for arm, t in times.items()]
+
+
 def _markdown(rows: list[dict]) -> str:
     keys = list(dict.fromkeys(k for r in rows for k in r))
     fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else ("" if v is None else str(v))  # noqa: E731
@@ -409,7 +435,8 @@ def _markdown(rows: list[dict]) -> str:
 def parse(argv, world):
     parser = Parser(prog="mpitrain bench", description="Measure the trainer; see `python -m mpitrain bench --help`.")
     parser.quiet = world.rank != 0
-    parser.add_argument("what", choices=["allreduce", "compress", "convergence", "checkpoint", "bytes-to-target"])
+    parser.add_argument("what", choices=["allreduce", "compress", "convergence", "checkpoint", "bytes-to-target",
+                                         "guard"])
     parser.add_argument("--out", default="bench", help="folder for the JSON and Markdown results")
     parser.add_argument("--repeats", type=int, default=100, help="timed repetitions per case")
     parser.add_argument("--jobs", default="", help="convergence: comma-separated jobs (default digits-mlp,"
@@ -440,6 +467,7 @@ def main(args, world) -> int:
               "convergence": lambda: {"convergence": bench_convergence(world, args.out, args.jobs, args.arms,
                                                                        args.rank)},
               "checkpoint": lambda: {"checkpoint": bench_checkpoint(world, args.out)},
+              "guard": lambda: {"guard": bench_guard(world, args.out, min(args.repeats, 7))},
               "bytes-to-target": lambda: {f"error feedback {ef}": bench_bytes_to_target(world, args.out, ef)
                                           for ef in ("off", "auto")}}[args.what]()
     if world.rank == 0:

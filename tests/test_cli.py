@@ -21,7 +21,8 @@ def test_default_job_runs_alone_and_writes_its_outputs(tmp_path):
     assert [x["step"] for x in train] == list(range(10, 301, 10))
     for x in train:
         assert {"step", "loss", "lr", "wire_bytes", "dense_bytes", "step_time_s"} <= x.keys()
-        assert x["wire_bytes"] == x["dense_bytes"] + 4 * len(CONTROL)  # dense fp32 gradients + control words
+        # dense fp32 gradients + control words, + one 8-byte checksum per rank on sync-check steps
+        assert x["wire_bytes"] == x["dense_bytes"] + 4 * len(CONTROL) + (8 if x["step"] % 200 == 0 else 0)
     assert [x["step"] for x in evals] == [100, 200, 300]
     assert summary["eval_accuracy"] > 0.9  # a real model learned the real digits
     assert train[-1]["loss"] < train[0]["loss"]
