@@ -59,19 +59,22 @@ def bench_allreduce(world, repeats: int) -> list[dict]:
         cfg = Config(model=model_name, dataset=dataset, compressor="dense")
         dense = compress.build(cfg, layout, world)
         raw = layout.flat_np  # the very same memory: only the code path differs
-        t_trainer, t_raw = np.zeros(repeats), np.zeros(repeats)
-        for i in range(-5, repeats):  # five warm-up rounds; the order alternates so neither goes first always
-            for which in ((0, 1) if i % 2 else (1, 0)):
+        times = np.zeros((3, repeats))  # the trainer's path blocking, bare mpi4py, the trainer's path watched
+        for i in range(-5, repeats):  # five warm-up rounds; the order rotates so none goes first always
+            for which in np.roll([0, 1, 2], i):
                 layout.flat.normal_()
                 world.barrier()
+                world.stall_timeout = Config.stall_timeout if which == 2 else 0.0
                 t0 = world.wtime()
-                dense.aggregate(i) if which == 0 else world.raw_allreduce_(raw)
+                world.raw_allreduce_(raw) if which == 1 else dense.aggregate(i)
                 if i >= 0:
-                    (t_trainer if which == 0 else t_raw)[i] = world.wtime() - t0
-        trainer_s, raw_s = _median_max(world, t_trainer), _median_max(world, t_raw)
+                    times[which, i] = world.wtime() - t0
+        world.stall_timeout = 0.0
+        trainer_s, raw_s, watched_s = (_median_max(world, t) for t in times)
         rows.append({"model": model_name, "ranks": world.size, "bytes": layout.flat.numel() * 4,
                      "trainer_median_s": trainer_s, "raw_mpi4py_median_s": raw_s,
-                     "speed_ratio": raw_s / trainer_s})
+                     "speed_ratio": raw_s / trainer_s, "watched_median_s": watched_s,
+                     "watched_speed_ratio": raw_s / watched_s})
     return rows
 
 
@@ -467,7 +470,7 @@ def main(args, world) -> int:
               "convergence": lambda: {"convergence": bench_convergence(world, args.out, args.jobs, args.arms,
                                                                        args.rank)},
               "checkpoint": lambda: {"checkpoint": bench_checkpoint(world, args.out)},
-              "guard": lambda: {"guard": bench_guard(world, args.out, min(args.repeats, 7))},
+              "guard": lambda: {"guard": bench_guard(world, args.out, min(args.repeats, 25))},
               "bytes-to-target": lambda: {f"error feedback {ef}": bench_bytes_to_target(world, args.out, ef)
                                           for ef in ("off", "auto")}}[args.what]()
     if world.rank == 0:

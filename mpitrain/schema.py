@@ -129,7 +129,7 @@ def _walk(group: h5py.Group, prefix: str, faults: list, found: dict):
 def _dataset_faults(where: str, ds: h5py.Dataset, file_size: int, declared_shapes: bool) -> list[str]:
     """A dataset's storage, dtype and size against what it declares and what the file can hold."""
     try:
-        if ds.is_virtual or ds.external or (ds.chunks is not None and not ds.fletcher32 and ds.size):
+        if ds.is_virtual or ds.external or (ds.size and not (ds.chunks and ds.fletcher32)):
             return [f"{where}: its data lives in other files or is not checksummed; checkpoints are self-contained "
                     "and checksummed"]
         dtype, shape = ds.dtype, ds.shape

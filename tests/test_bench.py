@@ -9,8 +9,17 @@ def test_bench_allreduce_writes_its_table(tmp_path):
     assert r.returncode == 0, r.stderr
     rows = json.loads((tmp_path / "allreduce-n2.json").read_text())["tables"]["allreduce"]
     assert [row["model"] for row in rows] == ["mlp", "cnn", "transformer"]
-    assert all(row["speed_ratio"] > 0 and row["bytes"] > 0 for row in rows)
+    assert all(row["speed_ratio"] > 0 and row["watched_speed_ratio"] > 0 and row["bytes"] > 0 for row in rows)
     assert "| mlp | 2 |" in (tmp_path / "allreduce-n2.md").read_text()
+
+
+def test_bench_guard_writes_its_table(tmp_path):
+    r = mpi(2, ["-m", "mpitrain", "bench", "guard", "--repeats", 1, "--out", tmp_path], timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads((tmp_path / "guard-n2.json").read_text())["tables"]["guard"]
+    assert [(row["stall_timeout_s"], row["sync_check_every"]) for row in rows] == [(0, 0), (300, 0), (300, 200),
+                                                                                 (300, 1)]
+    assert rows[0]["overhead_vs_off"] == 0 and all(row["median_wall_s"] > 0 for row in rows)
 
 
 def test_bench_rejects_an_unknown_benchmark(tmp_path):
