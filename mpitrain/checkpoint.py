@@ -32,8 +32,8 @@ import numpy as np
 import torch
 
 from .config import UsageError
-from .schema import (DAMAGE, FORMAT, FORMAT_VERSION, ROOT_ATTRS, SCALAR, check_isolated, open_h5, structure_faults,
-                     why)
+from .schema import (DAMAGE, FORMAT, FORMAT_VERSION, ROOT_ATTRS, SCALAR, check_isolated, deadline_s, open_h5,
+                     structure_faults, why)
 
 NON_FINITE = "holds NaN or Inf"
 NOT_A_CHECKPOINT = ("no such checkpoint", "is not a readable HDF5 file", "is an HDF5 file but not")
@@ -293,6 +293,12 @@ def candidates(run_dir: str) -> list[Path]:
         named = ckpt_dir / latest.read_text().strip()
         found = [named] + [p for p in found if p != named]
     return found
+
+
+def check_budget(cfg) -> float:
+    """Seconds rank 0 may spend checking the checkpoints `choose` would try, each with its deadline."""
+    paths = [] if cfg.resume == "none" else candidates(cfg.run_dir) if cfg.resume == "auto" else [Path(cfg.resume)]
+    return sum(deadline_s(p.stat().st_size) for p in paths if p.is_file())
 
 
 def choose(cfg, run=None) -> tuple[Path | None, list[str]]:

@@ -265,6 +265,11 @@ def check(path, full: bool = True) -> list[str]:
 _CHECKED: dict = {}  # (file identity, full) -> faults; a file is checked once per process
 
 
+def deadline_s(size: int, full: bool = True) -> float:
+    """How long the isolated check of a file of `size` bytes may take."""
+    return DEADLINE_S + (size / 20e6 if full else 0)
+
+
 def check_isolated(path, full: bool = True) -> list[str]:
     """`check` in a child process with a deadline (DEADLINE_S, plus 1 s per 20 MB when reading the data)."""
     try:
@@ -274,7 +279,7 @@ def check_isolated(path, full: bool = True) -> list[str]:
     key = (os.path.realpath(path), st.st_ino, st.st_size, st.st_mtime_ns)
     if (key, True) in _CHECKED or (key, full) in _CHECKED:
         return _CHECKED.get((key, full), _CHECKED.get((key, True)))
-    deadline = DEADLINE_S + (st.st_size / 20e6 if full else 0)
+    deadline = deadline_s(st.st_size, full)
     cmd = [sys.executable, "-m", "mpitrain.schema"] + (["--full"] if full else []) + [str(path)]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=deadline)

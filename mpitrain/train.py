@@ -89,10 +89,15 @@ def resume(run: Run, world):
             print(f"mpitrain: {note}", flush=True)
     message = np.zeros(4097, dtype=np.uint8)  # [status, utf-8 text]: 0 fresh, 1 resume from path, 2 error
     if world.rank == 0:
-        text = (error or str(path or "")).encode()[:4096]
+        text = (error or str(path or "")).encode("utf-8", "backslashreplace")[:4096]
         message[0], message[1:1 + len(text)] = (2 if error else 1 if path else 0), np.frombuffer(text, np.uint8)
-    world.bcast_(message)
-    text = message[1:].tobytes().rstrip(b"\0").decode()
+    usual = world.stall_timeout  # the other ranks wait while rank 0 checks files, each within its own deadline
+    world.stall_timeout = usual and usual + checkpoint.check_budget(run.cfg)
+    try:
+        world.bcast_(message)
+    finally:
+        world.stall_timeout = usual
+    text = message[1:].tobytes().rstrip(b"\0").decode("utf-8", "replace")
     if message[0] == 2:
         raise UsageError(text)
     if message[0] == 0:
