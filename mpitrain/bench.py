@@ -372,7 +372,7 @@ def bench_checkpoint(world, out: str, repeats: int = 3) -> list[dict]:
                               keep_last=1, progress="never")
     run = train.prepare(cfg, world)
     train.resume(run, world)
-    step_s = _timed(lambda: (train.backward(run, world, 0), run.compressor.aggregate(1), run.optimizer.step()), 3)
+    step_s = _timed(lambda: (train.backward(run, 0), run.exchange.average(1), run.optimizer.step()), 3)
     nbytes = 4 * run.layout.numel
     saved = []
     save_s = _timed(lambda: saved.append(checkpoint.save(run, world, len(saved) + 1)), repeats)

@@ -10,6 +10,7 @@
     /compressor/residual/mean         ef_resume=mean: the sum of the ranks' residual shares
     /compressor/residual/per_rank     ef_resume=gather: one row per rank
     /rng/torch_cpu     each rank's torch generator state, one row per rank
+    /user/NAME, /user_json            a user loop's own arrays and JSON (save_checkpoint's extra)
 
 Every dataset is chunked with fletcher32 checksums (JSON text as a fixed-length string, so
 h5dump prints it); no lzf, no serialised Python objects: loading a checkpoint never runs code. Rank 0 writes a
@@ -118,9 +119,16 @@ def ef_policy(cfg, compressor) -> str:
     return cfg.ef_resume
 
 
-def save(run, world, step: int, wire_bytes_total: int = 0) -> Path | None:
-    """Every rank calls this (it gathers per-rank state); rank 0 writes. Returns the path on rank 0."""
+def save(run, world, step: int, epoch: int = 0, wire_bytes_total: int = 0, extra: dict | None = None,
+         extra_json=None) -> Path | None:
+    """Every rank calls this (it gathers per-rank state); rank 0 writes. Returns the path on rank 0.
+    `run` has cfg, model, optimizer, compressor and layout; `extra` (arrays by name) and
+    `extra_json` are the caller's own, stored under /user and /user_json."""
     cfg = run.cfg
+    bad = [k for k in (extra or {}) if not isinstance(k, str) or not k or "/" in k or k.startswith(".")]
+    if bad:
+        raise ValueError(f"extra array names must be non-empty text without '/': {bad[:3]}")
+    user_json = None if extra_json is None else json.dumps(extra_json)
     if not bool(torch.isfinite(run.layout.params).all()):
         raise RuntimeError(f"refusing to write a checkpoint at step {step}: the parameters hold NaN or Inf")
     policy = ef_policy(cfg, run.compressor)
@@ -142,7 +150,7 @@ def save(run, world, step: int, wire_bytes_total: int = 0) -> Path | None:
     def write(tmp):
         with h5py.File(tmp, "w") as f:
             f.attrs.update({"format": FORMAT, "format_version": FORMAT_VERSION, "step": step,
-                            "epoch": run.batches.epoch_of(step), "world_size": world.size,
+                            "epoch": int(epoch), "world_size": world.size,
                             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                             "versions": json.dumps(versions(world)), "compressor": cfg.compressor,
                             "ef_resume": policy, "wire_bytes_total": int(wire_bytes_total)})
@@ -167,6 +175,12 @@ def save(run, world, step: int, wire_bytes_total: int = 0) -> Path | None:
             if residual is not None and policy != "reset":
                 _dataset(comp.create_group("residual"), "mean" if policy == "mean" else "per_rank", residual)
             _dataset(f.create_group("rng"), "torch_cpu", rng)
+            if extra:
+                user = f.create_group("user")
+                for key, value in extra.items():
+                    _dataset(user, key, value)
+            if user_json is not None:
+                _dataset(f, "user_json", user_json)
 
     _atomic(path, write)
     _atomic(ckpt_dir / "latest", lambda tmp: tmp.write_text(path.name + "\n"))
@@ -323,9 +337,10 @@ def choose(cfg, run=None) -> tuple[Path | None, list[str]]:
     return None, notes
 
 
-def load(path: Path, run, world) -> dict:
-    """Restore model, optimizer, compressor and generator state on every rank; returns the root attrs.
-    Every rank checks the layout and the fit before it reads an array."""
+def load(path: Path, run, world) -> tuple[dict, dict, object]:
+    """Restore model, optimizer, compressor and generator state on every rank; returns the root attrs,
+    the caller's extra arrays and extra JSON. Every rank checks the layout and the fit before it
+    reads an array."""
     cfg = run.cfg
     with open_checkpoint(path, isolated=False) as f:  # rank 0 checked it in a child process (choose)
         faults = fit_faults(f, run)
@@ -356,6 +371,8 @@ def load(path: Path, run, world) -> dict:
                 comp["local"]["residual"] = read(f["compressor/residual/mean"]) / world.size
             run.compressor.load_state_dict(comp)
             rng = read(f["rng/torch_cpu"])
+            extra = {k: read(ds) for k, ds in f["user"].items()} if "user" in f else {}
+            extra_json = json.loads(read(f["user_json"])) if "user_json" in f else None
         except DAMAGE as e:
             raise UsageError(f"{path.name} does not load ({why(e)})") from None
         if saved_world == world.size:
@@ -363,4 +380,4 @@ def load(path: Path, run, world) -> dict:
         else:
             torch.manual_seed(int(np.random.SeedSequence([cfg.seed, attrs["step"], world.rank])
                                   .generate_state(1)[0]))
-    return attrs
+    return attrs, extra, extra_json

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import traceback
 
 from .config import UsageError
 
@@ -26,17 +25,6 @@ class Parser(argparse.ArgumentParser):
     def _print_message(self, message, file=None):
         if not self.quiet:
             super()._print_message(message, file)
-
-
-def abort_on_exception(world, train_state):
-    """An exception on one rank must end the job, not leave the other ranks waiting forever."""
-    def hook(etype, value, tb):
-        step = train_state["step"]
-        where = f"rank {world.rank}" + (f", step {step}" if step is not None else "")
-        sys.stderr.write(f"mpitrain: {where}: {etype.__name__}: {value}\n")
-        traceback.print_exception(etype, value, tb)
-        world.abort(1)
-    sys.excepthook = hook
 
 
 def agree_on_error(world, error: str | None) -> bool:
@@ -92,11 +80,9 @@ def main(argv=None) -> int:
     if argv[:1] == ["inspect"]:  # reading checkpoints never starts MPI
         from .inspect import main as inspect_main
         return inspect_main(argv[1:])
-    from .comm import World
-    from . import train
+    from . import api
 
-    world = World()
-    abort_on_exception(world, train.STATE)
+    world = api.init(stall_timeout=0.0)  # the watchdog's timeout comes with the configuration
     if argv[:1] == ["bench"]:
         from . import bench
         error, args = None, None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import os
 import re
@@ -22,6 +23,19 @@ class UsageError(Exception):
     """A mistake in what the user asked for: reported as one line, exit code 2."""
 
 
+def user_function(spec: str, what: str):
+    """The callable a `package.module:function` names (a user's model or dataset)."""
+    module_name, func_name = spec.split(":", 1)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise UsageError(f"cannot import {what} module {module_name!r}: {e}") from None
+    fn = getattr(module, func_name, None)
+    if not callable(fn):
+        raise UsageError(f"{module_name} has no function {func_name!r}")
+    return fn
+
+
 def _f(default, help, choices=None, minimum=None):
     return field(default=default, metadata={"help": help, "choices": choices, "minimum": minimum})
 
@@ -30,7 +44,8 @@ def _f(default, help, choices=None, minimum=None):
 class Config:
     # what to train
     model: str = _f("mlp", "model: mlp, cnn, resnet, transformer, or package.module:function")
-    dataset: str = _f("digits", "bundled dataset (digits, breast_cancer, mnist1d, shakespeare) or a path to an .h5 file")
+    dataset: str = _f("digits", "bundled dataset (digits, breast_cancer, mnist1d, shakespeare), a path to an .h5 "
+                                "file, or package.module:function returning (arrays or a torch Dataset, info)")
     data_dir: str = _f("", "folder of the bundled datasets (default: the project's data/)")
     steps: int = _f(300, "optimizer steps to run", minimum=1)
     batch_size: int = _f(0, "samples per rank per step (0: 32, or fewer when the world is so large that one global "
@@ -202,6 +217,14 @@ def add_arguments(parser: argparse.ArgumentParser, compressors: list[str]):
             parser.add_argument(flag, dest=name, default=None, metavar=name.upper(), help=help)
 
 
+def checked(**values) -> Config:
+    """A Config from keyword arguments (the public API's options), each checked like a flag."""
+    unknown = sorted(set(values) - set(FIELDS))
+    if unknown:
+        raise UsageError(f"unknown option(s) {', '.join(unknown)}; see python -m mpitrain --help for the list")
+    return _finish(Config(**{k: _coerce(k, v, "argument") for k, v in values.items()}))
+
+
 def resolve(args: argparse.Namespace, environ=None, compressors=()) -> Config:
     """Defaults < --config file < MPITRAIN_* env < CLI flags, every value checked."""
     values = {}
@@ -215,6 +238,11 @@ def resolve(args: argparse.Namespace, environ=None, compressors=()) -> Config:
     cfg = Config(**values)
     if compressors and cfg.compressor not in compressors:
         raise UsageError(f"unknown compressor {cfg.compressor!r}; choose one of {', '.join(compressors)}")
+    return _finish(cfg)
+
+
+def _finish(cfg: Config) -> Config:
+    """Checks that span fields, and the default run dir."""
     if not re.fullmatch(r"[\w.]+(:[\w.]+)?", cfg.model):
         raise UsageError(f"model {cfg.model!r} is neither a zoo name nor package.module:function")
     if cfg.uncompressed:

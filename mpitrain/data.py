@@ -21,7 +21,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .config import UsageError
+from .config import UsageError, user_function
 
 BUNDLED = ("digits", "breast_cancer", "mnist1d", "shakespeare")
 LM_SEQ_LEN = 64
@@ -81,6 +81,7 @@ class Dataset:
             self.info["seq_len"] = self._h5["x_train"].shape[1] - 1
         self.n_train = self._h5["x_train"].shape[0]
         self.n_test = self._h5["x_test"].shape[0]
+        self.name = self.path.name
 
     def rows(self, split: str, indices: np.ndarray):
         """(x, y) for the given row indices of `split`, in the order given."""
@@ -96,14 +97,87 @@ class Dataset:
         self._h5.close()
 
 
-class ShardedBatches:
-    """This rank's training batches, step by step, for a world of `size` ranks."""
+def _check_info(info, where: str) -> dict:
+    if not isinstance(info, dict) or info.get("task") not in ("classify", "lm"):
+        raise UsageError(f"{where}: info must be a dict with task 'classify' or 'lm'")
+    return {"name": where, **info}
 
-    def __init__(self, dataset: Dataset, batch: int, rank: int, size: int, seed: int):
+
+class ArrayData:
+    """Arrays in memory as a dataset. Classifiers: x_* rows of inputs, y_* labels. Character LM
+    (info task "lm"): x_* rows of seq_len + 1 token ids, no y. `info` as the models expect it
+    (task; input_shape and num_classes, or vocab_size and seq_len)."""
+
+    def __init__(self, info: dict, x_train, y_train=None, x_test=None, y_test=None, name: str = "arrays"):
+        self.info, self.name = _check_info(info, name), name
+        lm = self.info["task"] == "lm"
+        x_train = np.asarray(x_train)
+        self._x = {"train": x_train, "test": x_train[:0] if x_test is None else np.asarray(x_test)}
+        if not lm:
+            if y_train is None or (x_test is not None and y_test is None):
+                raise UsageError(f"{name}: a classifier's x_train and x_test need y_train and y_test, one label per row")
+            self._y = {"train": np.asarray(y_train), "test": np.asarray(y_train)[:0] if y_test is None else np.asarray(y_test)}
+            for split in ("train", "test"):
+                if len(self._y[split]) != len(self._x[split]):
+                    raise UsageError(f"{name}: x_{split} and y_{split} must have one label per row")
+        if not lm:
+            self.info.setdefault("input_shape", tuple(self._x["train"].shape[1:]))
+        self.n_train, self.n_test = len(self._x["train"]), len(self._x["test"])
+
+    def rows(self, split: str, indices: np.ndarray):
+        x = self._x[split][indices]
+        if self.info["task"] == "lm":
+            x = x.astype(np.int64)
+            return x[:, :-1], x[:, 1:]
+        return x.astype(np.float32).reshape((-1,) + tuple(self.info["input_shape"])), \
+            self._y[split][indices].astype(np.int64)
+
+
+class TorchData:
+    """Map-style torch Datasets (`dataset[i]` -> (input, label)) as a dataset; rows are stacked."""
+
+    def __init__(self, info: dict, train, test=None, name: str = "torch dataset"):
+        self.info, self.name = _check_info(info, name), name
+        self._sets = {"train": train, "test": test if test is not None else []}
+        self.n_train, self.n_test = len(train), len(self._sets["test"])
+
+    def rows(self, split: str, indices: np.ndarray):
+        items = [self._sets[split][int(i)] for i in indices]
+        x = np.stack([np.asarray(item[0], dtype=np.float32) for item in items])
+        y = np.array([int(item[1]) for item in items], dtype=np.int64)
+        return x, y
+
+
+def open_dataset(name: str, data_dir: str = ""):
+    """The dataset --dataset names: bundled, an .h5 path, or a user's package.module:function that
+    returns (data, info), data being a dict of arrays (x_train, y_train, x_test, y_test), a
+    map-style torch Dataset, or a (train, test) pair of them."""
+    if ":" not in name or name.endswith(".h5") or os.sep in name:
+        return Dataset(locate(name, data_dir))
+    result = user_function(name, "dataset")()
+    if not (isinstance(result, tuple) and len(result) == 2):
+        raise UsageError(f"{name} must return (data, info); it returned {type(result).__name__}")
+    data, info = result
+    if isinstance(data, dict):
+        unknown = set(data) - {"x_train", "y_train", "x_test", "y_test"}
+        if unknown or "x_train" not in data:
+            raise UsageError(f"{name}: the arrays must be x_train, y_train, x_test, y_test; got {sorted(data)}")
+        return ArrayData(info, name=name, **data)
+    train, test = data if isinstance(data, tuple) else (data, None)
+    if not (hasattr(train, "__getitem__") and hasattr(train, "__len__")):
+        raise UsageError(f"{name}: data must be a dict of arrays or a map-style Dataset; got {type(train).__name__}")
+    return TorchData(info, train, test, name=name)
+
+
+class ShardedBatches:
+    """This rank's training batches, step by step, for a world of `size` ranks, from any dataset
+    with `n_train` and `rows(split, indices)` (Dataset, ArrayData, TorchData)."""
+
+    def __init__(self, dataset, batch: int, rank: int, size: int, seed: int):
         self.dataset, self.batch, self.rank, self.size, self.seed = dataset, batch, rank, size, seed
         self.steps_per_epoch = dataset.n_train // (batch * size)
         if self.steps_per_epoch == 0:
-            raise UsageError(f"{dataset.path.name} has {dataset.n_train} training rows, fewer than "
+            raise UsageError(f"{dataset.name} has {dataset.n_train} training rows, fewer than "
                              f"one global batch ({size} ranks x {batch}); use a smaller --batch-size, fewer "
                              "ranks or more data")
         self._epoch = None

@@ -7,14 +7,13 @@ the same dict: `def build(info: dict) -> torch.nn.Module`.
 """
 from __future__ import annotations
 
-import importlib
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import UsageError
+from .config import UsageError, user_function
 
 
 def mlp(info, hidden=(256, 256)):
@@ -105,14 +104,7 @@ ZOO = {"mlp": mlp, "cnn": cnn, "resnet": resnet, "transformer": transformer}
 def build(name: str, info: dict) -> nn.Module:
     """A zoo model by name, or a user's `package.module:function`, for this dataset."""
     if ":" in name:
-        module_name, func_name = name.split(":", 1)
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as e:
-            raise UsageError(f"cannot import model module {module_name!r}: {e}") from None
-        fn = getattr(module, func_name, None)
-        if not callable(fn):
-            raise UsageError(f"{module_name} has no function {func_name!r}")
+        fn = user_function(name, "model")
         model = fn(info)
         if not isinstance(model, nn.Module):
             raise UsageError(f"{name} returned {type(model).__name__}, not a torch.nn.Module")

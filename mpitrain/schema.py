@@ -32,7 +32,7 @@ DAMAGE = (OSError, RuntimeError, KeyError, ValueError, TypeError, IndexError, Ov
 ROOT_ATTRS = {"format": str, "format_version": int, "step": int, "epoch": int, "world_size": int, "created": str,
               "versions": str, "compressor": str, "ef_resume": str, "wire_bytes_total": int}
 EF_POLICIES = ("mean", "gather", "reset")
-TEXT = ("/config", "/optimizer/param_groups")
+TEXT = ("/config", "/optimizer/param_groups", "/user_json")
 
 
 def why(e: Exception) -> str:
@@ -179,6 +179,7 @@ def structure_faults(f: h5py.File, file_size: int) -> tuple[list[str], dict]:
         known = (where in TEXT or where == "/rng/torch_cpu" or (len(parts) == 2 and parts[0] == "model")
                  or (len(parts) == 4 and parts[:2] == ["optimizer", "state"] and parts[2].isdigit())
                  or (len(parts) == 3 and parts[:2] == ["compressor", "shared"])
+                 or (len(parts) == 2 and parts[0] == "user")
                  or where in ("/compressor/residual/mean", "/compressor/residual/per_rank"))
         faults += _dataset_faults(where, ds, file_size, version >= 2) if known else \
             [f"{where}: not part of the checkpoint schema"]
@@ -191,6 +192,8 @@ def structure_faults(f: h5py.File, file_size: int) -> tuple[list[str], dict]:
     config, groups = _json(text(found["/config"])), _json(text(found["/optimizer/param_groups"]))
     if not isinstance(config, dict):
         faults.append("/config: not a JSON object")
+    if "/user_json" in found and _json(text(found["/user_json"])) is None and text(found["/user_json"]) != "null":
+        faults.append("/user_json: not JSON")
     if not (isinstance(groups, list) and all(isinstance(g, dict) and isinstance(g.get("params"), list)
                                              and all(_is(i, int) for i in g["params"]) for g in groups)):
         faults.append("/optimizer/param_groups: not a JSON list of groups with integer params")

@@ -1,0 +1,263 @@
+"""The public API: what a user's own training loop calls. The command's loop (train.py) is its first user.
+
+    import mpitrain
+
+    world = mpitrain.init()                     # rank, size, local rank; aborts the job on any rank's exception
+    exchange = mpitrain.Exchange(model, world, compressor="greedylore", rank=4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    resumed = mpitrain.load_checkpoint(exchange, optimizer, run_dir="runs/mine")
+    for step in range(resumed.step if resumed else 0, steps):
+        x, y = batches.batch_at(step)           # mpitrain.ShardedBatches: this rank's rows of the global batch
+        exchange.zero_grad()
+        exchange.backward(loss_fn(model(x), y))
+        averaged = exchange.average(step)       # every rank now holds the global mean gradient
+        if not averaged.nonfinite:
+            optimizer.step()
+        if averaged.stop:                       # SIGUSR1/SIGTERM on any rank, agreed by all
+            mpitrain.save_checkpoint("runs/mine", step + 1, exchange, optimizer)
+            break
+
+`import mpitrain` imports neither mpi4py nor torch; `init()` is where MPI starts.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import traceback
+import zlib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import checkpoint, compress
+from .config import Config, UsageError, checked
+from .layout import GradLayout
+
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+_STOP = {"requested": False}  # set by the signal handler; the ranks agree on it in the next exchange
+
+
+def init(stall_timeout: float = Config.stall_timeout, abort_on_exception: bool = True,
+         stop_signals: bool = True):
+    """Start MPI and return the world (rank, size, local_rank, local_size and counted collectives).
+
+    abort_on_exception: an uncaught exception on any rank ends the whole job, naming the rank and
+    where it was, instead of leaving the others waiting forever. stop_signals: SIGUSR1 and SIGTERM
+    set a flag that the next `Exchange.average` agrees on (`Averaged.stop`)."""
+    from .comm import World
+    world = World(stall_timeout=stall_timeout)
+    if abort_on_exception:
+        install_abort_hook(world)
+    if stop_signals:
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, request_stop)
+    return world
+
+
+def set_threads(world, threads: int = 0) -> int:
+    """Torch threads for this rank: `threads`, else OMP_NUM_THREADS, else the cores this process may
+    use divided by the ranks on its node (oversubscribed threads make steps 30x slower)."""
+    n = threads or int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
+    if not n:
+        bound = len(os.sched_getaffinity(0))
+        n = bound if bound < (os.cpu_count() or bound) else max(1, bound // world.local_size)
+    torch.set_num_threads(n)
+    return n
+
+
+def install_abort_hook(world):
+    """An exception on one rank must end the job, not leave the other ranks waiting forever."""
+    def hook(etype, value, tb):
+        sys.stderr.write(f"mpitrain: rank {world.rank}, {world.where}: {etype.__name__}: {value}\n")
+        traceback.print_exception(etype, value, tb)
+        world.abort(1)
+    sys.excepthook = hook
+
+
+def request_stop(signum=None, frame=None):
+    """Ask every rank to stop at the next exchange (what SIGUSR1/SIGTERM do)."""
+    _STOP["requested"] = True
+
+
+@dataclass
+class Averaged:
+    """What one exchange agreed on, the same on every rank."""
+    loss: float        # the global mean of the loss passed to `backward` (0.0 when a rank's was non-finite)
+    nonfinite: bool    # some rank's loss or gradient was NaN/Inf: its share was zeroed; skip the step
+    stop: bool         # some rank was asked to stop (SIGUSR1/SIGTERM or `request_stop`)
+    wire_bytes: int    # bytes this rank handed to the network in this exchange
+    stats: dict = field(default_factory=dict)  # the compressor's report (captured energy, ranks, ...)
+
+
+class Exchange:
+    """Averages a model's gradients over the ranks, in place, through any compressor.
+
+    Building it moves the model's trainable parameters and gradients into flat buffers (the
+    Parameter objects stay the same, so an optimizer may be built before or after). Zero gradients
+    with `zero_grad()` (never set them to None). Options are the command's flags by their field
+    names (`rank=4`, `error_feedback="on"`, ...); `cfg` passes a whole Config instead."""
+
+    def __init__(self, model: torch.nn.Module, world, compressor: str = "dense", cfg: Config | None = None,
+                 **options):
+        if compressor not in compress.names():
+            raise UsageError(f"unknown compressor {compressor!r}; choose one of {', '.join(compress.names())}")
+        options.setdefault("model", type(model).__name__)
+        self.cfg = cfg or checked(compressor=compressor, **options)
+        try:
+            self.layout = GradLayout(model)
+        except ValueError as e:
+            raise UsageError(f"model {self.cfg.model}: {e}") from None
+        self.model, self.world = model, world
+        self.compressor = compress.build(self.cfg, self.layout, world)
+        self.wire_bytes_total = 0
+        self._share = None
+
+    def zero_grad(self):
+        self.layout.zero_grad()
+
+    def backward(self, loss: torch.Tensor):
+        """Backward of this rank's share of the global mean loss (loss / world size): the gradients
+        come out already scaled, so the exchange needs no averaging pass over memory."""
+        share = loss / self.world.size
+        share.backward()
+        self._share = share.detach()
+
+    def average(self, step: int, loss: torch.Tensor | None = None) -> Averaged:
+        """Replace every rank's gradients with the global mean. After `backward` no loss is needed;
+        after a plain `loss.backward()` pass the loss (or None) and the gradients are scaled here."""
+        grads, size = self.layout.grads, self.world.size
+        share = self._share
+        if share is None:
+            grads.mul_(1.0 / size)
+            share = (loss.detach() / size) if loss is not None else torch.zeros(())
+        finite = bool(torch.isfinite(share)) and bool(torch.isfinite(grads.sum(dtype=torch.float64)))
+        if not finite:
+            grads.zero_()  # nothing non-finite enters the exchange; the flag says why
+        self.layout.control.copy_(torch.tensor([float(share) if finite else 0.0, float(not finite),
+                                                float(_STOP["requested"])]))
+        before = self.world.sent_bytes
+        self.compressor.aggregate(step)
+        self._share = None
+        loss_sum, nonfinite, stop = self.layout.control.tolist()
+        sent = self.world.sent_bytes - before
+        self.wire_bytes_total += sent
+        return Averaged(loss_sum, bool(nonfinite), bool(stop), sent, dict(self.compressor.stats))
+
+    def check_sync(self, optimizer: torch.optim.Optimizer, step: int) -> bool:
+        """Compare every rank's checksum of parameters and optimizer state with rank 0's (one small
+        Allreduce). On a mismatch, with on_divergence="abort" raise Diverged naming the ranks;
+        with "rebroadcast" copy rank 0's state to every rank and return True."""
+        world = self.world
+        state = optimizer_tensors(optimizer)
+        opt_crc = 0
+        for tensor in state:
+            opt_crc = zlib.crc32(tensor.contiguous().numpy(), opt_crc)
+        sums = np.zeros(world.size, dtype=np.uint64)
+        sums[world.rank] = (zlib.crc32(self.layout.params_np) << 32) | opt_crc
+        world.allreduce_(sums)
+        differ = np.flatnonzero(sums != sums[0])
+        if not differ.size:
+            return False
+        ranks = ", ".join(map(str, differ))
+        if self.cfg.on_divergence == "abort":
+            raise Diverged(f"sync check at step {step}: rank(s) {ranks} hold parameters or optimizer state "
+                           "that differ from rank 0's (--on-divergence abort); no checkpoint written")
+        world.bcast_(self.layout.params_np)
+        for tensor in state:  # state tensors are contiguous CPU tensors, so numpy() shares their memory
+            world.bcast_(tensor.numpy())
+        if world.rank == 0:
+            print(f"mpitrain: sync check at step {step}: rank(s) {ranks} differed from rank 0; "
+                  "rank 0's parameters and optimizer state broadcast (--on-divergence rebroadcast)", flush=True)
+        return True
+
+
+class Diverged(Exception):
+    """A sync check found ranks whose parameters or optimizer state differ from rank 0's."""
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The optimizer's state tensors in parameter order (the same order on every rank)."""
+    return [state[key] for group in optimizer.param_groups for p in group["params"]
+            for state in [optimizer.state.get(p, {})] for key in sorted(state) if isinstance(state[key], torch.Tensor)]
+
+
+# -- checkpoints for a user's loop: the command's format, readable by `mpitrain inspect` ----------
+
+@dataclass
+class Resumed:
+    """What `load_checkpoint` restored besides the model, optimizer and compressor."""
+    path: Path
+    step: int
+    epoch: int
+    wire_bytes_total: int
+    extra: dict        # the arrays passed to save_checkpoint(extra=...)
+    extra_json: object  # the JSON-able value passed to save_checkpoint(extra_json=...)
+
+
+@dataclass
+class _Parts:  # what checkpoint.save/load read and restore
+    cfg: Config
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    compressor: object
+    layout: GradLayout
+
+
+def _parts(exchange: Exchange, optimizer, **cfg_changes) -> _Parts:
+    return _Parts(replace(exchange.cfg, **cfg_changes), exchange.model, optimizer, exchange.compressor,
+                  exchange.layout)
+
+
+def save_checkpoint(run_dir: str, step: int, exchange: Exchange, optimizer: torch.optim.Optimizer, *,
+                    epoch: int = 0, keep_last: int | None = None, wire_bytes_total: int | None = None,
+                    extra: dict | None = None, extra_json=None) -> Path | None:
+    """Every rank calls it; rank 0 writes RUN_DIR/checkpoints/ckpt-STEP.h5 atomically and moves
+    `latest`. `extra`: the caller's own arrays by name; `extra_json`: any JSON-able value.
+    Returns the path on rank 0, None elsewhere."""
+    parts = _parts(exchange, optimizer, run_dir=str(run_dir), keep_last=exchange.cfg.keep_last
+                   if keep_last is None else keep_last)
+    total = exchange.wire_bytes_total if wire_bytes_total is None else wire_bytes_total
+    return checkpoint.save(parts, exchange.world, step, epoch, total, extra or {}, extra_json)
+
+
+def load_checkpoint(exchange: Exchange, optimizer: torch.optim.Optimizer, resume: str = "auto",
+                    run_dir: str = "") -> Resumed | None:
+    """Restore the checkpoint `resume` names (auto: RUN_DIR's `latest`, falling back to the newest
+    that verifies; none; or a path) into the model, optimizer and compressor on every rank. Rank 0
+    checks the file first; a file that fails or does not fit raises UsageError on every rank.
+    Returns None when there is nothing to resume, after every rank took rank 0's parameters."""
+    world = exchange.world
+    parts = _parts(exchange, optimizer, resume=resume, run_dir=str(run_dir or exchange.cfg.run_dir))
+    path, error = None, None
+    if world.rank == 0:
+        try:
+            path, notes = checkpoint.choose(parts.cfg, parts)
+        except UsageError as e:
+            error, notes = str(e), []
+        for note in notes:
+            print(f"mpitrain: {note}", flush=True)
+    message = np.zeros(4097, dtype=np.uint8)  # [status, utf-8 text]: 0 fresh, 1 resume from path, 2 error
+    if world.rank == 0:
+        text = (error or str(path or "")).encode("utf-8", "backslashreplace")[:4096]
+        message[0], message[1:1 + len(text)] = (2 if error else 1 if path else 0), np.frombuffer(text, np.uint8)
+    usual = world.stall_timeout  # the other ranks wait while rank 0 checks files, each within its own deadline
+    world.stall_timeout = usual and usual + checkpoint.check_budget(parts.cfg)
+    try:
+        world.bcast_(message)
+    finally:
+        world.stall_timeout = usual
+    text = message[1:].tobytes().rstrip(b"\0").decode("utf-8", "replace")
+    if message[0] == 2:
+        raise UsageError(text)
+    if message[0] == 0:
+        world.bcast_(exchange.layout.params_np)
+        return None
+    attrs, extra, extra_json = checkpoint.load(Path(text), parts, world)
+    exchange.wire_bytes_total = int(attrs["wire_bytes_total"])
+    if world.rank == 0:
+        print(f"mpitrain: resumed from {text} at step {attrs['step']}", flush=True)
+    return Resumed(Path(text), int(attrs["step"]), int(attrs["epoch"]), int(attrs["wire_bytes_total"]),
+                   extra, extra_json)

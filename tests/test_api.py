@@ -1,0 +1,69 @@
+"""The public API: a user's own loop (examples/) against the command, exact resume, user datasets."""
+import json
+import shutil
+import sys
+
+import h5py
+import numpy as np
+import pytest
+
+from helpers import ROOT, mpi, run, trainer
+
+EXAMPLE = ROOT / "examples" / "digits_loop.py"
+
+
+def model_of(path):
+    with h5py.File(path, "r") as f:
+        return {k: f["model"][k][()] for k in f["model"]}
+
+
+def example(n, run_dir, *flags):
+    r = mpi(n, [EXAMPLE, "--run-dir", run_dir, *flags], timeout=180)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_the_example_loop_trains_like_the_command_and_resumes_exactly(tmp_path):
+    mine = example(2, tmp_path / "mine")
+    r = trainer(2, "--compressor", "greedylore", "--run-dir", tmp_path / "command", "--progress", "never")
+    assert r.returncode == 0, r.stderr
+    command = json.loads((tmp_path / "command" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert mine["eval_accuracy"] == command["eval_accuracy"] > 0.95
+    final = model_of(tmp_path / "mine" / "checkpoints" / "ckpt-000000300.h5")
+    ref = model_of(tmp_path / "command" / "checkpoints" / "ckpt-000000300.h5")
+    assert all(np.array_equal(final[k], ref[k]) for k in ref)  # one path, not two: the same bits
+    # resume: a run dir holding only the step-100 checkpoint goes on to the same step-300 weights
+    ckpts = tmp_path / "resumed" / "checkpoints"
+    ckpts.mkdir(parents=True)
+    shutil.copy(tmp_path / "mine" / "checkpoints" / "ckpt-000000100.h5", ckpts)
+    (ckpts / "latest").write_text("ckpt-000000100.h5\n")
+    again = example(2, tmp_path / "resumed")
+    resumed = model_of(ckpts / "ckpt-000000300.h5")
+    assert all(np.array_equal(resumed[k], final[k]) for k in final)
+    assert again["eval_accuracy"] == mine["eval_accuracy"]
+    r = run([sys.executable, "-m", "mpitrain", "inspect", "--verify", ckpts / "ckpt-000000300.h5"])
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_import_mpitrain_starts_neither_mpi_nor_torch():
+    code = ("import sys, mpitrain; before = {m for m in ('mpi4py', 'torch') if m in sys.modules}; "
+            "mpitrain.Exchange; print(sorted(before), 'mpi4py' in sys.modules)")
+    r = run([sys.executable, "-c", code])
+    assert r.returncode == 0 and r.stdout.split() == ["[]", "False"], r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("function", ["digits_arrays", "digits_torch"])
+def test_a_user_dataset_function_trains_end_to_end(tmp_path, function):
+    r = trainer(2, "--dataset", f"user_data:{function}", "--steps", 150, "--run-dir", tmp_path, "--progress", "never")
+    assert r.returncode == 0, r.stderr
+    assert f"mlp on user_data:{function} (1438 training rows)" in r.stdout
+    summary = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert summary["eval_accuracy"] > 0.9
+
+
+@pytest.mark.parametrize("function,words", [("returns_nonsense", "must return (data, info)"),
+                                            ("labels_missing", "one label per row"),
+                                            ("no_such_function", "has no function")])
+def test_a_broken_dataset_function_is_one_line_and_exit_2(tmp_path, function, words):
+    r = trainer(2, "--dataset", f"user_data:{function}", "--run-dir", tmp_path)
+    assert r.returncode == 2 and words in r.stderr and r.stderr.count("\n") == 1, r.stderr
