@@ -42,7 +42,7 @@ def train_main(argv, world) -> int:
     parser = Parser(prog="mpitrain", description="MPI data-parallel training with gradient compression. "
                     "Run under mpiexec/srun: mpiexec -n 4 python -m mpitrain [flags]. Also: "
                     "`mpitrain bench {allreduce,compress,convergence,checkpoint,bytes-to-target,guard}` and "
-                    "`mpitrain inspect CHECKPOINT` (no MPI).")
+                    "`mpitrain inspect CHECKPOINT` and `mpitrain plot RUN_DIR...` (no MPI).")
     parser.quiet = world.rank != 0
     add_arguments(parser, compress.names())
     error, run = None, None
@@ -80,6 +80,9 @@ def main(argv=None) -> int:
     if argv[:1] == ["inspect"]:  # reading checkpoints never starts MPI
         from .inspect import main as inspect_main
         return inspect_main(argv[1:])
+    if argv[:1] == ["plot"]:  # nor does drawing runs
+        from .plot import main as plot_main
+        return plot_main(argv[1:])
     from . import api
 
     world = api.init(stall_timeout=0.0)  # the watchdog's timeout comes with the configuration

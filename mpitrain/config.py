@@ -100,6 +100,8 @@ class Config:
     eval_every: int = _f(100, "evaluate every N steps (0: only at the end)", minimum=0)
     progress: str = _f("auto", "progress bar on rank 0: auto (when stdout is a terminal), always, never",
                        choices=("auto", "always", "never"))
+    tensorboard: bool = _f(False, "also write the metrics as TensorBoard events into RUN_DIR/tensorboard "
+                                  "(pip install 'mpitrain[tensorboard]')")
     # quantizers and sparsifiers (payloads exchanged with Allgatherv)
     nu: float = _f(0.1, "sparse-dither: error level nu (det: ||C(x)-x||^2 <= nu||x||^2; rand: variance omega = nu)",
                    minimum=1e-12)

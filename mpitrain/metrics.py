@@ -1,8 +1,10 @@
-"""What rank 0 writes about a run: config.json, metrics.jsonl, a progress bar or plain lines.
+"""What rank 0 writes about a run: config.json, metrics.jsonl, TensorBoard events (--tensorboard),
+and a tqdm progress bar on a terminal or plain lines otherwise.
 
 metrics.jsonl holds one JSON object per line, each with a `kind`:
-  train    step (steps completed), loss (mean over ranks), lr, wire_bytes, dense_bytes, step_time_s, + compressor stats
-  eval     step, eval_loss, eval_accuracy (classifiers) or eval_bpc (character LM), and
+  train    step (steps completed), loss (mean over ranks), lr, wire_bytes, dense_bytes, step_time_s,
+           elapsed_s (since this run started), wire_bytes_total, skipped_steps, rebroadcasts, + compressor stats
+  eval     step, eval_loss, eval_accuracy (classifiers) or eval_bpc (character LM), elapsed_s, and
            wire_bytes_total (this rank's training bytes so far, for plots against bytes)
   summary  the numbers printed at the end
 Byte convention: `wire_bytes` is what this rank handed to every collective in the step, as counted
@@ -12,27 +14,43 @@ the compression ratio, whatever the compressor.
 """
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import sys
 
+from tqdm import tqdm
+
+from .config import UsageError
 from .data import DEFAULT_BATCH
+
+
+def require_tensorboard():
+    """--tensorboard needs torch's writer and the tensorboard package; say so in one line if absent."""
+    try:
+        importlib.import_module("torch.utils.tensorboard")
+    except ImportError:
+        raise UsageError("--tensorboard needs the tensorboard package: pip install 'mpitrain[tensorboard]'") from None
 
 
 class RunLog:
     def __init__(self, cfg, world, total_steps: int):
         self.active = world.rank == 0
         self.cfg, self.total = cfg, total_steps
-        self.bar = cfg.progress == "always" or (cfg.progress == "auto" and sys.stdout.isatty())
+        self.bar = None
         if not self.active:
             return
         os.makedirs(cfg.run_dir, exist_ok=True)
         with open(os.path.join(cfg.run_dir, "config.json"), "w") as fh:
             fh.write(cfg.to_json() + "\n")
         self._fh = open(os.path.join(cfg.run_dir, "metrics.jsonl"), "a")
+        self._tb = None
+        if cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self._tb = SummaryWriter(os.path.join(cfg.run_dir, "tensorboard"))
 
-    def start(self, size: int, batches, chosen: bool):
-        """The start-up line: what is trained, on how many ranks, with what batch."""
+    def start(self, size: int, batches, chosen: bool, first_step: int = 0):
+        """The start-up line: what is trained, on how many ranks, with what batch; then the bar."""
         if not self.active:
             return
         cfg, rows = self.cfg, batches.dataset.n_train
@@ -41,41 +59,52 @@ class RunLog:
         print(f"mpitrain: {cfg.model} on {cfg.dataset} ({rows} training rows), {size} ranks x {batches.batch} "
               f"samples per rank = global batch {size * batches.batch}{how}, {batches.steps_per_epoch} steps per "
               f"epoch; compressor {cfg.compressor}, {cfg.steps} steps, run dir {cfg.run_dir}", flush=True)
+        if cfg.progress == "always" or (cfg.progress == "auto" and sys.stdout.isatty()):
+            self.bar = tqdm(total=self.total, initial=first_step, unit="step", dynamic_ncols=True, file=sys.stdout)
 
     def _write(self, record: dict):
         self._fh.write(json.dumps(record) + "\n")
         self._fh.flush()
+        if self._tb is not None and record["kind"] in ("train", "eval"):
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
+                    self._tb.add_scalar(f"{record['kind']}/{key}", value, record["step"])
+
+    def _say(self, text: str):
+        (self.bar.write if self.bar is not None else print)(text)
 
     def train(self, record: dict):
         if not self.active:
             return
         self._write({"kind": "train", **record})
-        step = record["step"]
         ratio = record["dense_bytes"] / max(record["wire_bytes"], 1)
-        text = f"step {step}/{self.total} loss {record['loss']:.4f} lr {record['lr']:.3g} " \
-               f"wire {record['wire_bytes'] / 1e3:.1f} kB ({ratio:.1f}x) {record['step_time_s'] * 1e3:.1f} ms"
-        if self.bar:
-            done = int(30 * step / self.total)
-            print(f"\r[{'#' * done}{'.' * (30 - done)}] {text}", end="", flush=True)
+        text = f"loss {record['loss']:.4f} lr {record['lr']:.3g} wire {record['wire_bytes'] / 1e3:.1f} kB " \
+               f"({ratio:.1f}x) {record['step_time_s'] * 1e3:.1f} ms"
+        if self.bar is not None:
+            self.bar.update(record["step"] - self.bar.n)
+            self.bar.set_postfix_str(text, refresh=False)
         else:
-            print(text, flush=True)
+            print(f"step {record['step']}/{self.total} {text}", flush=True)
 
     def eval(self, record: dict):
         if not self.active:
             return
         self._write({"kind": "eval", **record})
         text = "  ".join(f"{k} {v:.4f}" for k, v in record.items() if k.startswith("eval_"))
-        print(("\n" if self.bar else "") + f"eval at step {record['step']}: {text}", flush=True)
+        self._say(f"eval at step {record['step']}: {text}")
 
     def summary(self, record: dict):
         if not self.active:
             return
         self._write({"kind": "summary", **record})
         self._fh.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self.bar is not None:
+            self.bar.close()
         metric = {k: v for k, v in record.items() if k.startswith("eval_")}
         ratio = record["dense_bytes_per_rank"] / max(record["wire_bytes_per_rank"], 1)
-        print(("\n" if self.bar else "") +
-              f"done: {record['steps']} steps on {record['world_size']} ranks in {record['wall_time_s']:.1f} s; " +
+        print(f"done: {record['steps']} steps on {record['world_size']} ranks in {record['wall_time_s']:.1f} s; " +
               "  ".join(f"{k} {v:.4f}" for k, v in metric.items()) +
               f"; sent per rank {record['wire_bytes_per_rank'] / 1e6:.2f} MB "
               f"(dense {record['dense_bytes_per_rank'] / 1e6:.2f} MB, {ratio:.2f}x); run dir {record['run_dir']}",

@@ -11,7 +11,7 @@ import torch
 from . import api, models
 from .config import Config, UsageError
 from .data import ShardedBatches, batch_for, open_dataset
-from .metrics import RunLog
+from .metrics import RunLog, require_tensorboard
 
 REQUEUE = 75  # EX_TEMPFAIL: "checkpointed, please requeue"
 
@@ -51,6 +51,8 @@ def set_threads(cfg: Config, world) -> int:
 
 def prepare(cfg: Config, world) -> Run:
     """Everything that can fail on a user's mistake; makes no collective call."""
+    if cfg.tensorboard:
+        require_tensorboard()
     dataset = open_dataset(cfg.dataset, cfg.data_dir)
     torch.manual_seed(cfg.seed)
     model = models.build(cfg.model, dataset.info)
@@ -123,7 +125,7 @@ def backward(run: Run, step: int):
 def train(run: Run, world) -> dict:
     cfg, exchange, optimizer = run.cfg, run.exchange, run.optimizer
     evaluate, log = Evaluator(run, world), RunLog(cfg, world, cfg.steps)
-    log.start(world.size, run.batches, run.batch_chosen)
+    log.start(world.size, run.batches, run.batch_chosen, run.start_step)
     world.take_sent_bytes()
     wire_total, eval_bytes, skipped, rebroadcasts = run.wire_bytes_total, 0, 0, 0
     started = time.perf_counter()
@@ -152,11 +154,13 @@ def train(run: Run, world) -> dict:
         if done % cfg.log_every == 0 or done == cfg.steps or averaged.nonfinite or "contraction" in averaged.stats:
             log.train({"step": done, "loss": averaged.loss, "lr": lr, "wire_bytes": wire,
                        "dense_bytes": exchange.layout.dense_bytes, "step_time_s": time.perf_counter() - t0,
+                       "elapsed_s": time.perf_counter() - started, "wire_bytes_total": wire_total,
                        "skipped_steps": skipped, "rebroadcasts": rebroadcasts, **averaged.stats})
         if done == cfg.steps or (cfg.eval_every and done % cfg.eval_every == 0):
             result = evaluate()
             eval_bytes += world.take_sent_bytes()
-            log.eval({"step": done, **result, "wire_bytes_total": wire_total})
+            log.eval({"step": done, **result, "elapsed_s": time.perf_counter() - started,
+                      "wire_bytes_total": wire_total})
         if averaged.stop or done == cfg.steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0):
             saved = api.save_checkpoint(cfg.run_dir, done, exchange, optimizer, epoch=run.batches.epoch_of(done),
                                         wire_bytes_total=wire_total)

@@ -67,3 +67,37 @@ def test_a_user_dataset_function_trains_end_to_end(tmp_path, function):
 def test_a_broken_dataset_function_is_one_line_and_exit_2(tmp_path, function, words):
     r = trainer(2, "--dataset", f"user_data:{function}", "--run-dir", tmp_path)
     assert r.returncode == 2 and words in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_plot_draws_two_runs_and_says_so_in_one_line_without_matplotlib(tmp_path):
+    from matplotlib import image
+    for name in ("dense", "greedylore"):
+        r = trainer(2, "--compressor", name, "--steps", 60, "--eval-every", 20, "--run-dir", tmp_path / name)
+        assert r.returncode == 0, r.stderr
+    r = run([sys.executable, "-m", "mpitrain", "plot", tmp_path / "dense", tmp_path / "greedylore", "--out",
+             tmp_path / "plots"])
+    assert r.returncode == 0, r.stderr
+    for name in ("loss.png", "eval.png", "step_time.png"):
+        pixels = image.imread(tmp_path / "plots" / name)
+        assert pixels.ndim == 3 and pixels.shape[0] >= 300 and pixels.shape[1] >= 500, (name, pixels.shape)
+        assert pixels[..., :3].std() > 0.05  # lines were drawn, not a blank canvas
+    # a matplotlib that cannot be imported: one line, exit 2
+    (tmp_path / "fake" / "matplotlib").mkdir(parents=True)
+    (tmp_path / "fake" / "matplotlib" / "__init__.py").write_text("raise ImportError('no matplotlib here')\n")
+    r = run([sys.executable, "-m", "mpitrain", "plot", tmp_path / "dense"], PYTHONPATH=f"{tmp_path / 'fake'}:{ROOT}")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "pip install 'mpitrain[plot]'" in r.stderr, r.stderr
+
+
+def test_tensorboard_events_or_a_clear_line_when_the_extra_is_missing(tmp_path):
+    r = trainer(2, "--steps", 20, "--tensorboard", "--run-dir", tmp_path)
+    try:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    except ImportError:
+        assert r.returncode == 2 and "pip install 'mpitrain[tensorboard]'" in r.stderr, r.stderr
+        return
+    assert r.returncode == 0, r.stderr
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    losses = [e.value for e in events.Scalars("train/loss")]
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"train"' in x]
+    assert np.allclose(losses, [x["loss"] for x in lines]) and "eval/eval_accuracy" in events.Tags()["scalars"]
