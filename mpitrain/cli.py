@@ -8,23 +8,9 @@ sync check names the ranks that differ from rank 0).
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
-from .config import UsageError
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse that reports mistakes as UsageError and prints help on one rank only."""
-
-    quiet = False
-
-    def error(self, message):
-        raise UsageError(message)
-
-    def _print_message(self, message, file=None):
-        if not self.quiet:
-            super()._print_message(message, file)
+from .config import Parser, UsageError
 
 
 def agree_on_error(world, error: str | None) -> bool:

@@ -23,6 +23,19 @@ class UsageError(Exception):
     """A mistake in what the user asked for: reported as one line, exit code 2."""
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse that reports mistakes as UsageError and prints help on one rank only."""
+
+    quiet = False
+
+    def error(self, message):
+        raise UsageError(message)
+
+    def _print_message(self, message, file=None):
+        if not self.quiet:
+            super()._print_message(message, file)
+
+
 def user_function(spec: str, what: str):
     """The callable a `package.module:function` names (a user's model or dataset)."""
     module_name, func_name = spec.split(":", 1)

@@ -115,8 +115,10 @@ class ArrayData:
         self._x = {"train": x_train, "test": x_train[:0] if x_test is None else np.asarray(x_test)}
         if not lm:
             if y_train is None or (x_test is not None and y_test is None):
-                raise UsageError(f"{name}: a classifier's x_train and x_test need y_train and y_test, one label per row")
-            self._y = {"train": np.asarray(y_train), "test": np.asarray(y_train)[:0] if y_test is None else np.asarray(y_test)}
+                raise UsageError(f"{name}: a classifier's x_train and x_test need y_train and y_test, "
+                                 "one label per row")
+            y_train = np.asarray(y_train)
+            self._y = {"train": y_train, "test": y_train[:0] if y_test is None else np.asarray(y_test)}
             for split in ("train", "test"):
                 if len(self._y[split]) != len(self._x[split]):
                     raise UsageError(f"{name}: x_{split} and y_{split} must have one label per row")

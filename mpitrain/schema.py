@@ -112,7 +112,8 @@ def _walk(group: h5py.Group, prefix: str, faults: list, found: dict):
             link = group.get(name, getlink=True)
             if not isinstance(link, h5py.HardLink):
                 target = getattr(link, "filename", "") + ":" + getattr(link, "path", "?")
-                faults.append(f"{where}: a link ({type(link).__name__} to {target.lstrip(':')}); a checkpoint holds none")
+                faults.append(f"{where}: a link ({type(link).__name__} to {target.lstrip(':')}); "
+                              "a checkpoint holds none")
                 continue
             obj = group[name]
         except DAMAGE as e:
@@ -286,9 +287,10 @@ def check_isolated(path, full: bool = True) -> list[str]:
     cmd = [sys.executable, "-m", "mpitrain.schema"] + (["--full"] if full else []) + [str(path)]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=deadline)
+        how = f"signal {-done.returncode}" if done.returncode < 0 else f"exit {done.returncode}"
+        last = (done.stderr.strip().splitlines() or ["no message"])[-1][:160]
         faults = json.loads(done.stdout) if done.returncode == 0 else \
-            [f"reading it ended the checker with {'signal ' + str(-done.returncode) if done.returncode < 0 else 'exit ' + str(done.returncode)} "
-             f"({(done.stderr.strip().splitlines() or ['no message'])[-1][:160]})"]
+            [f"reading it ended the checker with {how} ({last})"]
     except subprocess.TimeoutExpired:
         faults = [f"reading it did not finish in {deadline:.0f} s (a damaged file can send HDF5 into a loop)"]
     except ValueError:

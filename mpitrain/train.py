@@ -171,7 +171,8 @@ def train(run: Run, world) -> dict:
     steps_run = cfg.steps - run.start_step
     mean_wire = world.allreduce_(np.array([wire_total - run.wire_bytes_total], dtype=np.float64))[0] / world.size
     summary = {"steps": cfg.steps, "steps_run": steps_run, "world_size": world.size,
-               "wall_time_s": time.perf_counter() - started, **result, "skipped_steps": skipped, "rebroadcasts": rebroadcasts,
+               "wall_time_s": time.perf_counter() - started, **result, "skipped_steps": skipped,
+               "rebroadcasts": rebroadcasts,
                "wire_bytes_per_rank": mean_wire, "dense_bytes_per_rank": exchange.layout.dense_bytes * steps_run,
                "wire_bytes_eval_per_rank": eval_bytes, "run_dir": cfg.run_dir}
     log.summary(summary)

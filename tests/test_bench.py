@@ -32,3 +32,16 @@ def test_bench_convergence_rejects_an_unknown_job_or_arm_in_one_line(tmp_path):
         r = mpi(2, ["-m", "mpitrain", "bench", "convergence", flag, name, "--out", tmp_path])
         assert r.returncode == 2 and r.stderr.count("mpitrain: error:") == 1, r.stderr
         assert "Traceback" not in r.stderr and name.split(",")[-1] in r.stderr
+
+
+def test_bench_list_names_every_benchmark_and_each_writes_csv_and_png(tmp_path):
+    r = mpi(1, ["-m", "mpitrain", "bench", "--list"])
+    assert r.returncode == 0, r.stderr
+    names = [line.split()[0] for line in r.stdout.splitlines()]
+    assert names == ["allreduce", "compress", "convergence", "checkpoint", "bytes-to-target", "guard"]
+    r = mpi(2, ["-m", "mpitrain", "bench", "allreduce", "--repeats", 2, "--out", tmp_path])
+    assert r.returncode == 0, r.stderr
+    rows = (tmp_path / "allreduce-n2.csv").read_text().splitlines()
+    assert rows[0].startswith("model,ranks,bytes,") and len(rows) == 4
+    from matplotlib import image
+    assert image.imread(tmp_path / "allreduce-n2.png").shape[0] > 100

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from mpitrain import compress
-from mpitrain.cli import Parser
+from mpitrain.config import Parser
 from mpitrain.comm import World
 from mpitrain.config import add_arguments, resolve
 from mpitrain.layout import GradLayout

@@ -18,7 +18,7 @@ import h5py
 import numpy as np
 
 from mpitrain import compress, inspect, schema, train
-from mpitrain.cli import Parser
+from mpitrain.config import Parser
 from mpitrain.comm import World
 from mpitrain.config import UsageError, add_arguments, resolve
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from mpitrain import compress, train
-from mpitrain.cli import Parser
+from mpitrain.config import Parser
 from mpitrain.comm import World
 from mpitrain.config import add_arguments, resolve
 

@@ -1,0 +1,50 @@
+"""The house rules that keep the package simple: imports point one way, only comm.py touches MPI."""
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "mpitrain"
+
+
+def module_imports() -> dict:
+    """mpitrain module -> the mpitrain modules it imports at its top level (not inside functions)."""
+    graph = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        package = ".".join(parts[:-1])
+        found = set()
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                target = f"{base}.{node.module}" if node.module else base
+                found.add(target)
+                found |= {f"{target}.{a.name}" for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                found.add(node.module)
+            elif isinstance(node, ast.Import):
+                found |= {a.name for a in node.names}
+        graph[name] = found
+    return graph
+
+
+def test_no_circular_imports_between_modules():
+    graph = module_imports()
+    edges = {m: {t for t in targets if t in graph and t != m} for m, targets in graph.items()}
+    state = {}
+
+    def visit(m, path):
+        if state.get(m) == "done":
+            return
+        assert state.get(m) != "open", "import cycle: " + " -> ".join(path + [m])
+        state[m] = "open"
+        for t in edges[m]:
+            if not m.startswith(t + "."):  # a module importing its own package's __init__ is not a cycle
+                visit(t, path + [m])
+        state[m] = "done"
+    for m in edges:
+        visit(m, [])
+
+
+def test_only_comm_imports_mpi4py():
+    users = sorted(m for m, targets in module_imports().items() if any(t.startswith("mpi4py") for t in targets))
+    assert users == ["mpitrain.comm"]
