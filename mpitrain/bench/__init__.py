@@ -1,0 +1,94 @@
+"""Benchmarks: `python -m mpitrain bench WHAT [--out DIR]`, run under mpiexec like training;
+`python -m mpitrain bench --list` names them. One module per benchmark, shared helpers in common.py.
+
+  allreduce   the trainer's dense aggregation path against a bare mpi4py Allreduce of the same
+              bytes, interleaved in one run, for the default models.
+  compress    per model and compressor (dense, greedylore, greedylore-paper, powersgd, random, lazy
+              at r = 4, 8, 32): bytes counted on a refresh and on a compressed step, amortised
+              over the refresh schedule; compressor time against one forward+backward; the
+              paper's probe scores against the full projection. Models: the defaults and the
+              layer shapes of a 125M transformer.
+  convergence --jobs (digits MLP, mnist1d ResNet, the character LM at 600 or 3000 steps) trained
+              to the end with each of --arms at --rank, same steps and seeds: final eval metric,
+              wire bytes (without the measuring Allreduce), mean captured / captured_optimal,
+              and convergence.png (eval metric against step and against bytes; needs matplotlib).
+  checkpoint  a ~100 MB model (25M parameters, SGD momentum, greedylore bases and residuals): the
+              checkpoint's write (fsync, rename) and load against a raw fsynced write and a read
+              of as many bytes in the same run; the training stall a checkpoint costs, in steps.
+  bytes-to-target   the paper's experiment: L2-regularised logistic regression on the bundled
+              breast-cancer set (rows split across the ranks), compressed gradient descent with
+              step 1/L, until ||x - x*||^2 / ||x0 - x*||^2 <= 1e-4: bytes to get there for fp32
+              ("basic"), the best top-k, sparse dithering (det nu=0.1, rand omega=0.25), spherical
+              (alpha=0.2), qsgd and natural; bytes-to-target.png (needs matplotlib).
+
+  guard       the default job with the stall watchdog and the sync check off, on, and checking
+              every step: median wall time and overhead against off.
+
+Each writes WHAT-n<ranks>.json, .md, .csv (one per table) and .png (when matplotlib is there)
+into --out (rank 0) and prints the table.
+"""
+from __future__ import annotations
+from __future__ import annotations
+
+import importlib
+import os
+
+import torch
+
+from ..config import Parser
+from .convergence import CONVERGENCE_ARMS, CONVERGENCE_JOBS
+from .common import write_tables
+
+MODULES = ("allreduce", "compress", "convergence", "checkpoint", "target", "guard")
+
+
+def benchmarks() -> dict:
+    """name -> module, in the order --list shows them."""
+    found = [importlib.import_module(f".{m}", __name__) for m in MODULES]
+    return {mod.NAME: mod for mod in found}
+
+
+def parse(argv, world):
+    known = benchmarks()
+    parser = Parser(prog="mpitrain bench", description="Measure the trainer; `mpitrain bench --list` names the "
+                    "benchmarks.")
+    parser.quiet = world.rank != 0
+    parser.add_argument("what", nargs="?", choices=list(known))
+    parser.add_argument("--list", action="store_true", help="name every benchmark with one line on what it measures")
+    parser.add_argument("--out", default="bench", help="folder for the JSON, Markdown, CSV and PNG results")
+    parser.add_argument("--repeats", type=int, default=100, help="timed repetitions per case")
+    parser.add_argument("--jobs", default="", help="convergence: comma-separated jobs (default digits-mlp,"
+                        "shakespeare-transformer-600; also mnist1d-resnet, shakespeare-transformer: 3000 steps)")
+    parser.add_argument("--arms", default="", help="convergence: comma-separated arms (default: all of "
+                        + ", ".join(CONVERGENCE_ARMS) + ")")
+    parser.add_argument("--rank", type=int, default=4, help="convergence: --rank of every low-rank arm")
+    args = parser.parse_args(argv)
+    if not args.list and not args.what:
+        parser.error("name a benchmark (mpitrain bench --list shows them)")
+    args.jobs = _choose(parser, "job", args.jobs, CONVERGENCE_JOBS, ["digits-mlp", "shakespeare-transformer-600"])
+    args.arms = _choose(parser, "arm", args.arms, CONVERGENCE_ARMS, list(CONVERGENCE_ARMS))
+    return args
+
+
+def _choose(parser, what: str, text: str, known: dict, default: list[str]) -> list[str]:
+    names = [x for x in text.split(",") if x] or default
+    unknown = [x for x in names if x not in known]
+    if unknown:
+        parser.error(f"unknown {what} {', '.join(unknown)}; choose from {', '.join(known)}")
+    return names
+
+
+def main(args, world) -> int:
+    known = benchmarks()
+    if args.list:
+        if world.rank == 0:
+            for name, mod in known.items():
+                print(f"{name:16} {mod.ABOUT}")
+        return 0
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world.local_size))
+    os.makedirs(args.out, exist_ok=True)
+    module = known[args.what]
+    tables = module.run(world, args)
+    if world.rank == 0:
+        print(write_tables(args.out, args.what, world, tables, getattr(module, "png", None)), end="")
+    return 0

@@ -1,0 +1,54 @@
+"""A ~100 MB checkpoint's write and load against raw file I/O, and the stall it costs."""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+
+from .. import checkpoint, models, train
+from ..config import Config
+from .common import timed
+
+NAME = "checkpoint"
+ABOUT = "a ~100 MB checkpoint: write, load and verify against raw I/O; the stall in steps"
+
+
+def bench_checkpoint(world, out: str, repeats: int = 3) -> list[dict]:
+    cfg = dataclasses.replace(Config(), model="mpitrain.bench.checkpoint:mlp_100mb", compressor="greedylore",
+                              steps=10 ** 6, start_compress_step=0, run_dir=os.path.join(out, "checkpoint-run"),
+                              resume="none",
+                              keep_last=1, progress="never")
+    run = train.prepare(cfg, world)
+    train.resume(run, world)
+    step_s = timed(lambda: (train.backward(run, 0), run.exchange.average(1), run.optimizer.step()), 3)
+    nbytes = 4 * run.layout.numel
+    saved = []
+    save_s = timed(lambda: saved.append(checkpoint.save(run, world, len(saved) + 1)), repeats)
+    path = saved[-1]
+    size = os.path.getsize(path) if world.rank == 0 else 0
+    raw = os.path.join(out, "raw.bin")
+    blob = np.random.default_rng(0).integers(0, 255, size, dtype=np.uint8)  # the checkpoint's byte count
+
+    def raw_write():
+        with open(raw, "wb") as fh:
+            fh.write(blob.tobytes())
+            fh.flush()
+            os.fsync(fh.fileno())
+    raw_write_s = timed(raw_write, repeats)
+    read_s = timed(lambda: checkpoint.load(path, run, world), repeats)
+    verify_s = timed(lambda: checkpoint.verify(path), repeats) if world.rank == 0 else 0.0
+    raw_read_s = timed(lambda: np.fromfile(raw, dtype=np.uint8), repeats)
+    return [{"params": run.layout.numel, "model_mb": nbytes / 1e6, "file_mb": size / 1e6,
+             "save_s": save_s, "raw_write_s": raw_write_s, "write_ratio": raw_write_s / save_s,
+             "save_mb_per_s": size / 1e6 / save_s, "load_s": read_s, "verify_s": verify_s, "raw_read_s": raw_read_s,
+             "read_ratio": raw_read_s / read_s, "step_s": step_s, "stall_steps": save_s / step_s}]
+
+
+def mlp_100mb(info):
+    """25M parameters (100 MB of fp32 weights) for the checkpoint benchmark."""
+    return models.mlp(info, hidden=(4900, 4900))
+
+
+def run(world, args) -> dict:
+    return {"checkpoint": bench_checkpoint(world, args.out)}

@@ -1,0 +1,97 @@
+"""What the benchmarks share: the default models, timing, tables and pictures."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import time
+
+import numpy as np
+import torch
+
+from .. import models
+from ..data import Dataset, locate
+from ..layout import GradLayout
+
+DEFAULT_MODELS = (("mlp", "digits"), ("cnn", "digits"), ("transformer", "shakespeare"))
+
+
+def layout_of(model_name: str, dataset: str, seed: int = 0) -> GradLayout:
+    torch.manual_seed(seed)
+    return GradLayout(models.build(model_name, Dataset(locate(dataset)).info))
+
+
+def median_max(world, samples: np.ndarray) -> float:
+    """Median over repeats of the slowest rank's time (a collective is as slow as its slowest rank)."""
+    world.allreduce_(samples, op="max")
+    return float(np.median(samples))
+
+
+def timed(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def pyplot():
+    """matplotlib's pyplot for files, or None (plots are optional: pip install matplotlib)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        return plt
+    except ImportError:
+        print("bench: matplotlib is not installed; plots skipped (pip install matplotlib)")
+        return None
+
+
+def markdown(rows: list[dict]) -> str:
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else ("" if v is None else str(v))  # noqa: E731
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(fmt(r.get(k)) for k in keys) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_tables(out: str, what: str, world, tables: dict, png=None):
+    """WHAT-n<ranks>.json, .md and one CSV per table into `out`, and a PNG when matplotlib is there
+    (`png(tables, path)`, or a bar chart of each table's first numeric column)."""
+    stem = os.path.join(out, f"{what}-n{world.size}")
+    with open(stem + ".json", "w") as fh:
+        json.dump({"benchmark": what, "mpi": world.library_version(), "ranks": world.size, "tables": tables}, fh,
+                  indent=2)
+    text = "".join(f"\n### {name}\n\n" + markdown(rows) for name, rows in tables.items())
+    with open(stem + ".md", "w") as fh:
+        fh.write(text)
+    for i, (name, rows) in enumerate(tables.items()):
+        keys = list(dict.fromkeys(k for r in rows for k in r))
+        with open(stem + (f"-{i}" if len(tables) > 1 else "") + ".csv", "w", newline="") as fh:
+            writer = csv.DictWriter(fh, keys)
+            writer.writeheader()
+            writer.writerows(rows)
+    if pyplot() is not None:
+        (png or bar_chart)(tables, stem + ".png")
+    return text
+
+
+def bar_chart(tables: dict, path: str):
+    """One panel per table: its first measured number per row, rows labelled by their text columns."""
+    plt = pyplot()
+    fig, axes = plt.subplots(len(tables), 1, figsize=(9, 3.2 * len(tables)), squeeze=False)
+    for ax, (name, rows) in zip(axes[:, 0], tables.items()):
+        numeric = [k for k in rows[0] if isinstance(rows[0][k], float)] if rows else []
+        if not numeric:
+            continue
+        key = numeric[0]
+        labels = [" ".join(str(v) for v in r.values() if isinstance(v, str)) or str(i) for i, r in enumerate(rows)]
+        ax.barh(range(len(rows)), [r.get(key) or 0.0 for r in rows], color="C0")
+        ax.set_yticks(range(len(rows)), labels, fontsize=7)
+        ax.set_xlabel(key)
+        ax.set_title(name, fontsize=9)
+        ax.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,104 @@
+"""Bytes and time per compressor on the default models and a 125M transformer's shapes."""
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import numpy as np
+import torch
+
+from .. import compress, models
+from ..config import Config
+from ..data import Dataset, locate
+from ..layout import GradLayout
+from .common import DEFAULT_MODELS, timed
+
+NAME = "compress"
+ABOUT = "bytes per step and compressor time against forward+backward, default models and 125M shapes"
+
+
+LM_125M = {"vocab_size": 32000, "seq_len": 128, "d": 768, "layers": 12, "heads": 12, "ffn": 3072}
+ARMS = [("dense", {}), *[(f"{name}-r{r}", {"compressor": c, "select": sel, "rank": r})
+                          for r in (4, 8, 32)
+                          for name, c, sel in (("greedylore", "greedylore", "greedy"),
+                                               ("greedylore-paper", "greedylore-paper", "greedy"),
+                                               ("powersgd", "powersgd", "greedy"),
+                                               ("random", "greedylore-paper", "random"),
+                                               ("lazy", "greedylore-paper", "lazy"))]]
+
+
+def _fwd_bwd_case(name: str):
+    """A model and one forward+backward closure at the default per-rank batch."""
+    torch.manual_seed(0)
+    if name == "transformer-125m":
+        model = models.TransformerLM(**LM_125M)
+        x = torch.randint(0, LM_125M["vocab_size"], (4, LM_125M["seq_len"]))
+        y, task = torch.roll(x, -1, 1), "lm"
+    else:
+        ds = Dataset(locate(dict(DEFAULT_MODELS)[name]))
+        model = models.build(name, ds.info)
+        xs, ys = ds.rows("train", np.arange(32))
+        x, y, task = torch.from_numpy(xs), torch.from_numpy(ys), ds.info["task"]
+    layout = GradLayout(model)
+
+    def fwd_bwd():
+        layout.zero_grad()
+        models.loss_and_metric(model(x), y, task)[0].backward()
+    return layout, fwd_bwd
+
+
+def bench_compress(world, repeats: int) -> list[dict]:
+    rows = []
+    for case in [m for m, _ in DEFAULT_MODELS] + ["transformer-125m"]:
+        layout, fwd_bwd = _fwd_bwd_case(case)
+        fwd_bwd_s = timed(fwd_bwd, 2 if case.endswith("125m") else repeats)
+        grads = layout.grads.clone()
+        for arm, overrides in ARMS:
+            cfg = dataclasses.replace(Config(), start_compress_step=0, **overrides)
+            comp = compress.build(cfg, layout, world)
+            refresh_every = getattr(comp, "refresh_every", 0)
+            world.take_sent_bytes()
+
+            def step(i):
+                layout.grads.copy_(grads)
+                t0 = time.perf_counter()
+                comp.aggregate(i)
+                return time.perf_counter() - t0
+            first_s, first_bytes = step(0), world.take_sent_bytes()
+            n = 2 if case.endswith("125m") else repeats
+            step_s = float(np.median([step(1 + k) for k in range(n)]))
+            step_bytes = world.take_sent_bytes() // n
+            refreshes = refresh_every > 0  # a dense step + SVD every refresh_every steps
+            amortised_bytes = (first_bytes + (refresh_every - 1) * step_bytes) / refresh_every if refreshes else step_bytes
+            amortised_s = (first_s + (refresh_every - 1) * step_s) / refresh_every if refreshes else step_s
+            rows.append({"model": case, "arm": arm, "params": layout.numel,
+                         "compressed_matrices": len(getattr(comp, "slots", [])),
+                         "directions": sum(getattr(comp, "r", [])),
+                         "bytes_refresh_step": first_bytes if refreshes else None, "bytes_step": step_bytes,
+                         "bytes_amortised": amortised_bytes, "dense_over_wire": layout.dense_bytes / amortised_bytes,
+                         "compress_s_step": step_s, "refresh_s": first_s if refreshes else None,
+                         "fwd_bwd_s": fwd_bwd_s, "compress_over_fwd_bwd": amortised_s / fwd_bwd_s})
+    return rows
+
+
+def bench_scores(world, repeats: int) -> list[dict]:
+    """Probe-estimated energies, O(d D k + d^2 k), against the full projection U^T X, O(d^2 D)."""
+    rows = []
+    for case in [m for m, _ in DEFAULT_MODELS] + ["transformer-125m"]:
+        layout, _ = _fwd_bwd_case(case)
+        layout.grads.normal_()
+        for r in (4, 32):
+            timing = {}
+            for scores in ("probe", "exact"):
+                cfg = dataclasses.replace(Config(), compressor="greedylore-paper", rank=r, scores=scores,
+                                          start_compress_step=0)
+                comp = compress.build(cfg, layout, world)
+                comp.aggregate(0)  # the refresh that makes the bases
+                timing[scores] = timed(lambda: comp.select(1), 2 if case.endswith("125m") else repeats)
+            rows.append({"model": case, "rank": r, "probes": Config.probes, "probe_scores_s": timing["probe"],
+                         "full_projection_s": timing["exact"], "speedup": timing["exact"] / timing["probe"]})
+    return rows
+
+
+def run(world, args) -> dict:
+    return {"compress": bench_compress(world, args.repeats), "scores": bench_scores(world, args.repeats)}

@@ -1,0 +1,102 @@
+"""Jobs trained to the end with each arm: final metric, wire bytes, captured energy, plots."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+
+from .. import train
+from ..config import Config
+from .common import pyplot
+
+NAME = "convergence"
+ABOUT = "--jobs trained to the end with each of --arms: final metric against wire bytes"
+
+
+LM = {"model": "transformer", "dataset": "shakespeare", "optimizer": "adam", "lr": 3e-3, "batch_size": 16,
+      "eval_every": 100, "warmup_steps": 30}
+CONVERGENCE_JOBS = {
+    "digits-mlp": {},
+    "mnist1d-resnet": {"model": "resnet", "dataset": "mnist1d", "steps": 600, "lr": 0.02},
+    "shakespeare-transformer": {**LM, "steps": 3000},
+    "shakespeare-transformer-600": {**LM, "steps": 600, "eval_every": 50},
+}
+# greedylore (16- or 32-bit factors) at --rank r spends the bytes powersgd spends at rank r: equal
+# bytes. greedylore-paper and powersgd send the literal rank r: equal rank.
+CONVERGENCE_ARMS = {"dense": {}, "powersgd": {"compressor": "powersgd"},
+                    "greedylore-paper": {"compressor": "greedylore-paper"},
+                    "greedylore": {"compressor": "greedylore"},
+                    "greedylore-fp32": {"compressor": "greedylore", "factor_bits": 32},
+                    "random": {"compressor": "greedylore-paper", "select": "random"},
+                    "lazy": {"compressor": "greedylore-paper", "select": "lazy"}}
+
+
+def bench_convergence(world, out: str, jobs: list[str], arms: list[str], rank: int = 4) -> list[dict]:
+    rows = []
+    for job in jobs:
+        for arm in arms:
+            settings, overrides = CONVERGENCE_JOBS[job], CONVERGENCE_ARMS[arm]
+            cfg = dataclasses.replace(Config(), rank=rank, progress="never", log_every=10**9, resume="none",
+                                      contraction_every=50 if arm != "dense" else 0,
+                                      run_dir=os.path.join(out, "convergence", f"{job}-{arm}"), **settings, **overrides)
+            run = train.prepare(cfg, world)
+            train.resume(run, world)
+            summary = train.train(run, world)
+            metric = "eval_bpc" if "eval_bpc" in summary else "eval_accuracy"
+            # the measuring Allreduce (contraction_every) is counted in wire bytes: take it out
+            train_bytes = summary["wire_bytes_per_rank"] - _measuring_bytes(cfg.run_dir)
+            captured = _mean_of(cfg.run_dir, "captured"), _mean_of(cfg.run_dir, "captured_optimal")
+            rows.append({"job": job, "arm": arm, "rank": rank, "steps": cfg.steps, metric: summary[metric],
+                         "wire_mb_per_rank": train_bytes / 1e6,
+                         "dense_over_wire": summary["dense_bytes_per_rank"] / train_bytes,
+                         "captured": captured[0], "captured_optimal": captured[1],
+                         "wall_time_s": summary["wall_time_s"], "run_dir": cfg.run_dir})
+    if world.rank == 0:
+        _plot_convergence(rows, os.path.join(out, "convergence.png"))
+    return rows
+
+
+def _train_lines(run_dir: str) -> list[dict]:
+    with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
+        return [x for x in map(json.loads, fh) if x["kind"] == "train"]
+
+
+def _measuring_bytes(run_dir: str) -> int:
+    """What the contraction measurements added: one dense Allreduce of the compressed matrices."""
+    return sum(x.get("measuring_bytes", 0) for x in _train_lines(run_dir))
+
+
+def _mean_of(run_dir: str, key: str) -> float | None:
+    values = [x[key] for x in _train_lines(run_dir) if key in x]
+    return float(np.mean(values)) if values else None
+
+
+def _plot_convergence(rows: list[dict], path: str):
+    plt = pyplot()
+    if plt is None:
+        return
+    jobs = list(dict.fromkeys(r["job"] for r in rows))
+    fig, axes = plt.subplots(len(jobs), 2, figsize=(11, 4 * len(jobs)), squeeze=False)
+    for row_axes, job in zip(axes, jobs):
+        for r in (r for r in rows if r["job"] == job):
+            with open(os.path.join(r["run_dir"], "metrics.jsonl")) as fh:
+                evals = [e for e in map(json.loads, fh) if e["kind"] == "eval"]
+            metric = "eval_bpc" if "eval_bpc" in evals[0] else "eval_accuracy"
+            ys = [e[metric] for e in evals]
+            row_axes[0].plot([e["step"] for e in evals], ys, marker=".", label=r["arm"])
+            row_axes[1].plot([e["wire_bytes_total"] / 1e6 for e in evals], ys, marker=".", label=r["arm"])
+        for ax, xlabel in zip(row_axes, ("step", "cumulative wire MB per rank")):
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(metric.replace("eval_", "eval "))
+            ax.set_title(job)
+            ax.grid(alpha=0.3)
+            ax.legend()
+        row_axes[1].set_xscale("log")
+    fig.tightlayout_of()
+    fig.savefig(path, dpi=110)
+
+
+def run(world, args) -> dict:
+    return {"convergence": bench_convergence(world, args.out, args.jobs, args.arms, args.rank)}
