@@ -75,7 +75,9 @@ def main() -> int:
             mpitrain.save_checkpoint(args.run_dir, done, exchange, optimizer, epoch=batches.epoch_of(done),
                                      extra_json={"example": "digits_loop", "loss": averaged.loss})
         if averaged.stop:  # SIGUSR1/SIGTERM reached some rank: checkpointed, ask to be requeued
+            mpitrain.wait_for_checkpoints()  # rank 0 writes in the background
             return 75
+    mpitrain.wait_for_checkpoints()
 
     x, y = data.rows("test", np.arange(world.rank, data.n_test, world.size))
     result = {"eval_accuracy": accuracy(model, x, y, world), "steps": args.steps,

@@ -2,7 +2,8 @@
 
 The command is `python -m mpitrain`; the library for your own training loop is
 
-    init, Exchange, Averaged, save_checkpoint, load_checkpoint, Resumed, request_stop, set_threads
+    init, Exchange, Averaged, save_checkpoint, load_checkpoint, Resumed, request_stop, set_threads,
+    wait_for_checkpoints
     ShardedBatches, ArrayData, TorchData, batch_for
 
 (see mpitrain/api.py). `import mpitrain` loads none of them, nor torch or mpi4py, until one is used;
@@ -15,7 +16,8 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {**{name: "api" for name in ("init", "Exchange", "Averaged", "Diverged", "save_checkpoint",
-                                        "load_checkpoint", "Resumed", "request_stop", "set_threads")},
+                                        "load_checkpoint", "Resumed", "request_stop", "set_threads",
+                                        "wait_for_checkpoints")},
             **{name: "data" for name in ("ShardedBatches", "ArrayData", "TorchData", "batch_for")}}
 __all__ = sorted(_EXPORTS)
 

@@ -213,14 +213,21 @@ def _parts(exchange: Exchange, optimizer, **cfg_changes) -> _Parts:
 
 def save_checkpoint(run_dir: str, step: int, exchange: Exchange, optimizer: torch.optim.Optimizer, *,
                     epoch: int = 0, keep_last: int | None = None, wire_bytes_total: int | None = None,
-                    extra: dict | None = None, extra_json=None) -> Path | None:
+                    extra: dict | None = None, extra_json=None, background: bool = True) -> Path | None:
     """Every rank calls it; rank 0 writes RUN_DIR/checkpoints/ckpt-STEP.h5 atomically and moves
     `latest`. `extra`: the caller's own arrays by name; `extra_json`: any JSON-able value.
-    Returns the path on rank 0, None elsewhere."""
+    background: rank 0 copies the state into host buffers and returns; a thread writes and fsyncs
+    (one write at a time; `wait_for_checkpoints()` before exiting). Returns the path on rank 0
+    (on disk once `latest` names it), None elsewhere."""
     parts = _parts(exchange, optimizer, run_dir=str(run_dir), keep_last=exchange.cfg.keep_last
                    if keep_last is None else keep_last)
     total = exchange.wire_bytes_total if wire_bytes_total is None else wire_bytes_total
-    return checkpoint.save(parts, exchange.world, step, epoch, total, extra or {}, extra_json)
+    return checkpoint.save(parts, exchange.world, step, epoch, total, extra or {}, extra_json, background)
+
+
+def wait_for_checkpoints():
+    """Until rank 0's background checkpoint write (if any) is on disk; re-raises its failure."""
+    checkpoint.WRITER.wait()
 
 
 def load_checkpoint(exchange: Exchange, optimizer: torch.optim.Optimizer, resume: str = "auto",
@@ -230,6 +237,7 @@ def load_checkpoint(exchange: Exchange, optimizer: torch.optim.Optimizer, resume
     checks the file first; a file that fails or does not fit raises UsageError on every rank.
     Returns None when there is nothing to resume, after every rank took rank 0's parameters."""
     world = exchange.world
+    wait_for_checkpoints()
     parts = _parts(exchange, optimizer, resume=resume, run_dir=str(run_dir or exchange.cfg.run_dir))
     path, error = None, None
     if world.rank == 0:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import threading
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -57,16 +58,22 @@ def step_of(path: Path) -> int | None:
 
 # -- writing -----------------------------------------------------------------------------------
 
-def _dataset(group: h5py.Group, name: str, value):
-    """One array (or JSON text) as a chunked, checksummed dataset."""
-    if isinstance(value, str):
-        data = np.array([value.encode("utf-8")])
-        return group.create_dataset(name, data=data, chunks=True, fletcher32=True)
+def as_array(value) -> tuple[np.ndarray, str]:
+    """A tensor or array as numpy (bf16 as its uint16 bits) and the dtype name to declare."""
     arr = value.detach().cpu() if isinstance(value, torch.Tensor) else value
     dtype_name = str(arr.dtype).replace("torch.", "")
     if isinstance(arr, torch.Tensor):
         arr = arr.view(torch.int16).numpy().view(np.uint16) if arr.dtype == torch.bfloat16 else arr.numpy()
-    arr = np.asarray(arr)
+    return np.asarray(arr), dtype_name
+
+
+def _dataset(group: h5py.Group, name: str, value):
+    """One array (a tensor, an array, or an (array, dtype name) snapshot) or JSON text as a chunked,
+    checksummed dataset."""
+    if isinstance(value, str):
+        data = np.array([value.encode("utf-8")])
+        return group.create_dataset(name, data=data, chunks=True, fletcher32=True)
+    arr, dtype_name = value if isinstance(value, tuple) else as_array(value)
     shape, scalar = arr.shape, arr.ndim == 0
     if scalar:
         arr = arr.reshape(1)
@@ -119,10 +126,53 @@ def ef_policy(cfg, compressor) -> str:
     return cfg.ef_resume
 
 
+class Writer:
+    """Rank 0's checkpoint writer: one write at a time, in a background thread, from a snapshot held
+    in host buffers that are reused from one checkpoint to the next."""
+
+    def __init__(self):
+        self._thread, self._error, self._buffers = None, None, {}
+
+    def snapshot(self, key: str, value) -> tuple[np.ndarray, str]:
+        arr, dtype_name = as_array(value)
+        buf = self._buffers.get(key)
+        if buf is None or buf.shape != arr.shape or buf.dtype != arr.dtype:
+            buf = self._buffers[key] = np.empty_like(arr)
+        np.copyto(buf, arr)
+        return buf, dtype_name
+
+    def submit(self, write):
+        self.wait()
+        self._thread = threading.Thread(target=self._run, args=(write,), name="mpitrain-checkpoint")
+        self._thread.start()
+
+    def _run(self, write):
+        try:
+            write()
+        except BaseException as e:  # re-raised in the training thread by wait()
+            self._error = e
+
+    def busy(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def wait(self):
+        """Until the write in flight (if any) is on disk and `latest` names it; re-raises its failure."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise RuntimeError(f"writing a checkpoint failed: {type(error).__name__}: {error}") from error
+
+
+WRITER = Writer()
+
+
 def save(run, world, step: int, epoch: int = 0, wire_bytes_total: int = 0, extra: dict | None = None,
-         extra_json=None) -> Path | None:
-    """Every rank calls this (it gathers per-rank state); rank 0 writes. Returns the path on rank 0.
-    `run` has cfg, model, optimizer, compressor and layout; `extra` (arrays by name) and
+         extra_json=None, background: bool = False) -> Path | None:
+    """Every rank calls this (it gathers per-rank state); rank 0 writes, in the background when asked
+    (after a snapshot into host buffers; `WRITER.wait()` until it is on disk). Returns the path on
+    rank 0. `run` has cfg, model, optimizer, compressor and layout; `extra` (arrays by name) and
     `extra_json` are the caller's own, stored under /user and /user_json."""
     cfg = run.cfg
     bad = [k for k in (extra or {}) if not isinstance(k, str) or not k or "/" in k or k.startswith(".")]
@@ -141,50 +191,64 @@ def save(run, world, step: int, epoch: int = 0, wire_bytes_total: int = 0, extra
     rng = world.gather(torch.get_rng_state().numpy())
     if world.rank != 0:
         return None
+    WRITER.wait()  # never two writes at once, and the snapshot buffers are free again
+    snap, opt = WRITER.snapshot, run.optimizer.state_dict()
+    model = {name: snap(f"model/{name}", t) for name, t in run.model.state_dict().items()}
+    state = {index: {key: snap(f"state/{index}/{key}", v if isinstance(v, torch.Tensor) else np.asarray(v))
+                     for key, v in entries.items()} for index, entries in opt["state"].items()}
+    shared = {key: snap(f"shared/{key}", np.asarray(v)) for key, v in comp_state.get("shared", {}).items()}
+    user = {key: snap(f"user/{key}", v) for key, v in (extra or {}).items()}
+    attrs = {"format": FORMAT, "format_version": FORMAT_VERSION, "step": step, "epoch": int(epoch),
+             "world_size": world.size, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+             "versions": json.dumps(versions(world)), "compressor": cfg.compressor, "ef_resume": policy,
+             "wire_bytes_total": int(wire_bytes_total)}
+    texts = {"config": cfg.to_json(), "param_groups": json.dumps(opt["param_groups"]),
+             "param_names": json.dumps([name for name, _ in run.model.named_parameters()])}
     ckpt_dir = folder(cfg.run_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     for stale in ckpt_dir.glob("*.tmp-*"):  # left by a writer that was killed; never a complete file
         stale.unlink(missing_ok=True)
     path = ckpt_dir / file_name(step)
 
-    def write(tmp):
+    def write_file(tmp):
         with h5py.File(tmp, "w") as f:
-            f.attrs.update({"format": FORMAT, "format_version": FORMAT_VERSION, "step": step,
-                            "epoch": int(epoch), "world_size": world.size,
-                            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                            "versions": json.dumps(versions(world)), "compressor": cfg.compressor,
-                            "ef_resume": policy, "wire_bytes_total": int(wire_bytes_total)})
-            _dataset(f, "config", cfg.to_json())
-            model = f.create_group("model")
-            for name, tensor in run.model.state_dict().items():
-                _dataset(model, name, tensor)
-            opt = run.optimizer.state_dict()
+            f.attrs.update(attrs)
+            _dataset(f, "config", texts["config"])
+            group = f.create_group("model")
+            for name, value in model.items():
+                _dataset(group, name, value)
             group = f.create_group("optimizer")
-            group.attrs["param_names"] = json.dumps([name for name, _ in run.model.named_parameters()])
-            _dataset(group, "param_groups", json.dumps(opt["param_groups"]))
-            state = group.create_group("state")
-            for index, entries in opt["state"].items():
-                sub = state.create_group(str(index))
+            group.attrs["param_names"] = texts["param_names"]
+            _dataset(group, "param_groups", texts["param_groups"])
+            group = group.create_group("state")
+            for index, entries in state.items():
+                sub = group.create_group(str(index))
                 for key, value in entries.items():
-                    _dataset(sub, key, value if isinstance(value, torch.Tensor) else np.asarray(value))
+                    _dataset(sub, key, value)
             comp = f.create_group("compressor")
             comp.attrs["name"] = cfg.compressor
-            shared = comp.create_group("shared")
-            for key, value in comp_state.get("shared", {}).items():
-                _dataset(shared, key, np.asarray(value))
+            group = comp.create_group("shared")
+            for key, value in shared.items():
+                _dataset(group, key, value)
             if residual is not None and policy != "reset":
                 _dataset(comp.create_group("residual"), "mean" if policy == "mean" else "per_rank", residual)
             _dataset(f.create_group("rng"), "torch_cpu", rng)
-            if extra:
-                user = f.create_group("user")
-                for key, value in extra.items():
-                    _dataset(user, key, value)
+            if user:
+                group = f.create_group("user")
+                for key, value in user.items():
+                    _dataset(group, key, value)
             if user_json is not None:
                 _dataset(f, "user_json", user_json)
 
-    _atomic(path, write)
-    _atomic(ckpt_dir / "latest", lambda tmp: tmp.write_text(path.name + "\n"))
-    prune(ckpt_dir, cfg.keep_last, keep=path)
+    def write():
+        _atomic(path, write_file)
+        _atomic(ckpt_dir / "latest", lambda tmp: tmp.write_text(path.name + "\n"))
+        prune(ckpt_dir, cfg.keep_last, keep=path)
+
+    if background:
+        WRITER.submit(write)
+    else:
+        write()
     return path
 
 

@@ -22,7 +22,7 @@ def agree_on_error(world, error: str | None) -> bool:
 
 
 def train_main(argv, world) -> int:
-    from . import compress, train
+    from . import checkpoint, compress, train
     from .config import add_arguments, resolve
 
     parser = Parser(prog="mpitrain", description="MPI data-parallel training with gradient compression. "
@@ -55,6 +55,7 @@ def train_main(argv, world) -> int:
     try:
         train.train(run, world)
     except train.TrainingStopped as stop:
+        checkpoint.WRITER.wait()  # an earlier checkpoint may still be on its way to disk
         if world.rank == 0:
             print(f"mpitrain: {stop}", file=sys.stderr, flush=True)
         return stop.code

@@ -166,8 +166,10 @@ def train(run: Run, world) -> dict:
                                         wire_bytes_total=wire_total)
             world.take_sent_bytes()  # checkpoint traffic is not gradient exchange
         if averaged.stop and done < cfg.steps:
+            api.wait_for_checkpoints()
             raise TrainingStopped(REQUEUE, f"stop requested by signal: checkpoint {saved} written after step "
                                            f"{done}; exit {REQUEUE} asks the job script to requeue")
+    api.wait_for_checkpoints()
     steps_run = cfg.steps - run.start_step
     mean_wire = world.allreduce_(np.array([wire_total - run.wire_bytes_total], dtype=np.float64))[0] / world.size
     summary = {"steps": cfg.steps, "steps_run": steps_run, "world_size": world.size,

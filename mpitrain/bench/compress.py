@@ -8,13 +8,16 @@ import numpy as np
 import torch
 
 from .. import compress, models
+from ..compress.bitcodec import BitReader, BitWriter
+from ..compress.quantize import CODECS
 from ..config import Config
 from ..data import Dataset, locate
 from ..layout import GradLayout
 from .common import DEFAULT_MODELS, timed
 
 NAME = "compress"
-ABOUT = "bytes per step and compressor time against forward+backward, default models and 125M shapes"
+ABOUT = ("bytes per step and compressor time against forward+backward, default models and 125M shapes; "
+         "quantizer codec rates")
 
 
 LM_125M = {"vocab_size": 32000, "seq_len": 128, "d": 768, "layers": 12, "heads": 12, "ffn": 3072}
@@ -100,5 +103,34 @@ def bench_scores(world, repeats: int) -> list[dict]:
     return rows
 
 
+CODEC_VALUES = {"spherical": 2 ** 14}  # its encoder draws ~alpha^(-m/2) candidates per block
+
+
+def bench_codecs(world, repeats: int, d: int = 2 ** 20) -> list[dict]:
+    """Each quantizer's encode and decode of one Gaussian tensor of d values (bits included)."""
+    rows = []
+    for name, cls in CODECS.items():
+        n = CODEC_VALUES.get(name, d)
+        x = np.random.default_rng(0).standard_normal(n).astype(np.float32)
+        codec, written = cls(Config()), {}
+
+        def encode():
+            w = BitWriter()
+            codec.encode(x, w, 7)
+            written["bytes"] = w.bytes()
+
+        def decode():
+            r = BitReader(written["bytes"])
+            codec.decode(r, n, 7)
+            r.finish()
+        encode()
+        decode()  # compiled kernels are built and cached on first use
+        enc_s, dec_s = timed(encode, max(3, repeats // 10)), timed(decode, max(3, repeats // 10))
+        rows.append({"codec": name, "values": n, "bits_per_value": 8 * written["bytes"].size / n,
+                     "encode_s": enc_s, "decode_s": dec_s, "mvalues_per_s": n / (enc_s + dec_s) / 1e6})
+    return rows
+
+
 def run(world, args) -> dict:
-    return {"compress": bench_compress(world, args.repeats), "scores": bench_scores(world, args.repeats)}
+    return {"compress": bench_compress(world, args.repeats), "scores": bench_scores(world, args.repeats),
+            "codecs": bench_codecs(world, args.repeats)}
