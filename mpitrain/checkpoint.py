@@ -179,10 +179,10 @@ def save(run, world, step: int, epoch: int = 0, wire_bytes_total: int = 0, extra
     if bad:
         raise ValueError(f"extra array names must be non-empty text without '/': {bad[:3]}")
     user_json = None if extra_json is None else json.dumps(extra_json)
-    if not bool(torch.isfinite(run.layout.params).all()):
+    if not bool(torch.isfinite(torch.stack(torch.aminmax(run.layout.params))).all()):  # NaN propagates to both
         raise RuntimeError(f"refusing to write a checkpoint at step {step}: the parameters hold NaN or Inf")
     policy = ef_policy(cfg, run.compressor)
-    comp_state = run.compressor.state_dict()
+    comp_state = run.compressor.state_dict(copy=False)  # views: gathered or snapshotted below
     residual = comp_state.get("local", {}).get("residual")
     if residual is not None and policy == "mean":
         residual = world.allreduce_(np.array(residual, dtype=np.float32))  # the sum of shares: the mean residual

@@ -112,7 +112,11 @@ class World:
         self.sent_bytes += arr.nbytes
         flat = arr.reshape(-1)
         step = max(1, self.max_message_bytes // max(1, self.size * arr.itemsize))
-        for lo in range(0, max(flat.size, 1), step):
+        if flat.size <= step:  # one call, straight into the result
+            self._run("Gather", lambda: self._comm.Igather(flat, out, root=root),
+                      lambda: self._comm.Gather(flat, out, root=root))
+            return out
+        for lo in range(0, flat.size, step):
             piece = flat[lo:lo + step]
             got = np.empty((self.size, piece.size), dtype=arr.dtype) if self.rank == root else None
             self._run("Gather", lambda: self._comm.Igather(piece, got, root=root),

@@ -35,7 +35,9 @@ class Compressor:
     def aggregate(self, step: int) -> None:
         raise NotImplementedError
 
-    def state_dict(self) -> dict:
+    def state_dict(self, copy: bool = True) -> dict:
+        """{"local": this rank's arrays, "shared": arrays equal on every rank}; copy=False gives views
+        of the live buffers, for a caller that copies them before the next step."""
         return {}
 
     def load_state_dict(self, state: dict) -> None:

@@ -171,8 +171,8 @@ class LowRank(Compressor):
     def base_stats(self, compressed: bool):
         self.stats = {"compressed_matrices": len(self.slots) if compressed else 0}
 
-    def state_dict(self) -> dict:
-        return {"local": {"residual": self.residual.np.copy()}, "shared": {}}
+    def state_dict(self, copy: bool = True) -> dict:
+        return {"local": {"residual": self.residual.np.copy() if copy else self.residual.np}, "shared": {}}
 
     def load_state_dict(self, state: dict) -> None:
         residual = state["local"].get("residual")  # absent after ef_resume=reset: start from zero
@@ -474,10 +474,11 @@ class GreedyLore(LowRank):
         ranks = torch.bincount(taken, minlength=len(order)).tolist()
         return ranks, [o[:r] for o, r in zip(order, ranks)]
 
-    def state_dict(self) -> dict:
-        state = super().state_dict()
-        state["shared"] = {"bases": self.bases.np.copy(), "refreshed_at": self.refreshed_at,
-                           "warm": self.warm.np.copy(), "ranks": np.array(self.ranks, dtype=np.int64)}
+    def state_dict(self, copy: bool = True) -> dict:
+        state = super().state_dict(copy)
+        state["shared"] = {"bases": self.bases.np.copy() if copy else self.bases.np, "refreshed_at": self.refreshed_at,
+                           "warm": self.warm.np.copy() if copy else self.warm.np,
+                           "ranks": np.array(self.ranks, dtype=np.int64)}
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -562,9 +563,9 @@ class PowerSGD(LowRank):
                 col -= p[:, :j] @ (p[:, :j].t() @ col)
             col /= col.norm() + eps
 
-    def state_dict(self) -> dict:
-        state = super().state_dict()
-        state["shared"] = {"q": self.q.np.copy()}
+    def state_dict(self, copy: bool = True) -> dict:
+        state = super().state_dict(copy)
+        state["shared"] = {"q": self.q.np.copy() if copy else self.q.np}
         return state
 
     def load_state_dict(self, state: dict) -> None:

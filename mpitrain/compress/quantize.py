@@ -498,8 +498,9 @@ class Exchanged(Compressor):
         p[...] = total
         self.layout.control.copy_(self.layout.control.new_tensor(control))
 
-    def state_dict(self) -> dict:
-        return {"local": {"residual": self.residual.copy()} if self.residual is not None else {}, "shared": {}}
+    def state_dict(self, copy: bool = True) -> dict:
+        residual = self.residual if self.residual is None or not copy else self.residual.copy()
+        return {"local": {"residual": residual} if residual is not None else {}, "shared": {}}
 
     def load_state_dict(self, state: dict) -> None:
         if self.residual is not None:
