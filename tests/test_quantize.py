@@ -221,6 +221,18 @@ def test_topk_exact_support_ties_and_contraction():
         assert np.count_nonzero(y) <= k and np.sum((y - v64) ** 2) <= (1 - k / 1000) * np.sum(v64 ** 2)
 
 
+@pytest.mark.parametrize("seed", range(20))
+def test_topk_selection_is_what_a_stable_descending_sort_picks(seed):
+    rng = np.random.default_rng(seed)
+    d = int(rng.integers(1, 3000))
+    a = np.abs(rng.integers(-4, 5, d).astype(np.float32) * rng.choice([1.0, 0.5]))  # many ties, zeros
+    if seed % 2:
+        a = np.abs(rng.standard_normal(d).astype(np.float32))
+    for k in (1, max(1, d // 7), d - 1 or 1, d):
+        expected = np.sort(np.argsort(-a, kind="stable")[:k])
+        assert np.array_equal(quantize.top_k_indices(a, k), expected), (d, k)
+
+
 @pytest.mark.parametrize("name", ["sparse-dither", "qsgd", "natural", "topk", "spherical"])
 def test_edge_cases(name):
     codec = quantize.CODECS[name](cfg(block=4))
