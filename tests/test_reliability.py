@@ -94,13 +94,13 @@ def test_resume_on_another_world_size_per_compressor(tmp_path, name):
     assert r.returncode == 0, r.stderr
     tree = json.loads(run([sys.executable, "-m", "mpitrain", "inspect", "--tree", "--json",
                            tmp_path / "checkpoints" / "ckpt-000000003.h5"]).stdout)
-    r = trainer(3, "--steps", 5, *flags)
+    r = trainer(0, "--steps", 5, *flags)  # one process, no mpiexec: a world of 1
     if "/compressor/residual/per_rank" in [x["name"] for x in tree]:
         assert r.returncode == 2 and "per-rank residuals of 2 ranks" in r.stderr, r.stderr
         assert r.stderr.count("\n") == 1
-        r = trainer(3, "--steps", 5, "--ef-resume", "reset", *flags)
+        r = trainer(0, "--steps", 5, "--ef-resume", "reset", *flags)
     assert r.returncode == 0, r.stderr
-    assert "at step 3" in r.stdout and "done: 5 steps on 3 ranks" in r.stdout
+    assert "at step 3" in r.stdout and "done: 5 steps on 1 ranks" in r.stdout
 
 
 def test_fuzzed_checkpoints_never_crash_or_hang_inspect_or_resume(tmp_path):
