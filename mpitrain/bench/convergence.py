@@ -94,7 +94,7 @@ def _plot_convergence(rows: list[dict], path: str):
             ax.grid(alpha=0.3)
             ax.legend()
         row_axes[1].set_xscale("log")
-    fig.tightlayout_of()
+    fig.tight_layout()
     fig.savefig(path, dpi=110)
 
 

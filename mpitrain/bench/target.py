@@ -112,7 +112,7 @@ def _plot_target(curves: dict, arms: list[str], path: str, target: float, title:
         ax.set_ylim(target / 10, 2)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tightlayout_of()
+    fig.tight_layout()
     fig.savefig(path, dpi=110)
 
 
