@@ -21,6 +21,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -33,7 +34,9 @@ import numpy as np
 import torch
 
 from . import checkpoint, compress
+from .checkpoint import optimizer_tensors
 from .config import Config, UsageError, checked
+from .averaging import ParameterAveraging, Round
 from .layout import GradLayout
 
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
@@ -112,6 +115,9 @@ class Exchange:
             raise UsageError(f"model {self.cfg.model}: {e}") from None
         self.model, self.world = model, world
         self.compressor = compress.build(self.cfg, self.layout, world)
+        self.averaging = None if self.cfg.average_every == 1 else ParameterAveraging(
+            self.layout, world, self.compressor, self.cfg.average_every, self.cfg.outer_optimizer,
+            self.cfg.outer_lr, self.cfg.outer_momentum, self.cfg.seed)
         self.wire_bytes_total = 0
         self._share = None
 
@@ -120,43 +126,89 @@ class Exchange:
 
     def backward(self, loss: torch.Tensor):
         """Backward of this rank's share of the global mean loss (loss / world size): the gradients
-        come out already scaled, so the exchange needs no averaging pass over memory."""
-        share = loss / self.world.size
+        come out already scaled, so the exchange needs no averaging pass over memory. With parameter
+        averaging the gradients stay this rank's own (backward of the loss itself)."""
+        share = loss / self.world.size if self.averaging is None else loss
         share.backward()
         self._share = share.detach()
 
     def average(self, step: int, loss: torch.Tensor | None = None) -> Averaged:
         """Replace every rank's gradients with the global mean. After `backward` no loss is needed;
-        after a plain `loss.backward()` pass the loss (or None) and the gradients are scaled here."""
-        grads, size = self.layout.grads, self.world.size
+        after a plain `loss.backward()` pass the loss (or None) and the gradients are scaled here.
+        With parameter averaging (average_every > 1) the gradients stay this rank's own and only
+        the control words (mean loss, non-finite flag, stop request) cross the network, in one
+        tiny Allreduce; `average_parameters` is where the ranks meet."""
+        grads, size, local = self.layout.grads, self.world.size, self.averaging is not None
         share = self._share
         if share is None:
-            grads.mul_(1.0 / size)
-            share = (loss.detach() / size) if loss is not None else torch.zeros(())
+            if not local:
+                grads.mul_(1.0 / size)
+            share = loss.detach() if loss is not None else torch.zeros(())
+            share = share if local else share / size
         finite = bool(torch.isfinite(share)) and bool(torch.isfinite(grads.sum(dtype=torch.float64)))
         if not finite:
-            grads.zero_()  # nothing non-finite enters the exchange; the flag says why
-        self.layout.control.copy_(torch.tensor([float(share) if finite else 0.0, float(not finite),
-                                                float(_STOP["requested"])]))
+            grads.zero_()  # nothing non-finite enters the exchange (or the optimizer); the flag says why
+        self.layout.control.copy_(torch.tensor([(float(share) / size if local else float(share)) if finite else 0.0,
+                                                float(not finite), float(_STOP["requested"])]))
         before = self.world.sent_bytes
-        self.compressor.aggregate(step)
+        if local:
+            self.world.allreduce_(self.layout.flat_np[self.layout.numel:])
+        else:
+            self.compressor.aggregate(step)
         self._share = None
         loss_sum, nonfinite, stop = self.layout.control.tolist()
         sent = self.world.sent_bytes - before
         self.wire_bytes_total += sent
-        return Averaged(loss_sum, bool(nonfinite), bool(stop), sent, dict(self.compressor.stats))
+        return Averaged(loss_sum, bool(nonfinite), bool(stop), sent, {} if local else dict(self.compressor.stats))
+
+    def average_parameters(self, step: int, last: bool = False) -> Round | None:
+        """After the optimizer step of step `step` (numbered from 0): with average_every = H > 1, at
+        every H-th step (and at the `last`) the ranks average what their parameters moved since the
+        last average, through the compressor, and take the outer step; every rank then holds the
+        same parameters. Returns the Round, or None when this step was a local one (or H = 1)."""
+        averaging = self.averaging
+        if averaging is None:
+            return None
+        averaging.local_steps += 1
+        if not averaging.due(step + 1, last):
+            return None
+        done = averaging.average(step + 1)
+        self.wire_bytes_total += done.wire_bytes
+        return done
+
+    @contextlib.contextmanager
+    def agreed_parameters(self):
+        """Within it the model holds the parameters every rank agrees on: with parameter averaging,
+        between averages, the last average's (for evaluation); the gradient buffer holds this rank's
+        own meanwhile, so nothing is allocated. A no-op otherwise."""
+        averaging = self.averaging
+        if averaging is None or not averaging.local_steps:
+            yield
+            return
+        params, scratch = self.layout.params, self.layout.grads
+        scratch.copy_(params)
+        params.copy_(averaging.anchor)
+        try:
+            yield
+        finally:
+            params.copy_(scratch)
 
     def check_sync(self, optimizer: torch.optim.Optimizer, step: int) -> bool:
         """Compare every rank's checksum of parameters and optimizer state with rank 0's (one small
         Allreduce). On a mismatch, with on_divergence="abort" raise Diverged naming the ranks;
         with "rebroadcast" copy rank 0's state to every rank and return True."""
         world = self.world
-        state = optimizer_tensors(optimizer)
+        # With parameter averaging each rank's parameters and optimizer are its own between averages;
+        # what must agree is the anchor and the outer momentum.
+        if self.averaging is None:
+            agreed, state = self.layout.params, optimizer_tensors(optimizer)
+        else:
+            agreed, state = self.averaging.anchor, self.averaging.outer_state()
         opt_crc = 0
         for tensor in state:
             opt_crc = zlib.crc32(tensor.contiguous().numpy(), opt_crc)
         sums = np.zeros(world.size, dtype=np.uint64)
-        sums[world.rank] = (zlib.crc32(self.layout.params_np) << 32) | opt_crc
+        sums[world.rank] = (zlib.crc32(agreed.numpy()) << 32) | opt_crc
         world.allreduce_(sums)
         differ = np.flatnonzero(sums != sums[0])
         if not differ.size:
@@ -165,9 +217,10 @@ class Exchange:
         if self.cfg.on_divergence == "abort":
             raise Diverged(f"sync check at step {step}: rank(s) {ranks} hold parameters or optimizer state "
                            "that differ from rank 0's (--on-divergence abort); no checkpoint written")
-        world.bcast_(self.layout.params_np)
-        for tensor in state:  # state tensors are contiguous CPU tensors, so numpy() shares their memory
+        for tensor in [agreed] + state:  # contiguous CPU tensors, so numpy() shares their memory
             world.bcast_(tensor.numpy())
+        if self.averaging is not None and not self.averaging.local_steps:
+            self.layout.params.copy_(self.averaging.anchor)
         if world.rank == 0:
             print(f"mpitrain: sync check at step {step}: rank(s) {ranks} differed from rank 0; "
                   "rank 0's parameters and optimizer state broadcast (--on-divergence rebroadcast)", flush=True)
@@ -176,12 +229,6 @@ class Exchange:
 
 class Diverged(Exception):
     """A sync check found ranks whose parameters or optimizer state differ from rank 0's."""
-
-
-def optimizer_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
-    """The optimizer's state tensors in parameter order (the same order on every rank)."""
-    return [state[key] for group in optimizer.param_groups for p in group["params"]
-            for state in [optimizer.state.get(p, {})] for key in sorted(state) if isinstance(state[key], torch.Tensor)]
 
 
 # -- checkpoints for a user's loop: the command's format, readable by `mpitrain inspect` ----------
@@ -204,11 +251,12 @@ class _Parts:  # what checkpoint.save/load read and restore
     optimizer: torch.optim.Optimizer
     compressor: object
     layout: GradLayout
+    averaging: ParameterAveraging | None
 
 
 def _parts(exchange: Exchange, optimizer, **cfg_changes) -> _Parts:
     return _Parts(replace(exchange.cfg, **cfg_changes), exchange.model, optimizer, exchange.compressor,
-                  exchange.layout)
+                  exchange.layout, exchange.averaging)
 
 
 def save_checkpoint(run_dir: str, step: int, exchange: Exchange, optimizer: torch.optim.Optimizer, *,
@@ -262,6 +310,8 @@ def load_checkpoint(exchange: Exchange, optimizer: torch.optim.Optimizer, resume
         raise UsageError(text)
     if message[0] == 0:
         world.bcast_(exchange.layout.params_np)
+        if exchange.averaging is not None:
+            exchange.averaging.reset_anchor()
         return None
     attrs, extra, extra_json = checkpoint.load(Path(text), parts, world)
     exchange.wire_bytes_total = int(attrs["wire_bytes_total"])

@@ -9,6 +9,11 @@
     /compressor/shared/KEY            state identical on every rank, stored once
     /compressor/residual/mean         ef_resume=mean: the sum of the ranks' residual shares
     /compressor/residual/per_rank     ef_resume=gather: one row per rank
+    /averaging/momentum               --average-every > 1 (/model holds the parameters the ranks agreed
+                                      on at the last average): the outer (nesterov) momentum,
+    /averaging/inner_state            each rank's own optimizer state, one float32 row per rank,
+    /averaging/local_params           and each rank's own parameters, one row per rank (only when the
+                                      checkpoint falls between averages)
     /rng/torch_cpu     each rank's torch generator state, one row per rank
     /user/NAME, /user_json            a user loop's own arrays and JSON (save_checkpoint's extra)
 
@@ -120,6 +125,31 @@ def versions(world) -> dict:
             "mpi": world.library_version()}
 
 
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The optimizer's state tensors in parameter order (the same order on every rank)."""
+    return [state[key] for group in optimizer.param_groups for p in group["params"]
+            for state in [optimizer.state.get(p, {})] for key in sorted(state) if isinstance(state[key], torch.Tensor)]
+
+
+def flat_optimizer_state(optimizer: torch.optim.Optimizer) -> np.ndarray:
+    """Every state tensor of the optimizer in one float32 row (parameter averaging: one row per rank)."""
+    tensors = optimizer_tensors(optimizer)
+    odd = sorted({str(t.dtype) for t in tensors if t.dtype != torch.float32})
+    if odd:
+        raise RuntimeError(f"per-rank optimizer state must be float32 to be checkpointed; found {', '.join(odd)}")
+    if not tensors:
+        return np.zeros(0, dtype=np.float32)
+    return torch.cat([t.detach().reshape(-1).cpu() for t in tensors]).numpy()
+
+
+def set_optimizer_state(optimizer: torch.optim.Optimizer, row: np.ndarray):
+    """The inverse of flat_optimizer_state, into an optimizer whose state tensors exist."""
+    offset = 0
+    for tensor in optimizer_tensors(optimizer):
+        tensor.copy_(torch.from_numpy(row[offset:offset + tensor.numel()]).view(tensor.shape))
+        offset += tensor.numel()
+
+
 def ef_policy(cfg, compressor) -> str:
     if cfg.ef_resume == "auto":
         return "mean" if compressor.linear else "gather"
@@ -189,15 +219,23 @@ def save(run, world, step: int, epoch: int = 0, wire_bytes_total: int = 0, extra
     elif residual is not None and policy == "gather":
         residual = world.gather(np.asarray(residual, dtype=np.float32))
     rng = world.gather(torch.get_rng_state().numpy())
+    averaging = getattr(run, "averaging", None)
+    if averaging is not None:  # each rank's own optimizer state, and its own parameters between averages
+        inner = world.gather(flat_optimizer_state(run.optimizer))
+        local = world.gather(run.layout.params_np) if averaging.local_steps else None
     if world.rank != 0:
         return None
     WRITER.wait()  # never two writes at once, and the snapshot buffers are free again
     snap, opt = WRITER.snapshot, run.optimizer.state_dict()
-    model = {name: snap(f"model/{name}", t) for name, t in run.model.state_dict().items()}
+    agreed = {} if averaging is None else {slot.name: run.layout.view(averaging.anchor, slot) for slot in run.layout.slots}
+    model = {name: snap(f"model/{name}", agreed.get(name, t)) for name, t in run.model.state_dict().items()}
     state = {index: {key: snap(f"state/{index}/{key}", v if isinstance(v, torch.Tensor) else np.asarray(v))
                      for key, v in entries.items()} for index, entries in opt["state"].items()}
     shared = {key: snap(f"shared/{key}", np.asarray(v)) for key, v in comp_state.get("shared", {}).items()}
     user = {key: snap(f"user/{key}", v) for key, v in (extra or {}).items()}
+    averaged = {} if averaging is None else {
+        "inner_state": (inner, "float32"), **({"momentum": snap("averaging/momentum", averaging.momentum)} if averaging.momentum is not None else {}),
+        **({"local_params": (local, "float32")} if local is not None else {})}
     attrs = {"format": FORMAT, "format_version": FORMAT_VERSION, "step": step, "epoch": int(epoch),
              "world_size": world.size, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
              "versions": json.dumps(versions(world)), "compressor": cfg.compressor, "ef_resume": policy,
@@ -233,6 +271,10 @@ def save(run, world, step: int, epoch: int = 0, wire_bytes_total: int = 0, extra
             if residual is not None and policy != "reset":
                 _dataset(comp.create_group("residual"), "mean" if policy == "mean" else "per_rank", residual)
             _dataset(f.create_group("rng"), "torch_cpu", rng)
+            if averaged:
+                group = f.create_group("averaging")
+                for key, value in averaged.items():
+                    _dataset(group, key, value)
             if user:
                 group = f.create_group("user")
                 for key, value in user.items():
@@ -354,10 +396,34 @@ def fit_faults(f: h5py.File, run) -> list[str]:
         where = f"compressor/residual/{key}"
         if where in f and residual is not None and f[where].shape[-1:] != np.shape(residual)[-1:]:
             faults.append(f"/{where}: shape {f[where].shape} does not fit this compressor's {np.shape(residual)}")
+    numel, state_size = run.layout.numel, sum(ds.size for g in f["optimizer/state"].values() for ds in g.values())
+    for key, ds in f["averaging"].items() if "averaging" in f else []:
+        want = {"momentum": (numel,), "local_params": (ds.shape[0], numel),
+                "inner_state": (ds.shape[0], state_size)}.get(key)
+        if ds.shape != want or ds.dtype != np.float32:
+            faults.append(f"/averaging/{key}: {ds.dtype} {ds.shape} does not fit this model's {numel} parameters "
+                          f"and {state_size} optimizer state values")
     rng = f["rng/torch_cpu"]
     if rng.dtype != np.uint8 or rng.shape[1] != torch.get_rng_state().numel():
         faults.append(f"/rng/torch_cpu: {rng.dtype} {rng.shape} is not a torch generator state per rank")
     return faults
+
+
+def load_averaging(f: h5py.File, averaging, run, rank: int):
+    """The anchor (/model, already loaded) and outer momentum, this rank's parameters (when the
+    checkpoint was taken between averages) and its own optimizer state. A checkpoint written with
+    --average-every 1 has none of /averaging: every rank starts from its state."""
+    group = f["averaging"] if "averaging" in f else {}
+    averaging.reset_anchor()
+    if averaging.momentum is not None and "momentum" in group:
+        averaging.momentum.copy_(torch.from_numpy(read(group["momentum"])))
+    elif averaging.momentum is not None:
+        averaging.momentum.zero_()
+    if "local_params" in group:
+        run.layout.params.copy_(torch.from_numpy(group["local_params"][rank]))
+    averaging.local_steps = int("local_params" in group)  # only whether params differ from the anchor matters
+    if "inner_state" in group and group["inner_state"].size:
+        set_optimizer_state(run.optimizer, group["inner_state"][rank])
 
 
 def candidates(run_dir: str) -> list[Path]:
@@ -415,6 +481,15 @@ def load(path: Path, run, world) -> tuple[dict, dict, object]:
             raise UsageError(f"{path.name} was written with --compressor {attrs['compressor']}; resume with it, "
                              "or start over with --resume none")
         saved_world, per_rank = attrs["world_size"], "compressor/residual/per_rank" in f
+        averaging, own = getattr(run, "averaging", None), [k for k in ("local_params", "inner_state")
+                                                            if f"averaging/{k}" in f and f[f"averaging/{k}"].size]
+        if own and averaging is None:
+            raise UsageError(f"{path.name} holds each rank's own optimizer state (written with --average-every "
+                             f"{json.loads(read(f['config'])).get('average_every', '> 1')}); resume with "
+                             "--average-every > 1")
+        if own and saved_world != world.size:
+            raise UsageError(f"{path.name} holds each rank's own optimizer state for {saved_world} ranks "
+                             f"(--average-every > 1); resume on {saved_world} ranks")
         if per_rank and saved_world != world.size and cfg.ef_resume not in ("reset", "mean"):
             raise UsageError(f"{path.name} holds per-rank residuals of {saved_world} ranks (ef_resume=gather); "
                              f"resume on {saved_world} ranks, or with --ef-resume reset (or mean, for a "
@@ -434,6 +509,8 @@ def load(path: Path, run, world) -> tuple[dict, dict, object]:
             elif "compressor/residual/mean" in f:
                 comp["local"]["residual"] = read(f["compressor/residual/mean"]) / world.size
             run.compressor.load_state_dict(comp)
+            if averaging is not None:
+                load_averaging(f, averaging, run, world.rank)
             rng = read(f["rng/torch_cpu"])
             extra = {k: read(ds) for k, ds in f["user"].items()} if "user" in f else {}
             extra_json = json.loads(read(f["user_json"])) if "user_json" in f else None

@@ -76,7 +76,18 @@ class Config:
     compressor: str = _f("dense", "gradient compressor (see --help for the list)")
     error_feedback: str = _f("auto", "keep what compression left out and add it to the next step (EF14): "
                                      "auto (on for biased compressors), on, off", choices=("auto", "on", "off"))
-    start_compress_step: int = _f(10, "dense steps before compression starts", minimum=0)
+    start_compress_step: int = _f(10, "dense steps before compression starts (with --average-every > 1: dense rounds)", minimum=0)
+    # parameter averaging (local steps)
+    average_every: int = _f(1, "1: average gradients every step; H > 1: every rank takes H optimizer steps on its "
+                               "own shard (its optimizer state stays its own), then the ranks average what the "
+                               "parameters moved, through --compressor (with its error feedback), and take the "
+                               "outer step", minimum=1)
+    outer_optimizer: str = _f("average", "with --average-every > 1: average (the new parameters are the mean of the "
+                                         "ranks') or nesterov (DiLoCo: the mean delta is the gradient of an SGD "
+                                         "step with Nesterov momentum, --outer-lr, --outer-momentum)",
+                              choices=("average", "nesterov"))
+    outer_lr: float = _f(0.7, "nesterov outer step: learning rate", minimum=0.0)
+    outer_momentum: float = _f(0.9, "nesterov outer step: momentum", minimum=0.0)
     # low-rank compressors (greedylore, powersgd)
     rank: int = _f(4, "low-rank rank r (powersgd, greedylore-paper); greedylore sends per matrix as many "
                       "directions as fit in the bytes powersgd sends at rank r", minimum=1)

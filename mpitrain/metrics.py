@@ -6,6 +6,12 @@ metrics.jsonl holds one JSON object per line, each with a `kind`:
            elapsed_s (since this run started), wire_bytes_total, skipped_steps, rebroadcasts, + compressor stats
   eval     step, eval_loss, eval_accuracy (classifiers) or eval_bpc (character LM), elapsed_s, and
            wire_bytes_total (this rank's training bytes so far, for plots against bytes)
+  round    (--average-every > 1) step, round, wire_bytes (this round's: the report and the compressed
+           deltas), dense_bytes, skipped_rounds, delta_norm (root mean square over ranks of
+           ||anchor - params_i|| before compression), mean_delta_norm (estimate of the norm of their
+           mean), sent_delta_norm (the mean delta after compression, what the outer step used),
+           disagreement (estimate of mean_i ||params_i - mean params||^2 before the average),
+           + compressor stats
   summary  the numbers printed at the end
 Byte convention: `wire_bytes` is what this rank handed to every collective in the step, as counted
 by comm.py (a whole buffer for Allreduce, its own payload for Allgatherv); `dense_bytes` is what
@@ -54,18 +60,20 @@ class RunLog:
         if not self.active:
             return
         cfg, rows = self.cfg, batches.dataset.n_train
+        averaging = "" if cfg.average_every == 1 else \
+            f" on parameter deltas every {cfg.average_every} steps (outer step {cfg.outer_optimizer})"
         how = f" (the default {DEFAULT_BATCH} per rank would not fit the training rows)" \
             if chosen and batches.batch < DEFAULT_BATCH else ""
         print(f"mpitrain: {cfg.model} on {cfg.dataset} ({rows} training rows), {size} ranks x {batches.batch} "
               f"samples per rank = global batch {size * batches.batch}{how}, {batches.steps_per_epoch} steps per "
-              f"epoch; compressor {cfg.compressor}, {cfg.steps} steps, run dir {cfg.run_dir}", flush=True)
+              f"epoch; compressor {cfg.compressor}{averaging}, {cfg.steps} steps, run dir {cfg.run_dir}", flush=True)
         if cfg.progress == "always" or (cfg.progress == "auto" and sys.stdout.isatty()):
             self.bar = tqdm(total=self.total, initial=first_step, unit="step", dynamic_ncols=True, file=sys.stdout)
 
     def _write(self, record: dict):
         self._fh.write(json.dumps(record) + "\n")
         self._fh.flush()
-        if self._tb is not None and record["kind"] in ("train", "eval"):
+        if self._tb is not None and record["kind"] in ("train", "eval", "round"):
             for key, value in record.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
                     self._tb.add_scalar(f"{record['kind']}/{key}", value, record["step"])
@@ -85,6 +93,10 @@ class RunLog:
             self.bar.set_postfix_str(text, refresh=False)
         else:
             print(f"step {record['step']}/{self.total} {text}", flush=True)
+
+    def round(self, record: dict):
+        if self.active:
+            self._write({"kind": "round", **record})
 
     def eval(self, record: dict):
         if not self.active:

@@ -33,6 +33,7 @@ ROOT_ATTRS = {"format": str, "format_version": int, "step": int, "epoch": int, "
               "versions": str, "compressor": str, "ef_resume": str, "wire_bytes_total": int}
 EF_POLICIES = ("mean", "gather", "reset")
 TEXT = ("/config", "/optimizer/param_groups", "/user_json")
+AVERAGING = ("/averaging/momentum", "/averaging/local_params", "/averaging/inner_state")
 
 
 def why(e: Exception) -> str:
@@ -181,13 +182,13 @@ def structure_faults(f: h5py.File, file_size: int) -> tuple[list[str], dict]:
                  or (len(parts) == 4 and parts[:2] == ["optimizer", "state"] and parts[2].isdigit())
                  or (len(parts) == 3 and parts[:2] == ["compressor", "shared"])
                  or (len(parts) == 2 and parts[0] == "user")
-                 or where in ("/compressor/residual/mean", "/compressor/residual/per_rank"))
+                 or where in ("/compressor/residual/mean", "/compressor/residual/per_rank") + AVERAGING)
         faults += _dataset_faults(where, ds, file_size, version >= 2) if known else \
             [f"{where}: not part of the checkpoint schema"]
     if faults:
         return faults, found
     world = int(f.attrs["world_size"])
-    for where in ("/rng/torch_cpu", "/compressor/residual/per_rank"):
+    for where in ("/rng/torch_cpu", "/compressor/residual/per_rank") + AVERAGING[1:]:
         if where in found and (len(found[where].shape) != 2 or found[where].shape[0] != world):
             faults.append(f"{where}: shape {found[where].shape}, expected one row per rank of {world}")
     config, groups = _json(text(found["/config"])), _json(text(found["/optimizer/param_groups"]))

@@ -127,9 +127,10 @@ def train(run: Run, world) -> dict:
     evaluate, log = Evaluator(run, world), RunLog(cfg, world, cfg.steps)
     log.start(world.size, run.batches, run.batch_chosen, run.start_step)
     world.take_sent_bytes()
-    wire_total, eval_bytes, skipped, rebroadcasts = run.wire_bytes_total, 0, 0, 0
+    wire_total, eval_bytes, skipped, skipped_rounds, rebroadcasts = run.wire_bytes_total, 0, 0, 0, 0
     started = time.perf_counter()
-    result = evaluate() if run.start_step >= cfg.steps else {}
+    with exchange.agreed_parameters():
+        result = evaluate() if run.start_step >= cfg.steps else {}
     for step in range(run.start_step, cfg.steps):
         done = step + 1  # steps are numbered from 1 outside the loop
         world.where = f"step {done}"
@@ -144,6 +145,14 @@ def train(run: Run, world) -> dict:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             optimizer.step()
+        rounded = exchange.average_parameters(step, last=done == cfg.steps)
+        if rounded:
+            if rounded.nonfinite and cfg.nan_policy == "abort":
+                raise TrainingStopped(1, f"non-finite parameter delta at step {done} (--nan-policy abort); "
+                                         "no checkpoint written")
+            skipped_rounds += rounded.nonfinite
+            log.round({"step": done, "round": rounded.index, "wire_bytes": rounded.wire_bytes,
+                       "dense_bytes": exchange.layout.dense_bytes, "skipped_rounds": skipped_rounds, **rounded.stats})
         if cfg.sync_check_every and done % cfg.sync_check_every == 0:
             try:
                 rebroadcasts += exchange.check_sync(optimizer, done)
@@ -157,7 +166,8 @@ def train(run: Run, world) -> dict:
                        "elapsed_s": time.perf_counter() - started, "wire_bytes_total": wire_total,
                        "skipped_steps": skipped, "rebroadcasts": rebroadcasts, **averaged.stats})
         if done == cfg.steps or (cfg.eval_every and done % cfg.eval_every == 0):
-            result = evaluate()
+            with exchange.agreed_parameters():
+                result = evaluate()
             eval_bytes += world.take_sent_bytes()
             log.eval({"step": done, **result, "elapsed_s": time.perf_counter() - started,
                       "wire_bytes_total": wire_total})
@@ -174,7 +184,7 @@ def train(run: Run, world) -> dict:
     mean_wire = world.allreduce_(np.array([wire_total - run.wire_bytes_total], dtype=np.float64))[0] / world.size
     summary = {"steps": cfg.steps, "steps_run": steps_run, "world_size": world.size,
                "wall_time_s": time.perf_counter() - started, **result, "skipped_steps": skipped,
-               "rebroadcasts": rebroadcasts,
+               "skipped_rounds": skipped_rounds, "rebroadcasts": rebroadcasts,
                "wire_bytes_per_rank": mean_wire, "dense_bytes_per_rank": exchange.layout.dense_bytes * steps_run,
                "wire_bytes_eval_per_rank": eval_bytes, "run_dir": cfg.run_dir}
     log.summary(summary)

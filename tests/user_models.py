@@ -8,6 +8,11 @@ from torch import nn
 
 def _faulty_on_rank1_call3(info, fault):
     """An MLP whose 3rd training forward pass on rank 1 passes its output through `fault`."""
+    return _faulty_on_rank1_call(info, fault, 3)
+
+
+def _faulty_on_rank1_call(info, fault, at: int):
+    """An MLP whose forward pass number `at` on rank 1 passes its output through `fault`."""
     class Faulty(nn.Module):
         def __init__(self):
             super().__init__()
@@ -17,7 +22,7 @@ def _faulty_on_rank1_call3(info, fault):
         def forward(self, x):
             self.calls += 1
             out = self.net(x)
-            if self.calls == 3 and int(os.environ.get("PMI_RANK", "0")) == 1:
+            if self.calls == at and int(os.environ.get("PMI_RANK", "0")) == 1:
                 return fault(out)
             return out
     return Faulty()
@@ -70,3 +75,22 @@ def big_mlp(info):
     """About 10M parameters (40 MB of weights), so writing a checkpoint takes measurable time."""
     return nn.Sequential(nn.Flatten(), nn.Linear(64, 3000), nn.ReLU(), nn.Linear(3000, 3000), nn.ReLU(),
                          nn.Linear(3000, info["num_classes"]))
+
+
+def signals_on_rank1(info):
+    """Rank 1 sends itself SIGUSR1 (as a scheduler would before preemption) in its Nth forward pass,
+    N from the SIGNAL_AT_CALL environment variable; an ordinary MLP when it is unset."""
+    at = int(os.environ.get("SIGNAL_AT_CALL", "0"))
+    return _faulty_on_rank1_call(info, lambda out: os.kill(os.getpid(), signal.SIGUSR1) or out, at)
+
+
+def poisons_on_rank1_step3(info):
+    """Rank 1's first weight turns NaN in its 3rd step (its delta is non-finite at the next average)."""
+    model = None
+
+    def fault(out):
+        with torch.no_grad():
+            next(model.parameters())[0, 0] = float("nan")
+        return out
+    model = _faulty_on_rank1_call3(info, fault)
+    return model

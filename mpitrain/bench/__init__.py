@@ -11,7 +11,10 @@
   convergence --jobs (digits MLP, mnist1d ResNet, the character LM at 600 or 3000 steps) trained
               to the end with each of --arms at --rank, same steps and seeds: final eval metric,
               wire bytes (without the measuring Allreduce), mean captured / captured_optimal,
-              and convergence.png (eval metric against step and against bytes; needs matplotlib).
+              and convergence.png (eval metric against step, bytes and exchange rounds; needs
+              matplotlib). Parameter averaging arms (NAME-hH: H local steps per round, nesterov
+              outer step; `--arms averaging` runs H = 1, 4, 16, 64 with dense and greedylore) add
+              rounds and the MB to reach the every-step dense arm's final metric.
   checkpoint  a ~100 MB model (25M parameters, SGD momentum, greedylore bases and residuals): the
               checkpoint's write (fsync, rename) and load against a raw fsynced write and a read
               of as many bytes in the same run; the training stall a checkpoint costs, in steps.
@@ -36,7 +39,7 @@ import os
 import torch
 
 from ..config import Parser
-from .convergence import CONVERGENCE_ARMS, CONVERGENCE_JOBS
+from .convergence import AVERAGING_ARMS, CONVERGENCE_ARMS, CONVERGENCE_JOBS
 from .common import write_tables
 
 MODULES = ("allreduce", "compress", "convergence", "checkpoint", "target", "guard")
@@ -59,14 +62,16 @@ def parse(argv, world):
     parser.add_argument("--repeats", type=int, default=100, help="timed repetitions per case")
     parser.add_argument("--jobs", default="", help="convergence: comma-separated jobs (default digits-mlp,"
                         "shakespeare-transformer-600; also mnist1d-resnet, shakespeare-transformer: 3000 steps)")
-    parser.add_argument("--arms", default="", help="convergence: comma-separated arms (default: all of "
-                        + ", ".join(CONVERGENCE_ARMS) + ")")
+    parser.add_argument("--arms", default="", help="convergence: comma-separated arms of "
+                        + ", ".join(CONVERGENCE_ARMS) + " (default: those without -h; 'averaging' stands for "
+                        + ",".join(AVERAGING_ARMS) + ")")
     parser.add_argument("--rank", type=int, default=4, help="convergence: --rank of every low-rank arm")
     args = parser.parse_args(argv)
     if not args.list and not args.what:
         parser.error("name a benchmark (mpitrain bench --list shows them)")
     args.jobs = _choose(parser, "job", args.jobs, CONVERGENCE_JOBS, ["digits-mlp", "shakespeare-transformer-600"])
-    args.arms = _choose(parser, "arm", args.arms, CONVERGENCE_ARMS, list(CONVERGENCE_ARMS))
+    args.arms = _choose(parser, "arm", args.arms.replace("averaging", ",".join(AVERAGING_ARMS)), CONVERGENCE_ARMS,
+                        [arm for arm in CONVERGENCE_ARMS if "-h" not in arm])
     return args
 
 

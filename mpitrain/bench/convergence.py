@@ -30,7 +30,15 @@ CONVERGENCE_ARMS = {"dense": {}, "powersgd": {"compressor": "powersgd"},
                     "greedylore": {"compressor": "greedylore"},
                     "greedylore-fp32": {"compressor": "greedylore", "factor_bits": 32},
                     "random": {"compressor": "greedylore-paper", "select": "random"},
-                    "lazy": {"compressor": "greedylore-paper", "select": "lazy"}}
+                    "lazy": {"compressor": "greedylore-paper", "select": "lazy"},
+                    # parameter averaging: H local steps, then the deltas averaged through the compressor
+                    # with DiLoCo's outer step (nesterov, 0.7 / 0.9); "-avg": plain averaging
+                    **{f"{name}-h{h}": {**({"compressor": name} if name != "dense" else {}), "average_every": h,
+                                        "outer_optimizer": "nesterov"}
+                       for name in ("dense", "greedylore") for h in (4, 16, 64)},
+                    "dense-h16-avg": {"average_every": 16, "outer_optimizer": "average"}}
+AVERAGING_ARMS = ["dense", "dense-h4", "dense-h16", "dense-h64", "greedylore", "greedylore-h4", "greedylore-h16",
+                  "greedylore-h64"]
 
 
 def bench_convergence(world, out: str, jobs: list[str], arms: list[str], rank: int = 4) -> list[dict]:
@@ -39,7 +47,8 @@ def bench_convergence(world, out: str, jobs: list[str], arms: list[str], rank: i
         for arm in arms:
             settings, overrides = CONVERGENCE_JOBS[job], CONVERGENCE_ARMS[arm]
             cfg = dataclasses.replace(Config(), rank=rank, progress="never", log_every=10**9, resume="none",
-                                      contraction_every=50 if arm != "dense" else 0,
+                                      contraction_every=50 if overrides.get("compressor", "dense") != "dense"
+                                      and "average_every" not in overrides else 0,
                                       run_dir=os.path.join(out, "convergence", f"{job}-{arm}"), **settings, **overrides)
             run = train.prepare(cfg, world)
             train.resume(run, world)
@@ -48,28 +57,54 @@ def bench_convergence(world, out: str, jobs: list[str], arms: list[str], rank: i
             # the measuring Allreduce (contraction_every) is counted in wire bytes: take it out
             train_bytes = summary["wire_bytes_per_rank"] - _measuring_bytes(cfg.run_dir)
             captured = _mean_of(cfg.run_dir, "captured"), _mean_of(cfg.run_dir, "captured_optimal")
-            rows.append({"job": job, "arm": arm, "rank": rank, "steps": cfg.steps, metric: summary[metric],
-                         "wire_mb_per_rank": train_bytes / 1e6,
+            rows.append({"job": job, "arm": arm, "rank": rank, "steps": cfg.steps, "average_every": cfg.average_every,
+                         "rounds": _rounds(cfg), metric: summary[metric], "wire_mb_per_rank": train_bytes / 1e6,
                          "dense_over_wire": summary["dense_bytes_per_rank"] / train_bytes,
                          "captured": captured[0], "captured_optimal": captured[1],
                          "wall_time_s": summary["wall_time_s"], "run_dir": cfg.run_dir})
+    _bytes_to_dense_final(rows)
     if world.rank == 0:
         _plot_convergence(rows, os.path.join(out, "convergence.png"))
     return rows
 
 
-def _train_lines(run_dir: str) -> list[dict]:
+def _rounds(cfg) -> int:
+    """Exchange rounds: one per step, or one per H steps with parameter averaging (and one at the end)."""
+    return -(-cfg.steps // cfg.average_every)
+
+
+def _bytes_to_dense_final(rows: list[dict]):
+    """Per row: the wire MB per rank at its first evaluation as good as the every-step dense arm's final
+    one (None when it never got there, or when no dense arm ran)."""
+    for row in rows:
+        dense = next((r for r in rows if r["job"] == row["job"] and r["arm"] == "dense"), None)
+        row["mb_to_dense_final"] = None
+        if dense is None:
+            continue
+        metric = "eval_bpc" if "eval_bpc" in row else "eval_accuracy"
+        better = (lambda v: v <= dense[metric]) if metric == "eval_bpc" else (lambda v: v >= dense[metric])
+        reached = [e for e in _lines(row["run_dir"], "eval") if better(e[metric])]
+        if reached:
+            row["mb_to_dense_final"] = reached[0]["wire_bytes_total"] / 1e6
+
+
+def _lines(run_dir: str, kind: str) -> list[dict]:
     with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
-        return [x for x in map(json.loads, fh) if x["kind"] == "train"]
+        return [x for x in map(json.loads, fh) if x["kind"] == kind]
+
+
+def _exchange_lines(run_dir: str) -> list[dict]:
+    """The lines that carry the compressor's report: train lines, or round lines with parameter averaging."""
+    return _lines(run_dir, "train") + _lines(run_dir, "round")
 
 
 def _measuring_bytes(run_dir: str) -> int:
     """What the contraction measurements added: one dense Allreduce of the compressed matrices."""
-    return sum(x.get("measuring_bytes", 0) for x in _train_lines(run_dir))
+    return sum(x.get("measuring_bytes", 0) for x in _exchange_lines(run_dir))
 
 
 def _mean_of(run_dir: str, key: str) -> float | None:
-    values = [x[key] for x in _train_lines(run_dir) if key in x]
+    values = [x[key] for x in _exchange_lines(run_dir) if key in x]
     return float(np.mean(values)) if values else None
 
 
@@ -78,22 +113,23 @@ def _plot_convergence(rows: list[dict], path: str):
     if plt is None:
         return
     jobs = list(dict.fromkeys(r["job"] for r in rows))
-    fig, axes = plt.subplots(len(jobs), 2, figsize=(11, 4 * len(jobs)), squeeze=False)
+    fig, axes = plt.subplots(len(jobs), 3, figsize=(16, 4 * len(jobs)), squeeze=False)
     for row_axes, job in zip(axes, jobs):
         for r in (r for r in rows if r["job"] == job):
-            with open(os.path.join(r["run_dir"], "metrics.jsonl")) as fh:
-                evals = [e for e in map(json.loads, fh) if e["kind"] == "eval"]
+            evals = _lines(r["run_dir"], "eval")
             metric = "eval_bpc" if "eval_bpc" in evals[0] else "eval_accuracy"
             ys = [e[metric] for e in evals]
             row_axes[0].plot([e["step"] for e in evals], ys, marker=".", label=r["arm"])
             row_axes[1].plot([e["wire_bytes_total"] / 1e6 for e in evals], ys, marker=".", label=r["arm"])
-        for ax, xlabel in zip(row_axes, ("step", "cumulative wire MB per rank")):
+            row_axes[2].plot([-(-e["step"] // r["average_every"]) for e in evals], ys, marker=".", label=r["arm"])
+        for ax, xlabel in zip(row_axes, ("step", "cumulative wire MB per rank", "exchange rounds")):
             ax.set_xlabel(xlabel)
             ax.set_ylabel(metric.replace("eval_", "eval "))
             ax.set_title(job)
             ax.grid(alpha=0.3)
             ax.legend()
         row_axes[1].set_xscale("log")
+        row_axes[2].set_xscale("log")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
