@@ -1,7 +1,9 @@
 """The benchmarks run and write their figures (speed itself is measured, never asserted)."""
 import json
 
-from helpers import mpi
+import sys
+
+from helpers import mpi, run
 
 
 def test_bench_allreduce_writes_its_table(tmp_path):
@@ -38,10 +40,30 @@ def test_bench_list_names_every_benchmark_and_each_writes_csv_and_png(tmp_path):
     r = mpi(1, ["-m", "mpitrain", "bench", "--list"])
     assert r.returncode == 0, r.stderr
     names = [line.split()[0] for line in r.stdout.splitlines()]
-    assert names == ["allreduce", "compress", "convergence", "checkpoint", "bytes-to-target", "guard"]
+    assert names == ["allreduce", "compress", "convergence", "checkpoint", "bytes-to-target", "guard", "peer"]
     r = mpi(2, ["-m", "mpitrain", "bench", "allreduce", "--repeats", 2, "--out", tmp_path])
     assert r.returncode == 0, r.stderr
     rows = (tmp_path / "allreduce-n2.csv").read_text().splitlines()
     assert rows[0].startswith("model,ranks,bytes,") and len(rows) == 4
     from matplotlib import image
     assert image.imread(tmp_path / "allreduce-n2.png").shape[0] > 100
+
+
+def test_bench_peer_runs_torch_ddp_beside_ours_from_one_launch(tmp_path):
+    r = run([sys.executable, "-m", "mpitrain", "bench", "peer", "--steps", "30", "--out", str(tmp_path)], timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads((tmp_path / "peer-n1.json").read_text())["tables"]["peer"]
+    assert [(row["ranks"], row["arm"]) for row in rows] == [(n, arm) for n in (2, 4) for arm in (
+        "ddp-dense", "ddp-powersgd", "dense", "powersgd", "greedylore")]
+    assert all(row["median_step_ms"] > 0 and 0 < row["eval_accuracy"] <= 1 for row in rows)
+
+
+def test_bench_convergence_averaging_arms_write_rounds_and_bytes_to_dense(tmp_path):
+    r = mpi(2, ["-m", "mpitrain", "bench", "convergence", "--jobs", "digits-mlp", "--arms", "dense,dense-h4",
+                "--steps", 40, "--out", tmp_path], timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads((tmp_path / "convergence-n2.json").read_text())["tables"]["convergence"]
+    assert [(row["arm"], row["rounds"]) for row in rows] == [("dense", 40), ("dense-h4", 10)]
+    assert rows[0]["mb_to_dense_final"] is not None and rows[1]["wire_mb_per_rank"] < rows[0]["wire_mb_per_rank"] / 3
+    from matplotlib import image
+    assert image.imread(tmp_path / "convergence.png").shape[0] > 100

@@ -27,6 +27,10 @@
   guard       the default job with the stall watchdog and the sync check off, on, and checking
               every step: median wall time and overhead against off.
 
+  peer        the default job through torch DDP on gloo, with and without PowerSGD's hook,
+              against our dense, powersgd and greedylore, at N = 2 and 4 (run it without mpiexec:
+              it launches both) or at the launched N: median step time, final accuracy.
+
 Each writes WHAT-n<ranks>.json, .md, .csv (one per table) and .png (when matplotlib is there)
 into --out (rank 0) and prints the table.
 """
@@ -42,7 +46,7 @@ from ..config import Parser
 from .convergence import AVERAGING_ARMS, CONVERGENCE_ARMS, CONVERGENCE_JOBS
 from .common import write_tables
 
-MODULES = ("allreduce", "compress", "convergence", "checkpoint", "target", "guard")
+MODULES = ("allreduce", "compress", "convergence", "checkpoint", "target", "guard", "peer")
 
 
 def benchmarks() -> dict:
@@ -66,6 +70,8 @@ def parse(argv, world):
                         + ", ".join(CONVERGENCE_ARMS) + " (default: those without -h; 'averaging' stands for "
                         + ",".join(AVERAGING_ARMS) + ")")
     parser.add_argument("--rank", type=int, default=4, help="convergence: --rank of every low-rank arm")
+    parser.add_argument("--steps", type=int, default=0, help="convergence, peer: steps per job (0: the job's own; "
+                        "fewer for a quick look, not for figures)")
     args = parser.parse_args(argv)
     if not args.list and not args.what:
         parser.error("name a benchmark (mpitrain bench --list shows them)")

@@ -41,7 +41,7 @@ AVERAGING_ARMS = ["dense", "dense-h4", "dense-h16", "dense-h64", "greedylore", "
                   "greedylore-h64"]
 
 
-def bench_convergence(world, out: str, jobs: list[str], arms: list[str], rank: int = 4) -> list[dict]:
+def bench_convergence(world, out: str, jobs: list[str], arms: list[str], rank: int = 4, steps: int = 0) -> list[dict]:
     rows = []
     for job in jobs:
         for arm in arms:
@@ -50,6 +50,7 @@ def bench_convergence(world, out: str, jobs: list[str], arms: list[str], rank: i
                                       contraction_every=50 if overrides.get("compressor", "dense") != "dense"
                                       and "average_every" not in overrides else 0,
                                       run_dir=os.path.join(out, "convergence", f"{job}-{arm}"), **settings, **overrides)
+            cfg.steps = steps or cfg.steps
             run = train.prepare(cfg, world)
             train.resume(run, world)
             summary = train.train(run, world)
@@ -135,4 +136,4 @@ def _plot_convergence(rows: list[dict], path: str):
 
 
 def run(world, args) -> dict:
-    return {"convergence": bench_convergence(world, args.out, args.jobs, args.arms, args.rank)}
+    return {"convergence": bench_convergence(world, args.out, args.jobs, args.arms, args.rank, args.steps)}

@@ -1,0 +1,148 @@
+"""The same job through torch DDP (gloo) with and without PowerSGD's hook, against our exchange.
+
+    python -m mpitrain bench peer --out bench              (no mpiexec) launches N = 2 and 4 itself
+    mpiexec -n N python -m mpitrain bench peer --out bench one world size, the one launched
+
+Every arm trains the default job (the digits MLP, SGD with momentum, the same seed, data order,
+batch, learning-rate schedule and steps) and reports the median step time (forward, backward,
+exchange, optimizer step; the first WARM steps left out) and the final eval accuracy at equal
+steps. Torch's arms run torch.distributed on gloo from the same mpiexec launch: the ranks agree on a
+TCP rendezvous over MPI first. PowerSGD on both sides: rank 4, error feedback, warm start,
+compression from step 10.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+from .. import api, models, train
+from ..config import Config
+from ..data import ShardedBatches, batch_for, open_dataset
+
+NAME = "peer"
+ABOUT = "torch DDP (gloo) +/- powerSGD_hook against our dense, powersgd and greedylore: step time, accuracy"
+ARMS = ("ddp-dense", "ddp-powersgd", "dense", "powersgd", "greedylore")
+SIZES = (2, 4)
+WARM = 20  # steps left out of the median (first-touch allocations, PowerSGD's dense start)
+
+
+def _ours(world, cfg: Config) -> tuple[list[float], float]:
+    run = train.prepare(cfg, world)
+    train.resume(run, world)
+    summary = train.train(run, world)
+    with open(os.path.join(cfg.run_dir, "metrics.jsonl")) as fh:
+        times = [x["step_time_s"] for x in map(json.loads, fh) if x["kind"] == "train"]
+    return times, summary["eval_accuracy"]
+
+
+def _rendezvous(world) -> str:
+    """A free TCP port on rank 0's host, told to every rank over MPI."""
+    message = np.zeros(256, dtype=np.uint8)
+    if world.rank == 0:
+        with socket.socket() as s:
+            s.bind(("", 0))
+            text = f"tcp://{socket.gethostname()}:{s.getsockname()[1]}".encode()
+        message[:len(text)] = np.frombuffer(text, np.uint8)
+    world.bcast_(message)
+    return message.tobytes().rstrip(b"\0").decode()
+
+
+def _ddp(world, cfg: Config, powersgd: bool) -> tuple[list[float], float]:
+    import torch.distributed as dist
+    from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo", init_method=_rendezvous(world), rank=world.rank, world_size=world.size)
+    try:
+        dataset = open_dataset(cfg.dataset, cfg.data_dir)
+        torch.manual_seed(cfg.seed)  # the same initial weights as our arms (rank 0's, broadcast by DDP)
+        model = DistributedDataParallel(models.build(cfg.model, dataset.info))
+        if powersgd:
+            state = powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=cfg.rank,
+                                                start_powerSGD_iter=cfg.start_compress_step, use_error_feedback=True,
+                                                warm_start=True)
+            model.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
+        optimizer = train.make_optimizer(cfg, model.parameters())
+        batches = ShardedBatches(dataset, batch_for(dataset.n_train, world.size, cfg.batch_size), world.rank,
+                                 world.size, cfg.seed)
+        times = []
+        for step in range(cfg.steps):
+            t0 = time.perf_counter()
+            x, y = batches.batch_at(step)
+            optimizer.zero_grad()
+            loss, _ = models.loss_and_metric(model(torch.from_numpy(x)), torch.from_numpy(y), dataset.info["task"])
+            loss.backward()  # DDP averages the gradients (through the hook) during backward
+            for group in optimizer.param_groups:
+                group["lr"] = train.lr_at(cfg, step)
+            optimizer.step()
+            times.append(time.perf_counter() - t0)
+        x, y = dataset.rows("test", np.arange(dataset.n_test))
+        with torch.no_grad():
+            _, correct = models.loss_and_metric(model.module(torch.from_numpy(x)), torch.from_numpy(y),
+                                                dataset.info["task"])
+        return times, float(correct) / dataset.n_test
+    finally:
+        dist.destroy_process_group()
+
+
+def bench_peer(world, out: str, steps: int = 0) -> list[dict]:
+    rows = []
+    for arm in ARMS:
+        cfg = dataclasses.replace(Config(), progress="never", log_every=1, resume="none", eval_every=0,
+                                  compressor=arm if arm in ("powersgd", "greedylore") else "dense",
+                                  run_dir=os.path.join(out, "peer", f"n{world.size}-{arm}"),
+                                  steps=steps or Config.steps)
+        api.set_threads(world, cfg.threads)
+        t0 = time.perf_counter()
+        times, accuracy = _ddp(world, cfg, arm == "ddp-powersgd") if arm.startswith("ddp") else _ours(world, cfg)
+        wall = time.perf_counter() - t0
+        step = np.array([np.median(times[WARM:])])
+        world.allreduce_(step, op="max")
+        rows.append({"ranks": world.size, "arm": arm, "steps": cfg.steps, "median_step_ms": float(step[0]) * 1e3,
+                     "eval_accuracy": accuracy, "wall_s": wall})
+    for row in rows:  # ratios within this run
+        peer = "ddp-dense" if row["arm"] in ("ddp-dense", "dense") else "ddp-powersgd"
+        ddp = next(r for r in rows if r["arm"] == peer)
+        row["ddp_step_over_this"] = ddp["median_step_ms"] / row["median_step_ms"]
+    return rows
+
+
+def _launch(out: str, steps: int) -> list[dict]:
+    """Rank 0 alone: run this module under mpiexec -n N for each N, collect the rows."""
+    mpiexec = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which("mpiexec")
+    if not mpiexec:
+        raise RuntimeError("bench peer: no mpiexec beside this python or on PATH")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "MPIR_", "HYDRA_", "MPITRAIN_"))}
+    rows = []
+    for n in SIZES:
+        path = os.path.join(out, f"peer-rows-n{n}.json")
+        done = subprocess.run([mpiexec, "-n", str(n), sys.executable, "-m", "mpitrain.bench.peer", out, path, str(steps)],
+                              env=env, capture_output=True, text=True, timeout=1800)
+        if done.returncode != 0:
+            raise RuntimeError(f"bench peer at {n} ranks failed: {done.stderr.strip()[-2000:]}")
+        with open(path) as fh:
+            rows += json.load(fh)
+    return rows
+
+
+def run(world, args) -> dict:
+    under_mpiexec = any(k in os.environ for k in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK"))
+    alone = world.size == 1 and not under_mpiexec
+    return {"peer": _launch(args.out, args.steps) if alone else bench_peer(world, args.out, args.steps)}
+
+
+if __name__ == "__main__":
+    world = api.init()
+    found = bench_peer(world, sys.argv[1], int(sys.argv[3]))
+    if world.rank == 0:
+        with open(sys.argv[2], "w") as fh:
+            json.dump(found, fh)
