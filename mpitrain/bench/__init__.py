@@ -31,6 +31,11 @@
               against our dense, powersgd and greedylore, at N = 2 and 4 (run it without mpiexec:
               it launches both) or at the launched N: median step time, final accuracy.
 
+  project     an alpha-beta model of step time at 8..1024 ranks and 1..400 Gb/s for the default
+              models and 125M / 1.3B transformer shapes, from this machine's measured compute,
+              compression time, bytes and collectives per step: tables and a PNG of speedup over
+              dense (its assumptions are in mpitrain/bench/project.py).
+
 Each writes WHAT-n<ranks>.json, .md, .csv (one per table) and .png (when matplotlib is there)
 into --out (rank 0) and prints the table.
 """
@@ -46,7 +51,7 @@ from ..config import Parser
 from .convergence import AVERAGING_ARMS, CONVERGENCE_ARMS, CONVERGENCE_JOBS
 from .common import write_tables
 
-MODULES = ("allreduce", "compress", "convergence", "checkpoint", "target", "guard", "peer")
+MODULES = ("allreduce", "compress", "convergence", "checkpoint", "target", "guard", "peer", "project")
 
 
 def benchmarks() -> dict:

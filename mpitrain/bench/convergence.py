@@ -32,10 +32,14 @@ CONVERGENCE_ARMS = {"dense": {}, "powersgd": {"compressor": "powersgd"},
                     "random": {"compressor": "greedylore-paper", "select": "random"},
                     "lazy": {"compressor": "greedylore-paper", "select": "lazy"},
                     # parameter averaging: H local steps, then the deltas averaged through the compressor
-                    # with DiLoCo's outer step (nesterov, 0.7 / 0.9); "-avg": plain averaging
+                    # and a nesterov outer step (lr 1, momentum 0.5) with twice the job's inner learning
+                    # rate: what the 600-step search in the README found; "-dil": DiLoCo's 0.7 / 0.9 at
+                    # the job's learning rate; "-avg": plain averaging
                     **{f"{name}-h{h}": {**({"compressor": name} if name != "dense" else {}), "average_every": h,
-                                        "outer_optimizer": "nesterov"}
+                                        "outer_optimizer": "nesterov", "outer_lr": 1.0, "outer_momentum": 0.5,
+                                        "inner_lr_factor": 2.0}
                        for name in ("dense", "greedylore") for h in (4, 16, 64)},
+                    "dense-h16-dil": {"average_every": 16, "outer_optimizer": "nesterov"},
                     "dense-h16-avg": {"average_every": 16, "outer_optimizer": "average"}}
 AVERAGING_ARMS = ["dense", "dense-h4", "dense-h16", "dense-h64", "greedylore", "greedylore-h4", "greedylore-h16",
                   "greedylore-h64"]
@@ -45,12 +49,13 @@ def bench_convergence(world, out: str, jobs: list[str], arms: list[str], rank: i
     rows = []
     for job in jobs:
         for arm in arms:
-            settings, overrides = CONVERGENCE_JOBS[job], CONVERGENCE_ARMS[arm]
+            settings, overrides = CONVERGENCE_JOBS[job], dict(CONVERGENCE_ARMS[arm])
+            factor = overrides.pop("inner_lr_factor", 1.0)
             cfg = dataclasses.replace(Config(), rank=rank, progress="never", log_every=10**9, resume="none",
                                       contraction_every=50 if overrides.get("compressor", "dense") != "dense"
                                       and "average_every" not in overrides else 0,
                                       run_dir=os.path.join(out, "convergence", f"{job}-{arm}"), **settings, **overrides)
-            cfg.steps = steps or cfg.steps
+            cfg.steps, cfg.lr = steps or cfg.steps, cfg.lr * factor
             run = train.prepare(cfg, world)
             train.resume(run, world)
             summary = train.train(run, world)
@@ -58,7 +63,8 @@ def bench_convergence(world, out: str, jobs: list[str], arms: list[str], rank: i
             # the measuring Allreduce (contraction_every) is counted in wire bytes: take it out
             train_bytes = summary["wire_bytes_per_rank"] - _measuring_bytes(cfg.run_dir)
             captured = _mean_of(cfg.run_dir, "captured"), _mean_of(cfg.run_dir, "captured_optimal")
-            rows.append({"job": job, "arm": arm, "rank": rank, "steps": cfg.steps, "average_every": cfg.average_every,
+            rows.append({"job": job, "arm": arm, "rank": rank, "steps": cfg.steps, "lr": cfg.lr,
+                         "average_every": cfg.average_every,
                          "rounds": _rounds(cfg), metric: summary[metric], "wire_mb_per_rank": train_bytes / 1e6,
                          "dense_over_wire": summary["dense_bytes_per_rank"] / train_bytes,
                          "captured": captured[0], "captured_optimal": captured[1],
