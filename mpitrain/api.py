@@ -120,6 +120,11 @@ class Exchange:
             self.cfg.outer_lr, self.cfg.outer_momentum, self.cfg.seed)
         self.wire_bytes_total = 0
         self._share = None
+        self._overlapping = False  # buckets in flight since `backward`
+        if self.compressor.overlaps and self.averaging is None:
+            for slot, p in zip(self.layout.slots, self.layout.tensors):
+                if slot.is_matrix:
+                    p.register_post_accumulate_grad_hook(lambda p, slot=slot: self.compressor.ready(slot))
 
     def zero_grad(self):
         self.layout.zero_grad()
@@ -129,6 +134,9 @@ class Exchange:
         come out already scaled, so the exchange needs no averaging pass over memory. With parameter
         averaging the gradients stay this rank's own (backward of the loss itself)."""
         share = loss / self.world.size if self.averaging is None else loss
+        self._overlapping = self.compressor.overlaps and self.averaging is None
+        if self._overlapping:
+            self.compressor.begin()  # the hooks start each bucket's exchange as backward finishes it
         share.backward()
         self._share = share.detach()
 
@@ -145,9 +153,11 @@ class Exchange:
                 grads.mul_(1.0 / size)
             share = loss.detach() if loss is not None else torch.zeros(())
             share = share if local else share / size
-        finite = bool(torch.isfinite(share)) and bool(torch.isfinite(grads.sum(dtype=torch.float64)))
+        # With buckets in flight the gradients are MPI's until the exchange ends: the sum is checked after
+        checked = grads[self.layout.dense_offset:] if self._overlapping else grads
+        finite = bool(torch.isfinite(share)) and bool(torch.isfinite(checked.sum(dtype=torch.float64)))
         if not finite:
-            grads.zero_()  # nothing non-finite enters the exchange (or the optimizer); the flag says why
+            checked.zero_()  # nothing non-finite enters the exchange (or the optimizer); the flag says why
         self.layout.control.copy_(torch.tensor([(float(share) / size if local else float(share)) if finite else 0.0,
                                                 float(not finite), float(_STOP["requested"])]))
         before = self.world.sent_bytes
@@ -155,7 +165,10 @@ class Exchange:
             self.world.allreduce_(self.layout.flat_np[self.layout.numel:])
         else:
             self.compressor.aggregate(step)
-        self._share = None
+        if self._overlapping and not bool(torch.isfinite(grads.sum(dtype=torch.float64))):
+            grads.zero_()  # a rank's non-finite share reached every rank: every rank skips alike
+            self.layout.control[1] = 1.0
+        self._share, self._overlapping = None, False
         loss_sum, nonfinite, stop = self.layout.control.tolist()
         sent = self.world.sent_bytes - before
         self.wire_bytes_total += sent

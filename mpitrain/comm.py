@@ -68,6 +68,25 @@ class World:
                       lambda: self._comm.Allreduce(MPI.IN_PLACE, piece, op=_OPS[op]))
         return arr
 
+    def start_allreduce_(self, arr: np.ndarray) -> list:
+        """Begin an in-place sum Allreduce of a contiguous array and return its requests: the
+        caller lets MPI progress with `progress` (e.g. from backward hooks) and ends it with `wait`."""
+        self.sent_bytes += arr.nbytes
+        self.calls += len(pieces := self._pieces(arr))
+        return [self._comm.Iallreduce(MPI.IN_PLACE, piece, op=MPI.SUM) for piece in pieces]
+
+    @staticmethod
+    def progress(requests: list) -> bool:
+        """Test the requests (which is what moves a nonblocking collective along); True when all are done."""
+        return MPI.Request.Testall(requests)
+
+    def wait(self, requests: list, what: str = "Allreduce"):
+        """Until the requests complete, within the stall deadline."""
+        if not self.stall_timeout or self.size == 1:
+            MPI.Request.Waitall(requests)
+        else:
+            self._wait(what, lambda: MPI.Request.Testall(requests))
+
     def bcast_(self, arr: np.ndarray, root: int = 0) -> np.ndarray:
         """In-place broadcast from `root`; returns the array."""
         if self.rank == root:
@@ -153,12 +172,15 @@ class World:
         if not self.stall_timeout or self.size == 1:
             blocking()
             return
-        request = start()
-        if request.Test():
+        self._wait(what, start().Test)
+
+    def _wait(self, what: str, done):
+        """Until done() is true; past the stall deadline, or on a stall notice, end the job."""
+        if done():
             return
         now = time.monotonic()
         deadline, look = now + self.stall_timeout, now + _LOOK_S
-        while not request.Test():
+        while not done():
             now = time.monotonic()
             if now >= look:
                 look = now + _LOOK_S

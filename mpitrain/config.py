@@ -76,6 +76,9 @@ class Config:
     compressor: str = _f("dense", "gradient compressor (see --help for the list)")
     error_feedback: str = _f("auto", "keep what compression left out and add it to the next step (EF14): "
                                      "auto (on for biased compressors), on, off", choices=("auto", "on", "off"))
+    bucket_mb: float = _f(25.0, "overlap the exchange with backward: gradients go in buckets of this many MB, each "
+                                "exchanged as soon as backward has finished it (dense; 0: one exchange after "
+                                "backward)", minimum=0.0)
     start_compress_step: int = _f(10, "dense steps before compression starts (with --average-every > 1: dense rounds)", minimum=0)
     # parameter averaging (local steps)
     average_every: int = _f(1, "1: average gradients every step; H > 1: every rank takes H optimizer steps on its "

@@ -58,7 +58,7 @@ class GradLayout:
         self.control = self.flat[self.numel:]
         self.flat_np, self.params_np = self.flat.numpy(), self.params.numpy()  # for collectives
         self.slots: list[Slot] = []
-        self._tensors = []
+        self.tensors = []
         offset = 0
         for i, (name, p) in enumerate(ordered):
             slot = Slot(i, name, offset, p.numel(), tuple(p.shape))
@@ -67,7 +67,7 @@ class GradLayout:
             view.copy_(p.detach())
             p.data = view
             p.grad = self.view(self.grads, slot)
-            self._tensors.append(p)
+            self.tensors.append(p)
             offset += slot.numel
         self.matrices = [s for s in self.slots if s.is_matrix]
         self.dense = [s for s in self.slots if not s.is_matrix]
@@ -82,12 +82,27 @@ class GradLayout:
         """The n x m matrix view of a slot (conv kernels as out x in*kh*kw)."""
         return buf[slot.offset: slot.offset + slot.numel].view(slot.n, slot.m)
 
+    def buckets(self, bucket_bytes: int) -> list[tuple[int, int, list[Slot]]]:
+        """The matrices grouped in the order backward finishes them (the last layers' first) into
+        buckets of at least `bucket_bytes` (the last may be smaller): (lo, hi, slots), each a
+        contiguous slice [lo, hi) of the flat buffers. The dense tensors and control words after
+        the matrices are not in any bucket: they go last, with the control words."""
+        found, current = [], []
+        for slot in reversed(self.matrices):
+            current.append(slot)
+            if 4 * sum(s.numel for s in current) >= bucket_bytes:
+                found.append(current)
+                current = []
+        if current:
+            found.append(current)
+        return [(b[-1].offset, b[0].offset + b[0].numel, b) for b in found]
+
     def zero_grad(self):
         self.flat.zero_()
 
     def check_bound(self):
         """Raise if anything replaced a parameter or gradient tensor behind the layout's back."""
-        for slot, p in zip(self.slots, self._tensors):
+        for slot, p in zip(self.slots, self.tensors):
             if p.grad is None or p.grad.data_ptr() != self.grads.data_ptr() + 4 * slot.offset:
                 raise RuntimeError(f"gradient of {slot.name} no longer lives in the flat buffer "
                                    "(was it set to None or replaced?)")

@@ -1,5 +1,7 @@
 """Data parallelism under a real mpiexec: what the ranks hold after they exchange gradients."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -42,3 +44,29 @@ def test_n_ranks_follow_the_trajectory_of_one_process_with_n_times_the_batch(tmp
     assert np.array_equal(start, np.load(tmp_path / "four" / "params-init.npy"))
     assert np.abs(p4 - p1).max() < 1e-4
     assert np.abs(p1 - start).max() > 1e-2  # not vacuous: training moved the parameters far more
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_overlapped_buckets_give_the_same_bits_and_bytes_as_one_exchange(tmp_path, n):
+    flags = ["--steps", 12, "--model", "cnn", "--optimizer", "adam", "--lr", 0.003, "--eval-every", 0,
+             "--log-every", 1]
+    runs = {}
+    for bucket_mb in (0, 0.02):  # 0.02 MB: the cnn's matrices make several buckets
+        folder = tmp_path / str(bucket_mb)
+        folder.mkdir()
+        r = mpi(n, [WORKERS / "train_and_dump.py", folder, *flags, "--bucket-mb", bucket_mb, "--run-dir", folder])
+        assert r.returncode == 0, r.stderr
+        wire = [json.loads(x)["wire_bytes"] for x in open(folder / "metrics.jsonl") if '"train"' in x]
+        runs[bucket_mb] = [np.load(folder / f"params-{k}.npy") for k in range(n)], wire
+    for one, bucketed in zip(runs[0][0], runs[0.02][0]):
+        assert np.array_equal(one, bucketed)
+    assert runs[0][1] == runs[0.02][1]
+
+
+def test_buckets_start_while_backward_runs(tmp_path):
+    r = mpi(2, [WORKERS / "overlap_started.py", tmp_path / "out.json"])
+    assert r.returncode == 0, r.stderr
+    for step in json.loads((tmp_path / "out.json").read_text()):
+        # every bucket was handed to MPI from the hooks, before average() was called
+        assert step["buckets"] >= 3 and step["started_in_backward"] == step["buckets"]
+        assert step["in_flight"] >= step["buckets"]

@@ -51,7 +51,7 @@ from ..config import Parser
 from .convergence import AVERAGING_ARMS, CONVERGENCE_ARMS, CONVERGENCE_JOBS
 from .common import write_tables
 
-MODULES = ("allreduce", "compress", "convergence", "checkpoint", "target", "guard", "peer", "project")
+MODULES = ("allreduce", "compress", "convergence", "checkpoint", "target", "guard", "peer", "project", "overlap")
 
 
 def benchmarks() -> dict:

@@ -32,6 +32,16 @@ class Compressor:
         self.stats: dict = {}
         self.error_feedback = cfg.error_feedback == "on" or (cfg.error_feedback == "auto" and self.biased)
 
+    # Overlap with backward (--bucket-mb): `begin()` before backward, `ready(slot)` from each
+    # matrix's post-accumulate-grad hook, `aggregate` then finishes what is in flight.
+    overlaps = False
+
+    def begin(self) -> None:
+        pass
+
+    def ready(self, slot) -> None:
+        pass
+
     def aggregate(self, step: int) -> None:
         raise NotImplementedError
 

@@ -1,0 +1,30 @@
+"""How many buckets were in flight when backward returned, with --bucket-mb small enough for several.
+
+    mpiexec -n N python overlap_started.py OUT.json
+"""
+import json
+import sys
+
+import torch
+
+import mpitrain
+from mpitrain import models
+from mpitrain.data import Dataset, ShardedBatches, locate
+
+world = mpitrain.init()
+dataset = Dataset(locate("digits"))
+torch.manual_seed(0)
+model = models.build("cnn", dataset.info)
+exchange = mpitrain.Exchange(model, world, compressor="dense", bucket_mb=0.02)
+batches = ShardedBatches(dataset, 16, world.rank, world.size, 0)
+found = []
+for step in range(3):
+    x, y = batches.batch_at(step)
+    exchange.zero_grad()
+    exchange.backward(models.loss_and_metric(model(torch.from_numpy(x)), torch.from_numpy(y), "classify")[0])
+    found.append({"buckets": len(exchange.compressor.buckets), "started_in_backward": exchange.compressor._started,
+                  "in_flight": len(exchange.compressor._requests)})
+    exchange.average(step)
+if world.rank == 0:
+    with open(sys.argv[1], "w") as fh:
+        json.dump(found, fh)
