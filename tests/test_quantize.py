@@ -338,3 +338,22 @@ def test_randk_shares_its_coordinates_and_is_unbiased(tmp_path):
     omega = np.mean(np.sum((ys - x) ** 2, axis=1)) / np.sum(x ** 2)
     assert omega == pytest.approx(d / k - 1, rel=5 / math.sqrt(3000))
     assert np.sum((ys.mean(0) - x) ** 2) <= 4 * omega * np.sum(x ** 2) / 3000
+
+
+def test_fixed_width_fields_keep_the_bit_layout_of_the_shift_and_mask_codec():
+    """The byte-table writer and reader of fixed-width fields against the per-bit reference they replaced."""
+    from mpitrain.compress.bitcodec import _bits_of
+
+    def reference(values, width):
+        shifts = np.arange(width - 1, -1, -1, dtype=np.uint64)
+        return ((np.asarray(values, dtype=np.uint64)[:, None] >> shifts[None, :]) & np.uint64(1)).astype(bool).ravel()
+    rng = np.random.default_rng(5)
+    for width in range(1, 65):
+        values = rng.integers(0, 2 ** 63, 257, dtype=np.int64) >> max(0, 63 - width)
+        values[:3] = [0, (1 << min(width, 63)) - 1, 1]
+        assert np.array_equal(_bits_of(values, width), reference(values, width)), width
+        writer = BitWriter()
+        writer.fixed(values, width)
+        writer.fixed([1], 1)  # a field after it starts mid-byte
+        reader = BitReader(writer.bytes())
+        assert np.array_equal(reader.fixed(values.size, width), values) and reader.fixed(1, 1)[0] == 1, width

@@ -50,7 +50,22 @@ def _fwd_bwd_case(name: str):
     return layout, fwd_bwd
 
 
+def copy_bandwidth(nbytes: int = 256 * 2**20, repeats: int = 5) -> float:
+    """Bytes per second this machine moves in a large memory copy (read + write counted)."""
+    src = np.ones(nbytes // 4, dtype=np.float32)
+    dst = np.empty_like(src)
+    return 2 * nbytes / timed(lambda: np.copyto(dst, src), repeats)
+
+
+def least_traffic(layout, comp) -> int:
+    """The bytes a step must read and write at least: every gradient read and its result written
+    in place, and for compressors with error feedback every residual value read and written."""
+    residual = comp.state_dict(copy=False).get("local", {}).get("residual")
+    return 2 * layout.dense_bytes + (2 * 4 * int(np.size(residual)) if residual is not None else 0)
+
+
 def bench_compress(world, repeats: int) -> list[dict]:
+    bandwidth = copy_bandwidth()
     rows = []
     for case in [m for m, _ in DEFAULT_MODELS] + ["transformer-125m"]:
         layout, fwd_bwd = _fwd_bwd_case(case)
@@ -80,7 +95,9 @@ def bench_compress(world, repeats: int) -> list[dict]:
                          "bytes_refresh_step": first_bytes if refreshes else None, "bytes_step": step_bytes,
                          "bytes_amortised": amortised_bytes, "dense_over_wire": layout.dense_bytes / amortised_bytes,
                          "compress_s_step": step_s, "refresh_s": first_s if refreshes else None,
-                         "fwd_bwd_s": fwd_bwd_s, "compress_over_fwd_bwd": amortised_s / fwd_bwd_s})
+                         "fwd_bwd_s": fwd_bwd_s, "compress_over_fwd_bwd": amortised_s / fwd_bwd_s,
+                         "copy_gb_per_s": bandwidth / 1e9,
+                         "compress_over_memory_limit": step_s / (least_traffic(layout, comp) / bandwidth)})
     return rows
 
 

@@ -29,15 +29,25 @@ def rice_bits(v: np.ndarray, k: int) -> np.ndarray:
     return (np.asarray(v, dtype=np.int64) >> k) + 1 + k
 
 
+def _word(width: int) -> np.dtype:
+    """The smallest big-endian unsigned type holding `width` bits (its bytes are the bits in order)."""
+    return np.dtype(">u1" if width <= 8 else ">u2" if width <= 16 else ">u4" if width <= 32 else ">u8")
+
+
 def _bits_of(values: np.ndarray, width: np.ndarray | int) -> np.ndarray:
     """The low `width` bits of each value, most significant first, concatenated."""
-    values = np.asarray(values, dtype=np.uint64)
     if np.isscalar(width) or np.ndim(width) == 0:
         w = int(width)
+        values = np.asarray(values)
         if w == 0 or values.size == 0:
             return np.zeros(0, dtype=bool)
-        shifts = np.arange(w - 1, -1, -1, dtype=np.uint64)
-        return ((values[:, None] >> shifts[None, :]) & np.uint64(1)).astype(bool).reshape(-1)
+        word = _word(w)
+        mask = (1 << w) - 1
+        # each value as big-endian bytes, unpacked: the last w bits of every row are its code
+        rows = np.unpackbits((values.astype(np.uint64) & np.uint64(mask)).astype(word).view(np.uint8)
+                             .reshape(values.size, word.itemsize), axis=1)
+        return rows[:, 8 * word.itemsize - w:].reshape(-1).view(bool)
+    values = np.asarray(values, dtype=np.uint64)
     width = np.asarray(width, dtype=np.int64)
     total = int(width.sum())
     if total == 0:
@@ -99,9 +109,10 @@ class BitReader:
     def fixed(self, count: int, width: int) -> np.ndarray:
         if width == 0:
             return np.zeros(count, dtype=np.int64)
-        bits = self._take(count * width).reshape(count, width).astype(np.uint64)
-        weights = np.uint64(1) << np.arange(width - 1, -1, -1, dtype=np.uint64)
-        return (bits * weights).sum(axis=1).astype(np.int64)
+        word = _word(width)
+        rows = np.zeros((count, 8 * word.itemsize), dtype=bool)  # left-padded to whole bytes
+        rows[:, 8 * word.itemsize - width:] = self._take(count * width).reshape(count, width)
+        return np.packbits(rows, axis=1).view(word).reshape(count).astype(np.int64)
 
     def unary(self, count: int, cap: int) -> np.ndarray:
         """`count` unary codes, each value at most `cap` (a corrupt run fails here, not later)."""
