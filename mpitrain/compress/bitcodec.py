@@ -41,11 +41,14 @@ def _bits_of(values: np.ndarray, width: np.ndarray | int) -> np.ndarray:
         values = np.asarray(values)
         if w == 0 or values.size == 0:
             return np.zeros(0, dtype=bool)
+        if w == 1:
+            return (values & 1).astype(bool)
         word = _word(w)
-        mask = (1 << w) - 1
         # each value as big-endian bytes, unpacked: the last w bits of every row are its code
-        rows = np.unpackbits((values.astype(np.uint64) & np.uint64(mask)).astype(word).view(np.uint8)
-                             .reshape(values.size, word.itemsize), axis=1)
+        raw = (values.astype(np.uint64) & np.uint64((1 << w) - 1)).astype(word).view(np.uint8)
+        if w == 8 * word.itemsize:
+            return np.unpackbits(raw).view(bool)
+        rows = np.unpackbits(raw.reshape(values.size, word.itemsize), axis=1)
         return rows[:, 8 * word.itemsize - w:].reshape(-1).view(bool)
     values = np.asarray(values, dtype=np.uint64)
     width = np.asarray(width, dtype=np.int64)
@@ -110,6 +113,10 @@ class BitReader:
         if width == 0:
             return np.zeros(count, dtype=np.int64)
         word = _word(width)
+        if width == 1:
+            return self._take(count).astype(np.int64)
+        if width == 8 * word.itemsize:
+            return np.packbits(self._take(count * width)).view(word).astype(np.int64)
         rows = np.zeros((count, 8 * word.itemsize), dtype=bool)  # left-padded to whole bytes
         rows[:, 8 * word.itemsize - width:] = self._take(count * width).reshape(count, width)
         return np.packbits(rows, axis=1).view(word).reshape(count).astype(np.int64)

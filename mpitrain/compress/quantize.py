@@ -84,12 +84,15 @@ class SparseDither(Codec):
         step = 2 * math.sqrt(self.nu / d)
         if nrm == 0:
             return np.float32(0), np.zeros(d, dtype=np.int64)
-        r = np.abs(x.astype(np.float64)) / (nrm * step)
+        r = np.abs(x, dtype=np.float64)  # in place from here: the same operations in the same order
+        r /= nrm * step
         if self.randomized:
-            floor = np.floor(r)
-            k = floor + (np.random.Generator(np.random.Philox(key)).random(d) < r - floor)
+            k = np.floor(r)
+            r -= k
+            k += np.random.Generator(np.random.Philox(key)).random(d) < r
         else:
-            k = np.floor(r + 0.5)
+            r += 0.5
+            k = np.floor(r, out=r)
         return np.float32(step * nrm), k.astype(np.int64)
 
     @staticmethod
@@ -161,10 +164,13 @@ class QSGD(Codec):
         s, nrm = self.cfg.levels, np.float32(_norm(x))
         if nrm == 0:
             return nrm, np.zeros(x.size, dtype=np.int64)
-        r = s * np.abs(x.astype(np.float64)) / float(nrm)
-        floor = np.floor(r)
-        k = floor + (np.random.Generator(np.random.Philox(key)).random(x.size) < r - floor)
-        return nrm, np.minimum(k, s).astype(np.int64)
+        r = np.abs(x, dtype=np.float64)  # in place from here: the same operations in the same order
+        r *= s
+        r /= float(nrm)
+        k = np.floor(r)
+        r -= k
+        k += np.random.Generator(np.random.Philox(key)).random(x.size) < r
+        return nrm, np.minimum(k, s, out=k).astype(np.int64)
 
     def values(self, nrm, k, negative):
         mag = (nrm / np.float32(self.cfg.levels)) * k.astype(np.float32)
@@ -212,25 +218,22 @@ class Natural(Codec):
     exponent code. Codes 1..254 are 2^(c-127) over the whole float32 range (no clamping);
     below 2^-126 a value rounds to 2^-126 or to 0 (code 0), still unbiased."""
 
-    SMALLEST = 2.0 ** -126
-
     def codes(self, x, key):
-        t = np.abs(x.astype(np.float64))
-        if (t >= 2.0 ** 127).any():
+        """From the float32 bits: |x| = 2^(E-127) (1 + m/2^23) rounds up to the next power of two
+        with probability m/2^23, so code = E + [u < m/2^23]; subnormals (E = 0) round to 2^-126
+        (code 1) with probability |x|/2^-126 = m/2^23 too. u * 2^23 < m is that comparison exactly."""
+        bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+        exponent = (bits >> 23) & 0xFF
+        if (exponent >= 254).any():
             raise ValueError("natural compression cannot round |x| >= 2^127 up (2^128 is not a float32)")
         u = np.random.Generator(np.random.Philox(key)).random(x.size)
-        tiny = t < self.SMALLEST
-        e = np.floor(np.log2(np.where(tiny, 1.0, t)))
-        low = np.exp2(e)
-        up = u < (t - low) / low
-        code = (e + up + 127).astype(np.int64)
-        code[tiny] = (u[tiny] < t[tiny] / self.SMALLEST).astype(np.int64)  # 1 means 2^-126
-        return code
+        return exponent.astype(np.int64) + (u * 8388608.0 < (bits & 0x7FFFFF))
 
     @staticmethod
     def values(code, negative):
-        mag = np.where(code > 0, np.ldexp(np.float32(1), (code - 127).astype(np.int32)), np.float32(0))
-        return np.where(negative, -mag, mag).astype(np.float32)
+        """sign * 2^(code-127), and 0 for code 0, built as float32 bits (negative zero keeps its sign)."""
+        bits = (np.asarray(code, dtype=np.uint32) << 23) | (np.asarray(negative, dtype=np.uint32) << 31)
+        return bits.view(np.float32)
 
     def encode(self, x, w, key):
         _check_finite(x)
