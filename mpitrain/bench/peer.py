@@ -61,37 +61,36 @@ def _ddp(world, cfg: Config, powersgd: bool) -> tuple[list[float], float]:
     from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook
     from torch.nn.parallel import DistributedDataParallel
 
-    dist.init_process_group("gloo", init_method=_rendezvous(world), rank=world.rank, world_size=world.size)
-    try:
-        dataset = open_dataset(cfg.dataset, cfg.data_dir)
-        torch.manual_seed(cfg.seed)  # the same initial weights as our arms (rank 0's, broadcast by DDP)
-        model = DistributedDataParallel(models.build(cfg.model, dataset.info))
-        if powersgd:
-            state = powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=cfg.rank,
-                                                start_powerSGD_iter=cfg.start_compress_step, use_error_feedback=True,
-                                                warm_start=True)
-            model.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
-        optimizer = train.make_optimizer(cfg, model.parameters())
-        batches = ShardedBatches(dataset, batch_for(dataset.n_train, world.size, cfg.batch_size), world.rank,
-                                 world.size, cfg.seed)
-        times = []
-        for step in range(cfg.steps):
-            t0 = time.perf_counter()
-            x, y = batches.batch_at(step)
-            optimizer.zero_grad()
-            loss, _ = models.loss_and_metric(model(torch.from_numpy(x)), torch.from_numpy(y), dataset.info["task"])
-            loss.backward()  # DDP averages the gradients (through the hook) during backward
-            for group in optimizer.param_groups:
-                group["lr"] = train.lr_at(cfg, step)
-            optimizer.step()
-            times.append(time.perf_counter() - t0)
-        x, y = dataset.rows("test", np.arange(dataset.n_test))
-        with torch.no_grad():
-            _, correct = models.loss_and_metric(model.module(torch.from_numpy(x)), torch.from_numpy(y),
-                                                dataset.info["task"])
-        return times, float(correct) / dataset.n_test
-    finally:
-        dist.destroy_process_group()
+    if not dist.is_initialized():  # once per job, never destroyed: a rank stuck tearing it down hangs the job
+        dist.init_process_group("gloo", init_method=_rendezvous(world), rank=world.rank, world_size=world.size)
+    dataset = open_dataset(cfg.dataset, cfg.data_dir)
+    torch.manual_seed(cfg.seed)  # the same initial weights as our arms (rank 0's, broadcast by DDP)
+    model = DistributedDataParallel(models.build(cfg.model, dataset.info))
+    if powersgd:
+        state = powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=cfg.rank,
+                                            start_powerSGD_iter=cfg.start_compress_step, use_error_feedback=True,
+                                            warm_start=True)
+        model.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
+    optimizer = train.make_optimizer(cfg, model.parameters())
+    batches = ShardedBatches(dataset, batch_for(dataset.n_train, world.size, cfg.batch_size), world.rank,
+                             world.size, cfg.seed)
+    times = []
+    for step in range(cfg.steps):
+        t0 = time.perf_counter()
+        x, y = batches.batch_at(step)
+        optimizer.zero_grad()
+        loss, _ = models.loss_and_metric(model(torch.from_numpy(x)), torch.from_numpy(y), dataset.info["task"])
+        loss.backward()  # DDP averages the gradients (through the hook) during backward
+        for group in optimizer.param_groups:
+            group["lr"] = train.lr_at(cfg, step)
+        optimizer.step()
+        times.append(time.perf_counter() - t0)
+    x, y = dataset.rows("test", np.arange(dataset.n_test))
+    with torch.no_grad():
+        _, correct = models.loss_and_metric(model.module(torch.from_numpy(x)), torch.from_numpy(y),
+                                            dataset.info["task"])
+    dist.barrier()  # every rank done with gloo before any goes back to MPI
+    return times, float(correct) / dataset.n_test
 
 
 def bench_peer(world, out: str, steps: int = 0) -> list[dict]:
