@@ -41,16 +41,14 @@ class ParameterAveraging:
     def __init__(self, layout, world, compressor, every: int, outer: str = "average", outer_lr: float = 0.7,
                  outer_momentum: float = 0.9, seed: int = 0):
         self.layout, self.world, self.compressor = layout, world, compressor
-        self.every, self.outer = every, outer
-        self.outer_lr = 1.0 if outer == "average" else outer_lr
-        self.outer_momentum = outer_momentum
+        self.every, self.outer_lr, self.outer_momentum = every, outer_lr, outer_momentum
         self.anchor = layout.params.clone()
-        self.momentum = torch.zeros_like(self.anchor) if outer == "nesterov" else None
+        self.momentum = torch.zeros_like(self.anchor) if outer == "nesterov" else None  # average: outer lr 1
         self.local_steps = 0  # optimizer steps since the last average (0: params == anchor)
         generator = torch.Generator().manual_seed(seed + 7919)
-        buckets = math.ceil(layout.numel / SKETCH) * SKETCH
+        padded = math.ceil(layout.numel / SKETCH) * SKETCH
         self._signs = (torch.randint(0, 2, (layout.numel,), generator=generator, dtype=torch.int8) * 2 - 1)
-        self._signed = torch.zeros(buckets, dtype=torch.float32)  # d_i * signs, zero-padded to whole buckets
+        self._signed = torch.zeros(padded, dtype=torch.float32)  # d_i * signs, zero-padded to whole buckets
         self._report = np.zeros(SKETCH + 3, dtype=np.float64)  # [S d_i, ||S d_i||^2, ||d_i||^2, non-finite]
 
     def reset_anchor(self):
