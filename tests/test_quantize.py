@@ -86,8 +86,10 @@ def test_sparse_dither_support_code_is_close_to_the_combinatorial_bound_and_tota
     x = vectors(d)["gaussian"]
     _, k = codec.levels(x, 0)
     n0 = int(np.sum(k == 0))
-    _, gaps, param = codec.support(k)
-    support = 1 + int(quantize.rice_bits(gaps, param).sum())
+    zeros_marked, param, bits = codec.support(k)
+    gaps = np.diff(np.flatnonzero((k == 0) == zeros_marked), prepend=-1) - 1
+    assert bits == int(quantize.rice_bits(gaps, param).sum())
+    support = 1 + bits
     log_binom = (math.lgamma(d + 1) - math.lgamma(n0 + 1) - math.lgamma(d - n0 + 1)) / math.log(2)
     assert log_binom <= support <= 1.03 * log_binom + 64
     # the poster's worst-case total at nu = 0.1 is 3.35 d + log d + O(1)
@@ -340,23 +342,78 @@ def test_randk_shares_its_coordinates_and_is_unbiased(tmp_path):
     assert np.sum((ys.mean(0) - x) ** 2) <= 4 * omega * np.sum(x ** 2) / 3000
 
 
-def test_fixed_width_fields_keep_the_bit_layout_of_the_shift_and_mask_codec():
-    """The byte-table writer and reader of fixed-width fields against the per-bit reference they replaced."""
-    from mpitrain.compress.bitcodec import _bits_of
-
-    def reference(values, width):
+def test_every_field_keeps_the_bit_layout_of_the_per_bit_codec():
+    """The compiled writer and reader against per-bit references of each field's layout, every
+    field starting at every bit offset."""
+    def bits(values, width):
         shifts = np.arange(width - 1, -1, -1, dtype=np.uint64)
         return ((np.asarray(values, dtype=np.uint64)[:, None] >> shifts[None, :]) & np.uint64(1)).astype(bool).ravel()
+
+    def unary(values):
+        return np.concatenate([np.r_[np.ones(v, dtype=bool), False] for v in values])
+
+    def gamma(values):
+        n = np.array([int(v).bit_length() - 1 for v in values])
+        return np.concatenate([unary(n)] + [bits([v], w) for v, w in zip(values, n)])
+
+    def rice(values, k):
+        return np.concatenate([unary(np.asarray(values) >> k), bits(np.asarray(values) & ((1 << k) - 1), k)])
     rng = np.random.default_rng(5)
-    for width in range(1, 65):
-        values = rng.integers(0, 2 ** 63, 257, dtype=np.int64) >> max(0, 63 - width)
-        values[:3] = [0, (1 << min(width, 63)) - 1, 1]
-        assert np.array_equal(_bits_of(values, width), reference(values, width)), width
-        writer = BitWriter()
-        writer.fixed(values, width)
-        writer.fixed([1], 1)  # a field after it starts mid-byte
-        reader = BitReader(writer.bytes())
-        assert np.array_equal(reader.fixed(values.size, width), values) and reader.fixed(1, 1)[0] == 1, width
+    for width in range(0, 64):
+        fixed = rng.integers(0, 2 ** 63, 257, dtype=np.int64) >> max(0, 63 - width) if width else np.zeros(9, np.int64)
+        fixed[:3] = [0, (1 << width) - 1, 1 if width else 0]
+        runs = rng.geometric(1 / (1 + width), 50) - 1
+        positive = np.maximum(1, fixed[:50])
+        rice_values, k = fixed[:50] >> max(0, width - 24), min(width, 20)  # quotients below 2^4
+        for offset in (0, 3, 7):
+            writer = BitWriter()
+            writer.fixed(np.ones(offset, np.int64), 1)
+            writer.fixed(fixed, width)
+            writer.unary(runs)
+            writer.gamma(positive)
+            writer.rice(rice_values, k)
+            want = np.concatenate([np.ones(offset, bool), bits(fixed, width), unary(runs), gamma(positive),
+                                   rice(rice_values, k)])
+            got = np.unpackbits(writer.bytes()).astype(bool)
+            assert writer.nbits == want.size and np.array_equal(got[:want.size], want) and not got[want.size:].any()
+            reader = BitReader(writer.bytes())
+            assert np.array_equal(reader.fixed(offset, 1), np.ones(offset))
+            assert np.array_equal(reader.fixed(fixed.size, width), fixed), (width, offset)
+            assert np.array_equal(reader.unary(runs.size, int(runs.max())), runs)
+            assert np.array_equal(reader.gamma(positive.size), positive)
+            assert np.array_equal(reader.rice(rice_values.size, k, cap=2 ** 30), rice_values)
+            reader.finish()
+
+
+def test_codecs_write_the_bitstreams_of_the_numpy_implementation():
+    """Digests of every codec's payload and decoded values, recorded from the array (numpy)
+    implementation before the compiled kernels replaced it: fixed seeds, several settings, sizes
+    and value distributions (tests/data/codec_digests.json)."""
+    import hashlib
+    import json
+    from pathlib import Path
+    recorded = json.loads((Path(__file__).parent / "data" / "codec_digests.json").read_text())
+    settings = {"sparse-dither": [{}, {"dither": "rand"}, {"nu": 2.0}], "qsgd": [{}, {"levels": 1}, {"levels": 255}],
+                "natural": [{}], "topk": [{}, {"ratio": 0.5}], "spherical": [{}, {"alpha": 0.5, "block": 4}]}
+    checked = 0
+    for name, variants in settings.items():
+        for variant in variants:
+            codec = quantize.CODECS[name](cfg(**variant))
+            for d in ([1, 2, 13, 200] if name == "spherical" else [1, 2, 13, 1000, 70001]):
+                for kind, x in vectors(d, seed=d).items():
+                    x = np.clip(x, -1e37, 1e37) if name == "natural" else x
+                    for key in (0, 12345):
+                        w = BitWriter()
+                        y = codec.encode(x, w, key)
+                        digest = (hashlib.sha256(w.bytes().tobytes()).hexdigest()[:24] + " "
+                                  + hashlib.sha256(y.view(np.uint32).tobytes()).hexdigest()[:24])
+                        label = f"{name} {json.dumps(variant, sort_keys=True)} d={d} {kind} key={key}"
+                        assert recorded[label] == digest, label
+                        r = BitReader(w.bytes())
+                        assert np.array_equal(codec.decode(r, d, key).view(np.uint32), y.view(np.uint32)), label
+                        r.finish()
+                        checked += 1
+    assert checked == len(recorded) == 636
 
 
 def test_natural_codes_from_float32_bits_are_the_log2_rounding_they_replaced():
@@ -379,3 +436,34 @@ def test_natural_codes_from_float32_bits_are_the_log2_rounding_they_replaced():
         code, value = reference(x, key)
         assert np.array_equal(natural.codes(x, key), code)
         assert np.array_equal(natural.values(code, np.signbit(x)).view(np.uint32), value.view(np.uint32))
+
+
+@pytest.mark.parametrize("name", sorted(quantize.CODECS))
+def test_damaged_streams_raise_payload_errors_and_never_read_past_the_buffer(name):
+    """Bit flips, truncations and random tails: the compiled readers either decode or refuse with
+    PayloadError (a read past the buffer would crash the interpreter, failing the run)."""
+    codec = quantize.CODECS[name](cfg())
+    rng = np.random.default_rng(11)
+    d = 40 if name == "spherical" else 3000
+    w = BitWriter()
+    codec.encode(vectors(d)["heavy"], w, 3)
+    clean = w.bytes()
+    outcomes = {"decoded": 0, "refused": 0}
+    for trial in range(300):
+        data = clean.copy()
+        if trial % 3 == 0:
+            flips = rng.integers(0, 8 * data.size, 1 + trial % 7)
+            np.bitwise_xor.at(data, flips // 8, (0x80 >> (flips % 8)).astype(np.uint8))
+        elif trial % 3 == 1:
+            data = data[: rng.integers(0, data.size)]
+        else:
+            data = np.concatenate([data[: rng.integers(0, data.size)], rng.integers(0, 256, 64, dtype=np.uint8)])
+        try:
+            r = BitReader(data)
+            y = codec.decode(r, d, 3)
+            r.finish()
+            assert y.shape == (d,) and y.dtype == np.float32
+            outcomes["decoded"] += 1
+        except PayloadError:
+            outcomes["refused"] += 1
+    assert outcomes["refused"] >= 100, outcomes  # truncations of a tight stream cannot all decode

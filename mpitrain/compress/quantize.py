@@ -39,6 +39,23 @@ def _norm(x: np.ndarray) -> float:
     return float(np.linalg.norm(x.astype(np.float64)))
 
 
+def _draws(key: int, d: int) -> np.ndarray:
+    """The uniform draws of a stochastic rounding: Philox, keyed by (seed, rank, step, tensor)."""
+    return np.random.Generator(np.random.Philox(key)).random(d)
+
+
+_NO_DRAWS = np.zeros(0)
+
+
+def _float_bits(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+
+
+def kernels():
+    from . import kernels as compiled  # numba loads with the first quantizer, not with the package
+    return compiled
+
+
 def _width(n: int) -> int:
     """Bits to write any integer in [0, n]."""
     return int(n).bit_length()
@@ -79,52 +96,40 @@ class SparseDither(Codec):
         return np.where(negative, -mag, mag).astype(np.float32)
 
     def levels(self, x: np.ndarray, key: int):
-        """(gamma as float32, integer levels k) of x."""
+        """(gamma as float32, integer levels k) of x: r = |x| / (||x|| step) rounded to the nearest
+        integer (det) or stochastically (rand)."""
         d, nrm = x.size, _norm(x)
         step = 2 * math.sqrt(self.nu / d)
+        k = np.zeros(d, dtype=np.int64)
         if nrm == 0:
-            return np.float32(0), np.zeros(d, dtype=np.int64)
-        r = np.abs(x, dtype=np.float64)  # in place from here: the same operations in the same order
-        r /= nrm * step
-        if self.randomized:
-            k = np.floor(r)
-            r -= k
-            k += np.random.Generator(np.random.Philox(key)).random(d) < r
-        else:
-            r += 0.5
-            k = np.floor(r, out=r)
-        return np.float32(step * nrm), k.astype(np.int64)
+            return np.float32(0), k
+        u = _draws(key, d) if self.randomized else _NO_DRAWS
+        kernels().stochastic_levels(x, 1.0, nrm * step, u, np.iinfo(np.int64).max, k)
+        return np.float32(step * nrm), k
 
     @staticmethod
     def support(k: np.ndarray):
-        """(flag, gaps, Rice parameter): the support as gaps between nonzeros (flag 0) or between
-        zeros (flag 1), whichever codes shorter. Rice codes are near-optimal only for long gaps,
-        so the rarer class is usually the one to code."""
-        best = None
-        for flag, marked in enumerate((np.flatnonzero(k), np.flatnonzero(k == 0))):
-            gaps = np.diff(marked, prepend=-1) - 1
-            param = rice_parameter((k.size - marked.size) / max(marked.size, 1))
-            length = int(rice_bits(gaps, param).sum())
-            if best is None or length < best[0]:
-                best = (length, flag, gaps, param)
-        return best[1:]
+        """(zeros marked, Rice parameter, bits): the support as gaps between nonzeros or between
+        zeros, whichever codes shorter. Rice codes are near-optimal only for long gaps, so the
+        rarer class is usually the one to code."""
+        d, nnz = k.size, int(np.count_nonzero(k))
+        params = (rice_parameter((d - nnz) / max(nnz, 1)), rice_parameter(nnz / max(d - nnz, 1)))
+        bits = kernels().rice_gap_bits(k, *params)
+        zeros_marked = bits[1] < bits[0]
+        return zeros_marked, params[zeros_marked], bits[zeros_marked]
 
     def encode(self, x, w, key):
         _check_finite(x)
         d = x.size
         gamma, k = self.levels(x, key)
-        nz = np.flatnonzero(k)
-        n0 = d - nz.size
+        nnz = int(np.count_nonzero(k))
         w.fixed(int(np.array(gamma).view(np.uint32)) & 0x7FFFFFFF, 31)
-        w.fixed(n0, _width(d))
-        flag, gaps, param = self.support(k)
-        w.fixed(flag, 1)
-        w.rice(gaps, param)
-        negative = x[nz] < 0
-        w.fixed(negative.astype(np.int64), 1)
-        w.unary(k[nz] - 1)
-        y = np.zeros(d, dtype=np.float32)
-        y[nz] = self.values(gamma, k[nz], negative)
+        w.fixed(d - nnz, _width(d))
+        zeros_marked, param, support_bits = self.support(k)
+        w.fixed(int(zeros_marked), 1)
+        w.body(kernels().write_levels, support_bits + nnz + int(k.sum()), x, k, zeros_marked, param)
+        y = np.empty(d, dtype=np.float32)
+        kernels().scaled_signed(gamma, k, x, y)
         return y
 
     def decode(self, r, d, key):
@@ -132,29 +137,18 @@ class SparseDither(Codec):
         n0 = int(r.fixed(1, _width(d))[0])
         if n0 > d or (gamma == 0 and n0 != d):
             raise PayloadError("sparse-dither header is inconsistent")
-        nnz = d - n0
-        flag = int(r.fixed(1, 1)[0])
-        count = n0 if flag else nnz
-        marked = np.cumsum(r.rice(count, rice_parameter((d - count) / max(count, 1)), cap=d) + 1) - 1
-        if count and marked[-1] >= d:
-            raise PayloadError("sparse-dither support runs past the end of the tensor")
-        if flag:
-            is_zero = np.zeros(d, dtype=bool)
-            is_zero[marked] = True
-            nz = np.flatnonzero(~is_zero)
-        else:
-            nz = marked
-        negative = r.fixed(nnz, 1).astype(bool)
-        k = r.unary(nnz, cap=int(math.ceil(0.5 / math.sqrt(self.nu / d))) + 1) + 1
+        zeros_marked = bool(r.fixed(1, 1)[0])
+        count = n0 if zeros_marked else d - n0
         y = np.zeros(d, dtype=np.float32)
-        y[nz] = self.values(gamma, k, negative)
+        r.body(kernels().read_levels, zeros_marked, rice_parameter((d - count) / max(count, 1)),
+               int(math.ceil(0.5 / math.sqrt(self.nu / d))), gamma, np.empty(count, dtype=np.int64),
+               np.empty(d if zeros_marked else 0, dtype=bool), np.empty(d - n0 + 1, dtype=np.int64), y)
         return y
 
     def bits(self, x: np.ndarray, key: int = 0) -> int:
         """The closed form: 31 + ceil(log2(d+1)) + 1 + Rice(gaps) + nnz + sum(k)."""
         _, k = self.levels(x, key)
-        _, gaps, param = self.support(k)
-        return 31 + _width(x.size) + 1 + int(rice_bits(gaps, param).sum()) + int(np.count_nonzero(k)) + int(k.sum())
+        return 31 + _width(x.size) + 1 + int(self.support(k)[2]) + int(np.count_nonzero(k)) + int(k.sum())
 
 
 class QSGD(Codec):
@@ -162,15 +156,10 @@ class QSGD(Codec):
 
     def levels(self, x, key):
         s, nrm = self.cfg.levels, np.float32(_norm(x))
-        if nrm == 0:
-            return nrm, np.zeros(x.size, dtype=np.int64)
-        r = np.abs(x, dtype=np.float64)  # in place from here: the same operations in the same order
-        r *= s
-        r /= float(nrm)
-        k = np.floor(r)
-        r -= k
-        k += np.random.Generator(np.random.Philox(key)).random(x.size) < r
-        return nrm, np.minimum(k, s, out=k).astype(np.int64)
+        k = np.zeros(x.size, dtype=np.int64)
+        if nrm != 0:
+            kernels().stochastic_levels(x, float(s), float(nrm), _draws(key, x.size), s, k)
+        return nrm, k
 
     def values(self, nrm, k, negative):
         mag = (nrm / np.float32(self.cfg.levels)) * k.astype(np.float32)
@@ -179,15 +168,11 @@ class QSGD(Codec):
     def encode(self, x, w, key):
         _check_finite(x)
         nrm, k = self.levels(x, key)
-        nz = np.flatnonzero(k)
         w.fixed(int(np.array(nrm).view(np.uint32)), 32)
-        w.gamma([nz.size + 1])
-        w.gamma(np.diff(nz, prepend=-1))
-        negative = x[nz] < 0
-        w.fixed(negative.astype(np.int64), 1)
-        w.gamma(k[nz])
-        y = np.zeros(x.size, dtype=np.float32)
-        y[nz] = self.values(nrm, k[nz], negative)
+        w.gamma([np.count_nonzero(k) + 1])
+        w.body(kernels().write_sparse_gamma, kernels().sparse_gamma_bits(k), x, k)
+        y = np.empty(x.size, dtype=np.float32)
+        kernels().scaled_signed(nrm / np.float32(self.cfg.levels), k, x, y)
         return y
 
     def decode(self, r, d, key):
@@ -222,12 +207,10 @@ class Natural(Codec):
         """From the float32 bits: |x| = 2^(E-127) (1 + m/2^23) rounds up to the next power of two
         with probability m/2^23, so code = E + [u < m/2^23]; subnormals (E = 0) round to 2^-126
         (code 1) with probability |x|/2^-126 = m/2^23 too. u * 2^23 < m is that comparison exactly."""
-        bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-        exponent = (bits >> 23) & 0xFF
-        if (exponent >= 254).any():
+        codes = np.empty(x.size, dtype=np.int64)
+        if kernels().natural_codes(_float_bits(x), _draws(key, x.size), codes) < 0:
             raise ValueError("natural compression cannot round |x| >= 2^127 up (2^128 is not a float32)")
-        u = np.random.Generator(np.random.Philox(key)).random(x.size)
-        return exponent.astype(np.int64) + (u * 8388608.0 < (bits & 0x7FFFFF))
+        return codes
 
     @staticmethod
     def values(code, negative):
@@ -237,17 +220,14 @@ class Natural(Codec):
 
     def encode(self, x, w, key):
         _check_finite(x)
-        code, negative = self.codes(x, key), np.signbit(x)
-        w.fixed(negative.astype(np.int64), 1)
-        w.fixed(code, 8)
-        return self.values(code, negative)
+        code = self.codes(x, key)
+        w.body(kernels().write_natural, 9 * x.size, _float_bits(x), code)
+        return self.values(code, np.signbit(x))
 
     def decode(self, r, d, key):
-        negative = r.fixed(d, 1).astype(bool)
-        code = r.fixed(d, 8)
-        if (code == 255).any():
-            raise PayloadError("natural code 255 is not used")
-        return self.values(code, negative)
+        bits = np.empty(d, dtype=np.uint32)
+        r.body(kernels().read_natural, bits)
+        return bits.view(np.float32)
 
     def bits(self, x, key=0) -> int:
         return 9 * x.size

@@ -1,0 +1,473 @@
+"""Compiled loops for the bit codecs (numba): the fields of `bitcodec` and the quantizers' fused passes.
+
+Imported on first use, so a run that never quantizes never loads numba. Everything here is plain
+IEEE arithmetic in the order numpy would do it (no fastmath), so the codes are those of the array
+formulas they replace; kernels compile once per machine (cache=True) into __pycache__.
+
+Writers OR bits into a zeroed byte buffer at a bit position and return the new position; the caller
+has made the buffer large enough. Readers return the new position, or a negative error code:
+TRUNCATED when the bits run out, TOO_LONG when a unary run passes its cap.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+TRUNCATED, TOO_LONG, NOT_POSITIVE, PAST_END, BAD_CODE = -1, -2, -3, -4, -5
+ERRORS = {TRUNCATED: "payload is truncated", TOO_LONG: "payload holds a run longer than allowed",
+          PAST_END: "the support runs past the end of the tensor", BAD_CODE: "payload holds a code that is not used"}
+jit = njit(cache=True, nogil=True, _nrt=False)
+
+
+# -- fields -------------------------------------------------------------------------------------------
+# Writing goes through a bit accumulator (acc holds n < 32 pending bits, `out` is the next byte to
+# fill) flushed 32 bits at a time; reading peeks a few bytes at a bit position. The reader's buffer
+# carries 8 zero bytes past its end so a peek never leaves it; `nbits` is where the data ends.
+
+# No reference counting (_nrt=False): an incref/decref of the buffer per helper call costs 10x.
+# Kernels therefore never allocate: scratch arrays come from the caller.
+inline = njit(cache=True, inline="always", _nrt=False)
+
+
+@inline
+def _start(buf, pos):
+    """The accumulator at bit position pos: the bits already in its byte, pending."""
+    out, n = pos >> 3, pos & 7
+    return (np.int64(buf[out]) >> (8 - n)) if n else np.int64(0), n, out
+
+
+@inline
+def _push(buf, acc, n, out, value, width):
+    """Append value (< 2^width, width <= 32)."""
+    acc = (acc << width) | value
+    n += width
+    if n >= 32:
+        n -= 32
+        word = acc >> n
+        buf[out] = (word >> 24) & 0xFF
+        buf[out + 1] = (word >> 16) & 0xFF
+        buf[out + 2] = (word >> 8) & 0xFF
+        buf[out + 3] = word & 0xFF
+        out += 4
+        acc &= (np.int64(1) << n) - 1
+    return acc, n, out
+
+
+@inline
+def _push_wide(buf, acc, n, out, value, width):
+    """Append value (< 2^width, width <= 63)."""
+    if width > 32:
+        acc, n, out = _push(buf, acc, n, out, value >> 32, width - 32)
+        value, width = value & 0xFFFFFFFF, 32
+    return _push(buf, acc, n, out, value, width)
+
+
+@inline
+def _push_unary(buf, acc, n, out, run):
+    """run ones, then a zero."""
+    while run >= 32:
+        acc, n, out = _push(buf, acc, n, out, 0xFFFFFFFF, 32)
+        run -= 32
+    return _push(buf, acc, n, out, ((np.int64(1) << run) - 1) << 1, run + 1)
+
+
+@inline
+def _end(buf, acc, n, out):
+    """Flush the pending bits (the last byte padded with zeros); the new bit position."""
+    while n >= 8:
+        n -= 8
+        buf[out] = (acc >> n) & 0xFF
+        out += 1
+    if n:
+        buf[out] = (acc << (8 - n)) & 0xFF
+    return out * 8 + n
+
+
+# Reading keeps up to 64 upcoming bits in `acc`, most significant first (`have` of them valid), and
+# loads 4 bytes at `inp` whenever fewer than 32 are left; the position is 8 * inp - have.
+
+U = np.uint64
+
+
+@inline
+def _refill(buf, acc, have, inp):
+    if have < 32:
+        word = (U(buf[inp]) << U(24)) | (U(buf[inp + 1]) << U(16)) | (U(buf[inp + 2]) << U(8)) | U(buf[inp + 3])
+        acc |= word << U(32 - have)
+        have += 32
+        inp += 4
+    return acc, have, inp
+
+
+@inline
+def _rstart(buf, pos):
+    acc, have, inp = _refill(buf, U(0), 0, pos >> 3)
+    return acc << U(pos & 7), have - (pos & 7), inp
+
+
+@inline
+def _take(buf, acc, have, inp, width):
+    """(the next `width` (<= 32) bits as an integer, state)."""
+    acc, have, inp = _refill(buf, acc, have, inp)
+    value = np.int64((acc >> U(1)) >> U(63 - width))  # two shifts: width 0 reads 0
+    return value, acc << U(width), have - width, inp
+
+
+@inline
+def _take_wide(buf, acc, have, inp, width):
+    """The next `width` (<= 63) bits."""
+    if width <= 32:
+        return _take(buf, acc, have, inp, width)
+    high, acc, have, inp = _take(buf, acc, have, inp, width - 32)
+    low, acc, have, inp = _take(buf, acc, have, inp, 32)
+    return (high << 32) | low, acc, have, inp
+
+
+def _leading_ones_table():
+    table = np.zeros(256, dtype=np.int64)
+    for b in range(256):
+        while table[b] < 8 and b & (0x80 >> table[b]):
+            table[b] += 1
+    return table
+
+
+LEADING_ONES = _leading_ones_table()
+
+
+@inline
+def _take_run(buf, acc, have, inp, cap):
+    """(ones before the next zero, or TOO_LONG past cap; state after that zero). Past the end of the
+    data the padding's zeros end a run: the caller compares the position with nbits."""
+    run = 0
+    while True:
+        acc, have, inp = _refill(buf, acc, have, inp)
+        ones = LEADING_ONES[acc >> U(56)]
+        run += ones
+        if ones < 8:
+            acc, have = acc << U(ones + 1), have - ones - 1
+            break
+        acc, have = acc << U(8), have - 8
+        if run > cap:
+            break
+    return (run if run <= cap else TOO_LONG), acc, have, inp
+
+
+@inline
+def _floor_log2(v):
+    n = 0
+    while v >> (n + 1):
+        n += 1
+    return n
+
+
+@jit
+def write_fixed(buf, pos, values, width):
+    """The low `width` bits of each value."""
+    acc, n, out = _start(buf, pos)
+    mask = (np.int64(1) << width) - 1
+    for v in values:
+        acc, n, out = _push_wide(buf, acc, n, out, v & mask, width)
+    return _end(buf, acc, n, out)
+
+
+@jit
+def write_unary(buf, pos, values):
+    acc, n, out = _start(buf, pos)
+    for v in values:
+        acc, n, out = _push_unary(buf, acc, n, out, v)
+    return _end(buf, acc, n, out)
+
+
+@jit
+def write_gamma(buf, pos, values):
+    """Every value's length in unary, then every value's bits below its leading one."""
+    acc, n, out = _start(buf, pos)
+    for v in values:
+        acc, n, out = _push_unary(buf, acc, n, out, _floor_log2(v))
+    for v in values:
+        width = _floor_log2(v)
+        acc, n, out = _push_wide(buf, acc, n, out, v & ((np.int64(1) << width) - 1), width)
+    return _end(buf, acc, n, out)
+
+
+@jit
+def write_rice(buf, pos, values, k):
+    acc, n, out = _start(buf, pos)
+    for v in values:
+        acc, n, out = _push_unary(buf, acc, n, out, v >> k)
+    mask = (np.int64(1) << k) - 1
+    for v in values:
+        acc, n, out = _push_wide(buf, acc, n, out, v & mask, k)
+    return _end(buf, acc, n, out)
+
+
+@jit
+def unary_bits(values, shift):
+    total = 0
+    for v in values:
+        total += (v >> shift) + 1
+    return total
+
+
+@jit
+def gamma_bits(values):
+    """Total bits of the values' Elias gamma codes, or NOT_POSITIVE if a value is below 1."""
+    total = 0
+    for v in values:
+        if v < 1:
+            return NOT_POSITIVE
+        total += 2 * _floor_log2(v) + 1
+    return total
+
+
+@jit
+def read_fixed(buf, nbits, pos, width, out):
+    if pos + width * out.size > nbits:
+        return TRUNCATED
+    acc, have, inp = _rstart(buf, pos)
+    for i in range(out.size):
+        out[i], acc, have, inp = _take_wide(buf, acc, have, inp, width)
+    return 8 * inp - have
+
+
+@jit
+def read_unary(buf, nbits, pos, cap, out):
+    acc, have, inp = _rstart(buf, pos)
+    for i in range(out.size):
+        out[i], acc, have, inp = _take_run(buf, acc, have, inp, cap)
+        if 8 * inp - have > nbits:
+            return TRUNCATED
+        if out[i] < 0:
+            return TOO_LONG
+    return 8 * inp - have
+
+
+@jit
+def read_gamma(buf, nbits, pos, cap_bits, out):
+    pos = read_unary(buf, nbits, pos, cap_bits, out)
+    if pos < 0:
+        return pos
+    total = 0
+    for width in out:
+        total += width
+    if pos + total > nbits:
+        return TRUNCATED
+    acc, have, inp = _rstart(buf, pos)
+    for i in range(out.size):
+        low, acc, have, inp = _take_wide(buf, acc, have, inp, out[i])
+        out[i] = (np.int64(1) << out[i]) | low
+    return 8 * inp - have
+
+
+@jit
+def read_rice(buf, nbits, pos, k, cap, out):
+    pos = read_unary(buf, nbits, pos, cap >> k, out)
+    if pos < 0:
+        return pos
+    if pos + k * out.size > nbits:
+        return TRUNCATED
+    acc, have, inp = _rstart(buf, pos)
+    for i in range(out.size):
+        low, acc, have, inp = _take_wide(buf, acc, have, inp, k)
+        out[i] = (out[i] << k) | low
+    return 8 * inp - have
+
+
+@jit
+def padding_is_clean(buf, nbits, pos):
+    """Fewer than 8 bits left, all of them zero."""
+    acc, have, inp = _rstart(buf, pos)
+    return nbits - pos < 8 and _take(buf, acc, have, inp, nbits - pos)[0] == 0
+
+
+# -- quantizers' fused passes ---------------------------------------------------------------------------
+
+@jit
+def stochastic_levels(x, times, over, u, cap, k):
+    """k = floor(r) + [u < r - floor(r)] with r = |x| * times / over (float64, in that order), at
+    most cap; returns the number of nonzero levels. An empty u rounds to the nearest level instead."""
+    nnz = 0
+    for i in range(x.size):
+        r = np.float64(abs(x[i])) * times / over
+        if u.size:
+            level = np.floor(r)
+            level += u[i] < r - level
+        else:
+            level = np.floor(r + 0.5)
+        k[i] = min(np.int64(level), cap)
+        nnz += k[i] != 0
+    return nnz
+
+
+@jit
+def scaled_signed(gamma, k, x, y):
+    """y = sign(x) * gamma * k in float32 (the decoded values), +0 where k is 0."""
+    for i in range(k.size):
+        mag = gamma * np.float32(k[i])
+        y[i] = (-mag if x[i] < 0 else mag) if k[i] else np.float32(0)
+
+
+@jit
+def rice_gap_bits(k, param0, param1):
+    """Rice bits of the gaps between nonzero levels (parameter param0) and between zeros (param1).
+    Branch-free: whether a level is zero is a coin flip the branch predictor would lose."""
+    bits0 = bits1 = 0
+    last0 = last1 = -1
+    for i in range(k.size):
+        zero = k[i] == 0
+        bits0 += (((i - last0 - 1) >> param0) + 1 + param0) * (1 - zero)
+        bits1 += (((i - last1 - 1) >> param1) + 1 + param1) * zero
+        last0 = last0 if zero else i
+        last1 = i if zero else last1
+    return bits0, bits1
+
+
+@inline
+def _push_unary_where(buf, acc, n, out, run, where):
+    """run ones then a zero if `where`, nothing otherwise (branch-free for runs below 32)."""
+    if run >= 31:
+        return _push_unary(buf, acc, n, out, run) if where else (acc, n, out)
+    width = (run + 1) * where
+    return _push(buf, acc, n, out, ((np.int64(2) << run) - 2) * where, width)
+
+
+@jit
+def write_levels(buf, pos, x, k, zeros_marked, param):
+    """Sparse dithering's body: the support as Rice-coded gaps (between zeros if zeros_marked, else
+    between nonzeros), then a sign bit per nonzero, then each nonzero level k in unary as k - 1."""
+    acc, n, out = _start(buf, pos)
+    last = -1
+    for i in range(k.size):  # quotients
+        marked = (k[i] == 0) == zeros_marked
+        acc, n, out = _push_unary_where(buf, acc, n, out, (i - last - 1) >> param, marked)
+        last = i if marked else last
+    last, mask = -1, (np.int64(1) << param) - 1
+    for i in range(k.size):  # remainders
+        marked = (k[i] == 0) == zeros_marked
+        acc, n, out = _push_wide(buf, acc, n, out, ((i - last - 1) & mask) * marked, param * marked)
+        last = i if marked else last
+    for i in range(k.size):
+        nonzero = k[i] != 0
+        acc, n, out = _push(buf, acc, n, out, np.int64(x[i] < 0) * nonzero, nonzero)
+    for i in range(k.size):
+        acc, n, out = _push_unary_where(buf, acc, n, out, k[i] - 1, k[i] != 0)
+    return _end(buf, acc, n, out)
+
+
+@jit
+def read_levels(buf, nbits, pos, zeros_marked, param, run_cap, gamma, marked, flags, index, y):
+    """The inverse of write_levels into y (zeroed, size d): the decoded values. Scratch: marked (one
+    per coded gap), flags (d when zeros are marked), index (one per nonzero, and one spare)."""
+    d = y.size
+    pos = read_rice(buf, nbits, pos, param, d, marked)
+    if pos < 0:
+        return pos
+    at = -1
+    for j in range(marked.size):  # gaps to positions
+        at += marked[j] + 1
+        marked[j] = at
+    if marked.size and at >= d:
+        return PAST_END
+    if zeros_marked:  # the nonzeros are the rest, gathered without a branch per value
+        flags[:] = True
+        for j in marked:
+            flags[j] = False
+        nnz = 0
+        for i in range(d):
+            index[nnz] = i
+            nnz += flags[i]
+    else:
+        nnz = marked.size
+        for j in range(nnz):
+            index[j] = marked[j]
+    if pos + nnz > nbits:
+        return TRUNCATED
+    sign_acc, sign_have, sign_inp = _rstart(buf, pos)
+    acc, have, inp = _rstart(buf, pos + nnz)
+    for j in range(nnz):
+        run, acc, have, inp = _take_run(buf, acc, have, inp, run_cap)
+        if 8 * inp - have > nbits:
+            return TRUNCATED
+        if run < 0:
+            return run
+        negative, sign_acc, sign_have, sign_inp = _take(buf, sign_acc, sign_have, sign_inp, 1)
+        mag = gamma * np.float32(run + 1)
+        y[index[j]] = -mag if negative else mag
+    return 8 * inp - have
+
+
+@jit
+def write_sparse_gamma(buf, pos, x, k):
+    """QSGD's body: gamma(gap + 1) per nonzero level, a sign bit per nonzero, gamma(level) per nonzero."""
+    acc, n, out = _start(buf, pos)
+    last = -1
+    for i in range(k.size):
+        if k[i]:
+            acc, n, out = _push_unary(buf, acc, n, out, _floor_log2(i - last))
+            last = i
+    last = -1
+    for i in range(k.size):
+        if k[i]:
+            width = _floor_log2(i - last)
+            acc, n, out = _push_wide(buf, acc, n, out, (i - last) & ((np.int64(1) << width) - 1), width)
+            last = i
+    for i in range(k.size):
+        if k[i]:
+            acc, n, out = _push(buf, acc, n, out, np.int64(x[i] < 0), 1)
+    for i in range(k.size):
+        if k[i]:
+            acc, n, out = _push_unary(buf, acc, n, out, _floor_log2(k[i]))
+    for i in range(k.size):
+        if k[i]:
+            width = _floor_log2(k[i])
+            acc, n, out = _push_wide(buf, acc, n, out, k[i] & ((np.int64(1) << width) - 1), width)
+    return _end(buf, acc, n, out)
+
+
+@jit
+def sparse_gamma_bits(k):
+    bits, last = 0, -1
+    for i in range(k.size):
+        if k[i]:
+            bits += 2 * _floor_log2(i - last) + 1 + 1 + 2 * _floor_log2(k[i]) + 1
+            last = i
+    return bits
+
+
+@jit
+def natural_codes(bits, u, codes):
+    """Exponent + [u * 2^23 < mantissa] from each float32's bits; BAD_CODE if |x| >= 2^127."""
+    for i in range(bits.size):
+        exponent = (bits[i] >> 23) & 0xFF
+        if exponent >= 254:
+            return BAD_CODE
+        codes[i] = exponent + (u[i] * 8388608.0 < (bits[i] & 0x7FFFFF))
+    return 0
+
+
+@jit
+def write_natural(buf, pos, bits, codes):
+    """Every sign bit, then every 8-bit code."""
+    acc, n, out = _start(buf, pos)
+    for i in range(bits.size):
+        acc, n, out = _push(buf, acc, n, out, np.int64(bits[i] >> 31), 1)
+    for i in range(codes.size):
+        acc, n, out = _push(buf, acc, n, out, codes[i], 8)
+    return _end(buf, acc, n, out)
+
+
+@jit
+def read_natural(buf, nbits, pos, out):
+    """out (uint32, size d): the float32 bits sign * 2^(code - 127), 0 for code 0; BAD_CODE for 255."""
+    d = out.size
+    if pos + 9 * d > nbits:
+        return TRUNCATED
+    sign_acc, sign_have, sign_inp = _rstart(buf, pos)
+    acc, have, inp = _rstart(buf, pos + d)
+    for i in range(d):
+        code, acc, have, inp = _take(buf, acc, have, inp, 8)
+        if code == 255:
+            return BAD_CODE
+        negative, sign_acc, sign_have, sign_inp = _take(buf, sign_acc, sign_have, sign_inp, 1)
+        out[i] = np.uint32((negative << 31) | (code << 23))
+    return pos + 9 * d
