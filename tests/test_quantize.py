@@ -86,8 +86,9 @@ def test_sparse_dither_support_code_is_close_to_the_combinatorial_bound_and_tota
     x = vectors(d)["gaussian"]
     _, k = codec.levels(x, 0)
     n0 = int(np.sum(k == 0))
-    zeros_marked, param, bits = codec.support(k)
-    gaps = np.diff(np.flatnonzero((k == 0) == zeros_marked), prepend=-1) - 1
+    zeros_marked, marked, param, bits, _, _ = codec.support(k)
+    assert np.array_equal(marked, np.flatnonzero((k == 0) == zeros_marked))
+    gaps = np.diff(marked, prepend=-1) - 1
     assert bits == int(quantize.rice_bits(gaps, param).sum())
     support = 1 + bits
     log_binom = (math.lgamma(d + 1) - math.lgamma(n0 + 1) - math.lgamma(d - n0 + 1)) / math.log(2)
@@ -141,25 +142,46 @@ def test_spherical_is_in_C_alpha_on_every_draw(m):
         assert np.allclose(np.abs(y), math.sqrt(1 - alpha) * np.abs(x), rtol=1e-6)
 
 
-def test_spherical_T_is_geometric_with_mean_one_over_P_and_search_batching_does_not_matter():
-    alpha, m, n = 0.5, 4, 2000
+def reference_search(codec, xb, key, block):
+    """The definition, one candidate at a time in numpy: the first t whose candidate passes the
+    cosine prefilter and the bound in float arithmetic, 0 past the cap."""
+    nrm = np.float32(np.linalg.norm(xb.astype(np.float64)))
+    u = xb.astype(np.float64) / float(np.linalg.norm(xb.astype(np.float64)))
+    limit = codec.alpha * float(np.sum(xb.astype(np.float64) ** 2))
+    _, cap = codec.params(xb.size)
+    z = quantize.candidates(key, block, np.arange(1, cap + 1), xb.size)
+    for i in np.flatnonzero(z @ u >= math.sqrt(1 - codec.alpha) * (1 - 1e-12)):
+        if np.sum((codec.value(nrm, z[i]).astype(np.float64) - xb) ** 2) <= limit:
+            return i + 1
+    return 0
+
+
+@pytest.mark.parametrize("m", [3, 4])
+def test_spherical_T_is_geometric_with_mean_one_over_P_and_the_compiled_scan_finds_the_first_hit(m):
+    alpha, n = 0.5, 2000
     codec = quantize.Spherical(cfg(alpha=alpha, block=m))
     x = vectors(m * n, seed=1)["gaussian"]
-    ts = [codec.search(x[s:s + m], np.float32(np.linalg.norm(x[s:s + m])), 3, b)
-          for b, s in enumerate(range(0, x.size, m))]
+    rows = x.reshape(n, m)
+    norms = np.array([np.linalg.norm(r.astype(np.float64)) for r in rows], dtype=np.float32)
+    ts = codec.search(rows, norms, 3, np.arange(n))
     p = quantize.cap_fraction(alpha, m)
     sigma = math.sqrt((1 - p) / p ** 2 / n)
     assert min(ts) >= 1 and abs(np.mean(ts) - 1 / p) <= 5 * sigma
-    w1 = BitWriter()
-    codec.encode(x[:64], w1, 3)
-    codec.SEARCH_BATCH = 7
-    w2 = BitWriter()
-    codec.encode(x[:64], w2, 3)
-    assert np.array_equal(w1.bytes(), w2.bytes())
+    for b in range(0, n, 50):
+        assert ts[b] == reference_search(codec, rows[b], 3, b), b
+    w = BitWriter()
+    codec.encode(x[:64], w, 3)
     # Rice length per coded block: ((T-1) >> k) + 1 + k, plus the 2-bit kind and the 32-bit norm
     k, _ = codec.params(m)
-    blocks = len(range(0, 64, m))
-    assert w1.nbits == sum(((t - 1) >> k) + 1 + k + 2 + 32 for t in ts[:blocks])
+    blocks = 64 // m
+    tail = 64 - blocks * m
+    tail_bits = 0
+    if tail:  # a short last block, with its own Rice parameter
+        last = codec.search(x[blocks * m:64][None], np.float32([np.linalg.norm(x[blocks * m:64].astype(np.float64))]),
+                            3, np.array([blocks]))[0]
+        kt, _ = codec.params(tail)
+        tail_bits = 2 + (32 + ((last - 1) >> kt) + 1 + kt if last else 32 * tail)
+    assert w.nbits == sum(((t - 1) >> k) + 1 + k + 2 + 32 for t in ts[:blocks]) + tail_bits
 
 
 def test_spherical_zero_blocks_and_the_raw_fallback():

@@ -308,49 +308,47 @@ def scaled_signed(gamma, k, x, y):
 
 
 @jit
-def rice_gap_bits(k, param0, param1):
-    """Rice bits of the gaps between nonzero levels (parameter param0) and between zeros (param1).
-    Branch-free: whether a level is zero is a coin flip the branch predictor would lose."""
-    bits0 = bits1 = 0
-    last0 = last1 = -1
+def positions(k, nonzero_at, zero_at):
+    """Where the levels are nonzero and where zero (each list in order, gathered without a branch
+    per value: whether a level is zero is a coin flip the branch predictor would lose); returns
+    (number of nonzeros, sum of the levels)."""
+    nnz = zeros = total = 0
     for i in range(k.size):
-        zero = k[i] == 0
-        bits0 += (((i - last0 - 1) >> param0) + 1 + param0) * (1 - zero)
-        bits1 += (((i - last1 - 1) >> param1) + 1 + param1) * zero
-        last0 = last0 if zero else i
-        last1 = i if zero else last1
-    return bits0, bits1
-
-
-@inline
-def _push_unary_where(buf, acc, n, out, run, where):
-    """run ones then a zero if `where`, nothing otherwise (branch-free for runs below 32)."""
-    if run >= 31:
-        return _push_unary(buf, acc, n, out, run) if where else (acc, n, out)
-    width = (run + 1) * where
-    return _push(buf, acc, n, out, ((np.int64(2) << run) - 2) * where, width)
+        nonzero_at[nnz] = i
+        zero_at[zeros] = i
+        nnz += k[i] != 0
+        zeros += k[i] == 0
+        total += k[i]
+    return nnz, total
 
 
 @jit
-def write_levels(buf, pos, x, k, zeros_marked, param):
-    """Sparse dithering's body: the support as Rice-coded gaps (between zeros if zeros_marked, else
-    between nonzeros), then a sign bit per nonzero, then each nonzero level k in unary as k - 1."""
+def rice_gap_bits(marked, param):
+    """Rice bits of the gaps before each of these increasing positions (from -1)."""
+    bits, last = 0, -1
+    for i in marked:
+        bits += ((i - last - 1) >> param) + 1 + param
+        last = i
+    return bits
+
+
+@jit
+def write_levels(buf, pos, x, k, marked, param, nonzero_at):
+    """Sparse dithering's body: the support as Rice-coded gaps before the marked positions (the
+    zeros or the nonzeros), then a sign bit per nonzero, then each nonzero level k in unary as k - 1."""
     acc, n, out = _start(buf, pos)
     last = -1
-    for i in range(k.size):  # quotients
-        marked = (k[i] == 0) == zeros_marked
-        acc, n, out = _push_unary_where(buf, acc, n, out, (i - last - 1) >> param, marked)
-        last = i if marked else last
+    for i in marked:
+        acc, n, out = _push_unary(buf, acc, n, out, (i - last - 1) >> param)
+        last = i
     last, mask = -1, (np.int64(1) << param) - 1
-    for i in range(k.size):  # remainders
-        marked = (k[i] == 0) == zeros_marked
-        acc, n, out = _push_wide(buf, acc, n, out, ((i - last - 1) & mask) * marked, param * marked)
-        last = i if marked else last
-    for i in range(k.size):
-        nonzero = k[i] != 0
-        acc, n, out = _push(buf, acc, n, out, np.int64(x[i] < 0) * nonzero, nonzero)
-    for i in range(k.size):
-        acc, n, out = _push_unary_where(buf, acc, n, out, k[i] - 1, k[i] != 0)
+    for i in marked:
+        acc, n, out = _push_wide(buf, acc, n, out, (i - last - 1) & mask, param)
+        last = i
+    for i in nonzero_at:
+        acc, n, out = _push(buf, acc, n, out, np.int64(x[i] < 0), 1)
+    for i in nonzero_at:
+        acc, n, out = _push_unary(buf, acc, n, out, k[i] - 1)
     return _end(buf, acc, n, out)
 
 
@@ -471,3 +469,70 @@ def read_natural(buf, nbits, pos, out):
         negative, sign_acc, sign_have, sign_inp = _take(buf, sign_acc, sign_have, sign_inp, 1)
         out[i] = np.uint32((negative << 31) | (code << 23))
     return pos + 9 * d
+
+
+# -- spherical compression's candidate search -------------------------------------------------------------
+
+@inline
+def _mix(x):
+    """SplitMix64's finaliser, as quantize._mix (uint64 arithmetic wraps)."""
+    x = x + U(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> U(30))) * U(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> U(27))) * U(0x94D049BB133111EB)
+    return x ^ (x >> U(31))
+
+
+@inline
+def _uniform(base, counter):
+    return np.float64(_mix(base ^ _mix(U(counter))) >> U(11)) * 2.0 ** -53
+
+
+@jit
+def spherical_first(units, bases, starts, cap, floor, found, phase, weight):
+    """For each block (row of units: x / ||x||, float64), the first t in [starts[b], cap] whose
+    candidate (quantize.candidates) has cosine with the block >= floor, or 0. `floor` sits a little
+    below the acceptance threshold: the exact test in float arithmetic runs on what this returns.
+
+    Most candidates are rejected from their angles alone (m even): pair j of a candidate is
+    r_j (cos theta_j, sin theta_j) on coordinates (j, j + m/2), where the block has norm rho_j and
+    angle phi_j. By Cauchy-Schwarz the cosine is at most sqrt(sum_j rho_j^2 max(0, cos D_j)^2),
+    D_j = theta_j - phi_j, so a hit needs sum_j rho_j^2 (1 - max(0, cos D_j)^2) <= 1 - floor^2, and
+    1 - max(0, cos D)^2 >= sin(|D|)^2 >= (|D| - |D|^3 / 6)^2 while |D| <= pi/2 (1 beyond): no
+    logarithm, sine or cosine until a candidate passes that. Scratch: phase, weight (one per pair)."""
+    blocks, m = units.shape
+    pairs = (m + 1) // 2
+    budget = 1.0 - floor * floor + 1e-9  # rounding in the phases and weights is far below 1e-9
+    for b in range(blocks):
+        found[b] = 0
+        if m % 2 == 0:
+            for j in range(pairs):
+                phase[j] = np.arctan2(units[b, j + pairs], units[b, j])
+                weight[j] = units[b, j] ** 2 + units[b, j + pairs] ** 2
+        t = starts[b]
+        while 0 < t <= cap:
+            counter = t * 2 * pairs
+            if m % 2 == 0:
+                miss = 0.0
+                for j in range(pairs):
+                    gap = abs(2 * np.pi * _uniform(bases[b], counter + 2 * j + 1) - phase[j])
+                    gap = min(gap, 2 * np.pi - gap)
+                    low = gap - gap * gap * gap / 6 if gap <= np.pi / 2 else 1.0
+                    miss += weight[j] * min(low * low, 1.0)
+                if miss > budget:
+                    t += 1
+                    continue
+            dot = norm2 = 0.0
+            for j in range(pairs):
+                radius = np.sqrt(-2.0 * np.log1p(-_uniform(bases[b], counter + 2 * j)))
+                angle = 2 * np.pi * _uniform(bases[b], counter + 2 * j + 1)
+                c = radius * np.cos(angle)
+                dot += c * units[b, j]
+                norm2 += c * c
+                if j + pairs < m:
+                    s = radius * np.sin(angle)
+                    dot += s * units[b, j + pairs]
+                    norm2 += s * s
+            if dot >= floor * np.sqrt(norm2):
+                found[b] = t
+                break
+            t += 1

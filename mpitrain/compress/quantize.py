@@ -109,25 +109,28 @@ class SparseDither(Codec):
 
     @staticmethod
     def support(k: np.ndarray):
-        """(zeros marked, Rice parameter, bits): the support as gaps between nonzeros or between
-        zeros, whichever codes shorter. Rice codes are near-optimal only for long gaps, so the
-        rarer class is usually the one to code."""
-        d, nnz = k.size, int(np.count_nonzero(k))
-        params = (rice_parameter((d - nnz) / max(nnz, 1)), rice_parameter(nnz / max(d - nnz, 1)))
-        bits = kernels().rice_gap_bits(k, *params)
+        """(zeros marked, their positions, Rice parameter, bits, nonzero positions, sum of levels): the
+        support as gaps before each nonzero or before each zero, whichever codes shorter. Rice codes
+        are near-optimal only for long gaps, so the rarer class is usually the one to code."""
+        d = k.size
+        nonzero_at, zero_at = np.empty(d + 1, dtype=np.int64), np.empty(d + 1, dtype=np.int64)
+        nnz, total = kernels().positions(k, nonzero_at, zero_at)
+        nonzero_at, zero_at = nonzero_at[:nnz], zero_at[:d - nnz]
+        options = [(marked, rice_parameter((d - marked.size) / max(marked.size, 1))) for marked in (nonzero_at, zero_at)]
+        bits = [kernels().rice_gap_bits(marked, param) for marked, param in options]
         zeros_marked = bits[1] < bits[0]
-        return zeros_marked, params[zeros_marked], bits[zeros_marked]
+        marked, param = options[zeros_marked]
+        return zeros_marked, marked, param, bits[zeros_marked], nonzero_at, total
 
     def encode(self, x, w, key):
         _check_finite(x)
         d = x.size
         gamma, k = self.levels(x, key)
-        nnz = int(np.count_nonzero(k))
+        zeros_marked, marked, param, support_bits, nonzero_at, total = self.support(k)
         w.fixed(int(np.array(gamma).view(np.uint32)) & 0x7FFFFFFF, 31)
-        w.fixed(d - nnz, _width(d))
-        zeros_marked, param, support_bits = self.support(k)
+        w.fixed(d - nonzero_at.size, _width(d))
         w.fixed(int(zeros_marked), 1)
-        w.body(kernels().write_levels, support_bits + nnz + int(k.sum()), x, k, zeros_marked, param)
+        w.body(kernels().write_levels, support_bits + nonzero_at.size + total, x, k, marked, param, nonzero_at)
         y = np.empty(d, dtype=np.float32)
         kernels().scaled_signed(gamma, k, x, y)
         return y
@@ -148,7 +151,8 @@ class SparseDither(Codec):
     def bits(self, x: np.ndarray, key: int = 0) -> int:
         """The closed form: 31 + ceil(log2(d+1)) + 1 + Rice(gaps) + nnz + sum(k)."""
         _, k = self.levels(x, key)
-        return 31 + _width(x.size) + 1 + int(self.support(k)[2]) + int(np.count_nonzero(k)) + int(k.sum())
+        _, _, _, support_bits, nonzero_at, total = self.support(k)
+        return 31 + _width(x.size) + 1 + support_bits + nonzero_at.size + total
 
 
 class QSGD(Codec):
@@ -298,14 +302,19 @@ def _mix(x: np.ndarray) -> np.ndarray:
         return x ^ (x >> np.uint64(31))
 
 
-def candidates(key: int, block: int, ts: np.ndarray, m: int) -> np.ndarray:
-    """Unit vectors number t of a block (rows), each a pure function of (key, block, t): the
-    decoder jumps straight to candidate T."""
+def block_bases(key: int, blocks) -> np.ndarray:
+    """Each block's stream of the counter-based generator."""
+    return _mix(_mix(np.array([key], dtype=np.uint64)) ^ np.asarray(blocks, dtype=np.uint64))
+
+
+def candidates(key: int, blocks, ts, m: int) -> np.ndarray:
+    """Unit vectors number t of blocks (rows; blocks and ts broadcast), each a pure function of
+    (key, block, t): the decoder jumps straight to candidate T."""
     pairs = (m + 1) // 2
-    base = _mix(_mix(np.array([key], dtype=np.uint64)) ^ np.uint64(block))
+    ts = np.atleast_1d(np.asarray(ts, dtype=np.uint64))
+    base = np.broadcast_to(block_bases(key, np.atleast_1d(blocks)), ts.shape)[:, None]
     with np.errstate(over="ignore"):
-        counters = (np.asarray(ts, dtype=np.uint64)[:, None] * np.uint64(2 * pairs)
-                    + np.arange(2 * pairs, dtype=np.uint64)[None, :])
+        counters = ts[:, None] * np.uint64(2 * pairs) + np.arange(2 * pairs, dtype=np.uint64)[None, :]
         u = (_mix(base ^ _mix(counters)) >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
     radius = np.sqrt(-2.0 * np.log1p(-u[:, 0::2]))  # Box-Muller: 1 - u is in (0, 1]
     z = np.concatenate([radius * np.cos(2 * np.pi * u[:, 1::2]), radius * np.sin(2 * np.pi * u[:, 1::2])], axis=1)
@@ -338,72 +347,80 @@ class Spherical(Codec):
     def value(self, nrm: np.float32, z: np.ndarray) -> np.ndarray:
         return ((nrm * self.scale) * z.astype(np.float32)).astype(np.float32)
 
-    def search(self, xb: np.ndarray, nrm: np.float32, key: int, block: int) -> int:
-        """The smallest t whose candidate meets the bound in float arithmetic, or 0 past the cap."""
-        u = xb.astype(np.float64) / float(np.linalg.norm(xb.astype(np.float64)))
-        limit = self.alpha * float(np.sum(xb.astype(np.float64) ** 2))
-        _, cap = self.params(xb.size)
+    def search(self, xb: np.ndarray, norms: np.ndarray, key: int, blocks: np.ndarray) -> np.ndarray:
+        """For each block (rows of xb, all of one size, nonzero float32 norms): the smallest t whose
+        candidate meets the bound in float arithmetic, or 0 past the cap. A compiled scan proposes
+        the next t whose cosine clears the threshold less 1e-9 (its transcendental functions may
+        differ from numpy's in the last bits); the test that decides runs here, in numpy."""
+        x64 = xb.astype(np.float64)
+        m = x64.shape[1]
+        # row by row: the 1-D norms and sums of the definition, bit for bit
+        units = x64 / np.array([[np.linalg.norm(row)] for row in x64])
+        limits = self.alpha * np.array([np.sum(row ** 2) for row in x64])
+        _, cap = self.params(m)
         threshold = math.sqrt(1 - self.alpha)
-        for start in range(1, cap + 1, self.SEARCH_BATCH):
-            ts = np.arange(start, min(start + self.SEARCH_BATCH, cap + 1))
-            z = candidates(key, block, ts, xb.size)
-            for i in np.flatnonzero(z @ u >= threshold * (1 - 1e-12)):
-                if np.sum((self.value(nrm, z[i]).astype(np.float64) - xb) ** 2) <= limit:
-                    return int(ts[i])
-        return 0
+        bases = block_bases(key, blocks)
+        found, starts = np.zeros(len(x64), dtype=np.int64), np.ones(len(x64), dtype=np.int64)
+        pending = np.arange(len(x64))
+        scratch = np.empty((2, (m + 1) // 2))
+        while pending.size:
+            proposed = np.empty(pending.size, dtype=np.int64)
+            kernels().spherical_first(units[pending], bases[pending], starts[pending], cap, threshold * (1 - 1e-9),
+                                      proposed, scratch[0], scratch[1])
+            pending, proposed = pending[proposed > 0], proposed[proposed > 0]
+            z = candidates(key, blocks[pending], proposed, m)
+            sent = self.value(norms[pending, None], z).astype(np.float64)
+            ok = np.einsum("ij,ij->i", z, units[pending]) >= threshold * (1 - 1e-12)
+            ok &= np.array([np.sum(row ** 2) for row in sent - x64[pending]]) <= limits[pending]
+            found[pending[ok]] = proposed[ok]
+            starts[pending[~ok]] = proposed[~ok] + 1
+            pending = pending[~ok]
+        return found
 
     def encode(self, x, w, key):
         _check_finite(x)
-        y = np.zeros(x.size, dtype=np.float32)
-        kinds, norms, found, raws = [], [], {}, []
-        for b, start in enumerate(range(0, x.size, self.m)):
-            xb = x[start:start + self.m]
-            nrm = np.float32(_norm(xb))
-            t = self.search(xb, nrm, key, b) if nrm > 0 else 0
-            if nrm == 0:
-                kinds.append(self.ZERO)
-            elif t:
-                kinds.append(self.CODED)
-                norms.append(nrm)
-                found.setdefault(xb.size, []).append(t - 1)
-                y[start:start + xb.size] = self.value(nrm, candidates(key, b, np.array([t]), xb.size)[0])
-            else:
-                kinds.append(self.RAW)
-                raws.append(xb)
-                y[start:start + xb.size] = xb
+        starts = np.arange(0, x.size, self.m)
+        sizes = np.minimum(self.m, x.size - starts)
+        norms = np.array([_norm(x[s:s + self.m]) for s in starts], dtype=np.float32)
+        ts = np.zeros(starts.size, dtype=np.int64)
+        y = x.astype(np.float32)  # raw blocks travel as they are
+        for m in np.unique(sizes):  # a shorter last block, then the full ones: its own Rice parameter
+            blocks = np.flatnonzero((sizes == m) & (norms > 0))
+            if blocks.size:
+                rows = np.stack([x[s:s + m] for s in starts[blocks]])
+                ts[blocks] = self.search(rows, norms[blocks], key, blocks)
+                coded = blocks[ts[blocks] > 0]
+                sent = self.value(norms[coded, None], candidates(key, coded, ts[coded], m))
+                y[(starts[coded, None] + np.arange(m)).ravel()] = sent.ravel()
+        kinds = np.where(norms == 0, self.ZERO, np.where(ts > 0, self.CODED, self.RAW))
+        y[np.repeat(kinds == self.ZERO, sizes)] = 0
         w.fixed(kinds, 2)
-        w.fixed(np.array(norms, dtype=np.float32).view(np.uint32).astype(np.int64), 32)
-        for m in sorted(found):  # full blocks, then a shorter last one (its own Rice parameter)
-            w.rice(found[m], self.params(m)[0])
-        if raws:
-            w.fixed(np.concatenate(raws).astype(np.float32).view(np.uint32).astype(np.int64), 32)
+        w.fixed(norms[kinds == self.CODED].view(np.uint32), 32)
+        for m in np.unique(sizes[kinds == self.CODED]):
+            w.rice(ts[(kinds == self.CODED) & (sizes == m)] - 1, self.params(int(m))[0])
+        w.fixed(x[np.repeat(kinds == self.RAW, sizes)].astype(np.float32).view(np.uint32), 32)
         return y
 
     def decode(self, r, d, key):
-        sizes = [min(self.m, d - s) for s in range(0, d, self.m)]
-        kinds = r.fixed(len(sizes), 2)
+        starts = np.arange(0, d, self.m)
+        sizes = np.minimum(self.m, d - starts)
+        kinds = r.fixed(starts.size, 2)
         if (kinds > self.RAW).any():
             raise PayloadError("spherical block kind is invalid")
-        coded = np.flatnonzero(kinds == self.CODED)
-        norms = r.fixed(coded.size, 32).astype(np.uint32).view(np.float32)
-        ts = {}
-        for m in sorted({sizes[b] for b in coded}):
-            count = sum(1 for b in coded if sizes[b] == m)
-            k, cap = self.params(m)
-            ts[m] = list(r.rice(count, k, cap=cap) + 1)
-        raw_count = sum(sizes[b] for b in np.flatnonzero(kinds == self.RAW))
-        raw = r.fixed(raw_count, 32).astype(np.uint32).view(np.float32)
+        coded = kinds == self.CODED
+        norms = np.zeros(starts.size, dtype=np.float32)
+        norms[coded] = r.fixed(int(coded.sum()), 32).astype(np.uint32).view(np.float32)
+        ts = np.zeros(starts.size, dtype=np.int64)
+        for m in np.unique(sizes[coded]):
+            k, cap = self.params(int(m))
+            ts[coded & (sizes == m)] = r.rice(int(np.sum(coded & (sizes == m))), k, cap=cap) + 1
         y = np.zeros(d, dtype=np.float32)
-        at_raw = 0
-        for i, b in enumerate(np.flatnonzero(kinds != self.ZERO)):
-            start, m = b * self.m, sizes[b]
-            if kinds[b] == self.CODED:
-                t = ts[m].pop(0)
-                y[start:start + m] = self.value(norms[np.searchsorted(coded, b)],
-                                                candidates(key, int(b), np.array([t]), m)[0])
-            else:
-                y[start:start + m] = raw[at_raw:at_raw + m]
-                at_raw += m
+        raw = np.repeat(kinds == self.RAW, sizes)
+        y[raw] = r.fixed(int(raw.sum()), 32).astype(np.uint32).view(np.float32)
+        for m in np.unique(sizes[coded]):
+            blocks = np.flatnonzero(coded & (sizes == m))
+            sent = self.value(norms[blocks, None], candidates(key, blocks, ts[blocks], int(m)))
+            y[(starts[blocks, None] + np.arange(m)).ravel()] = sent.ravel()
         return y
 
 
