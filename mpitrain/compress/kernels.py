@@ -536,3 +536,20 @@ def spherical_first(units, bases, starts, cap, floor, found, phase, weight):
                 found[b] = t
                 break
             t += 1
+
+
+@jit
+def norm(x):
+    """sqrt(sum x_i^2) in float64 (no overflow or underflow for float32 input), summed in 4 lanes
+    combined in a fixed order: the same bits on every machine, unlike a BLAS dot whose order
+    changes with its kernel and thread count."""
+    a = b = c = e = 0.0
+    head = x.size - x.size % 4
+    for i in range(0, head, 4):
+        a += np.float64(x[i]) * np.float64(x[i])
+        b += np.float64(x[i + 1]) * np.float64(x[i + 1])
+        c += np.float64(x[i + 2]) * np.float64(x[i + 2])
+        e += np.float64(x[i + 3]) * np.float64(x[i + 3])
+    for i in range(head, x.size):
+        a += np.float64(x[i]) * np.float64(x[i])
+    return np.sqrt((a + b) + (c + e))

@@ -36,7 +36,7 @@ def _check_finite(x: np.ndarray):
 
 def _norm(x: np.ndarray) -> float:
     """The Euclidean norm in float64: no overflow or underflow for any float32 input."""
-    return float(np.linalg.norm(x.astype(np.float64)))
+    return float(kernels().norm(x))
 
 
 def _draws(key: int, d: int) -> np.ndarray:
