@@ -59,9 +59,12 @@ def copy_bandwidth(nbytes: int = 256 * 2**20, repeats: int = 5) -> float:
 
 def least_traffic(layout, comp) -> int:
     """The bytes a step must read and write at least: every gradient read and its result written
-    in place, and for compressors with error feedback every residual value read and written."""
-    residual = comp.state_dict(copy=False).get("local", {}).get("residual")
-    return 2 * layout.dense_bytes + (2 * 4 * int(np.size(residual)) if residual is not None else 0)
+    in place, for compressors with error feedback every residual value read and written, and
+    for greedylore's tracking basis (rotated every step) every basis value read and written."""
+    state = comp.state_dict(copy=False)
+    residual = state.get("local", {}).get("residual")
+    bases = state.get("shared", {}).get("bases") if getattr(comp, "tracking", False) else None
+    return 2 * layout.dense_bytes + sum(2 * 4 * int(np.size(a)) for a in (residual, bases) if a is not None)
 
 
 def bench_compress(world, repeats: int) -> list[dict]:

@@ -74,6 +74,22 @@ class Buffer:
 class LowRank(Compressor):
     """What the low-rank compressors share: which matrices, residuals, the payload round."""
 
+    _flip = torch.empty(0)
+
+    def product(self, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
+        """out = a @ b, reading the larger operand in its stored order: MKL's skinny products of a
+        transposed view of a tall matrix run 4-20x slower than the same product transposed
+        (measured on the 125M shapes: 32000 x 768 at rank 6, 157 ms against 8.5 ms)."""
+        big = a if a.numel() >= b.numel() else b
+        if big.is_contiguous() or not big.t().is_contiguous():
+            torch.matmul(a, b, out=out)
+            return
+        if self._flip.numel() < out.numel():  # grows to the largest product once, then stays
+            self._flip = torch.empty(out.numel())
+        flipped = self._flip[:out.numel()].view(out.shape[1], out.shape[0])
+        torch.matmul(b.t(), a.t(), out=flipped)
+        out.copy_(flipped.t())
+
     def __init__(self, layout, world, cfg):
         super().__init__(layout, world, cfg)
         skip = re.compile(cfg.uncompressed) if cfg.uncompressed else None
@@ -292,7 +308,7 @@ class GreedyLore(LowRank):
         projectors = self.p.carve([(d, r) for d, r in zip(self.d, ranks)])
         for i, (idx, q) in enumerate(zip(chosen, payload.views)):
             torch.index_select(self.bases.views[i], 1, idx, out=projectors.views[i])
-            torch.matmul(projectors.views[i].t(), self.oriented(self.grad(i)), out=q)
+            self.product(projectors.views[i].t(), self.oriented(self.grad(i)), q)
         ints = self.quantize(payload, sum(ranks)) if self.integer else None
         factors = [self.factors(self.grad(i), p, q) for i, (p, q) in enumerate(zip(projectors.views, payload.views))]
         for i, (left, right) in enumerate(factors):
@@ -373,7 +389,7 @@ class GreedyLore(LowRank):
 
     def verify_bases(self):
         """Every rank must project onto the same basis; if any differs, rank 0's wins (counted)."""
-        crc = zlib.crc32(self.bases.np.tobytes())
+        crc = zlib.crc32(self.bases.np)
         both = np.array([crc, -crc], dtype=np.int64)
         self.world.allreduce_(both, op="max")
         if both[0] != -both[1]:
@@ -431,7 +447,7 @@ class GreedyLore(LowRank):
             if t:
                 w.copy_(torch.linalg.qr(self.warm.views[i][:t].t()).Q.t())
                 probes.sub_((probes @ w.t()) @ w)
-            torch.matmul(self.oriented(self.grad(i)), right.t(), out=sketch.views[i])
+            self.product(self.oriented(self.grad(i)), right.t(), sketch.views[i])
         self.exchange_first_round(sketch)  # x-bar [W | Omega'] for every matrix
         for i, (y, t) in enumerate(zip(sketch.views, self.ranks)):
             if t:
@@ -440,12 +456,12 @@ class GreedyLore(LowRank):
         self.verify_bases()  # before any choice is made from them
         energies = []
         for basis, y, t in zip(self.bases.views, sketch.views, self.ranks):
-            e = basis.t() @ y
-            energy = e[:, :t].square().sum(1)
+            e = y.t() @ basis  # (B^T y)^T: the basis read in its stored order (see `product`)
+            energy = e[:t].square().sum(0)
             # exact inside span(W); on its complement a probe estimate, discounted by the peak that
             # noise alone reaches among the complement's directions (measured: undiscounted noisy
             # picks displaced tracked directions and cost 0.04 bpc on the LM)
-            energies.append(energy.add_(e[:, t:].square().mean(1) / noise_peak(k, len(energy) - t)))
+            energies.append(energy.add_(e[t:].square().mean(0) / noise_peak(k, len(energy) - t)))
         if cfg.scores == "exact":  # diagnostics: the true energies over the rotated bases (d x D each)
             exact = self.payload.carve([(d, D) for d, D in zip(self.d, self.D)])
             for i, out in enumerate(exact.views):
@@ -458,7 +474,7 @@ class GreedyLore(LowRank):
     def rotate(basis: torch.Tensor, u: torch.Tensor, scratch: torch.Tensor):
         """basis <- basis H with H orthogonal, so that its first t columns are u and the rest an
         orthonormal completion: t Householder reflectors from the QR of basis^T u, O(d^2 t)."""
-        a, tau = torch.geqrf(basis.t() @ u)
+        a, tau = torch.geqrf((u.t() @ basis).t())
         torch.ormqr(a, tau, basis, left=False, transpose=False, out=scratch)
         scratch[:, :u.shape[1]].copy_(u)
         basis.copy_(scratch)
@@ -541,7 +557,7 @@ class PowerSGD(LowRank):
         for i, p in enumerate(self.p.views):
             self.orthogonalize(p)
             q = self.payload.views[i]
-            torch.matmul(self.grad(i).t(), p, out=q)
+            self.product(self.grad(i).t(), p, q)
             self.keep_residual(i, p, q.t())
         self.pack_dense(self.payload.tail)
         self.world.allreduce_(self.payload.np)
