@@ -285,8 +285,7 @@ def padding_is_clean(buf, nbits, pos):
 @jit
 def stochastic_levels(x, times, over, u, cap, k):
     """k = floor(r) + [u < r - floor(r)] with r = |x| * times / over (float64, in that order), at
-    most cap; returns the number of nonzero levels. An empty u rounds to the nearest level instead."""
-    nnz = 0
+    most cap. An empty u rounds to the nearest level instead."""
     for i in range(x.size):
         r = np.float64(abs(x[i])) * times / over
         if u.size:
@@ -295,8 +294,6 @@ def stochastic_levels(x, times, over, u, cap, k):
         else:
             level = np.floor(r + 0.5)
         k[i] = min(np.int64(level), cap)
-        nnz += k[i] != 0
-    return nnz
 
 
 @jit
