@@ -153,7 +153,8 @@ class Exchange:
                 grads.mul_(1.0 / size)
             share = loss.detach() if loss is not None else torch.zeros(())
             share = share if local else share / size
-        # With buckets in flight the gradients are MPI's until the exchange ends: the sum is checked after
+        # With buckets in flight the gradients are the exchange's until it ends: the rest is checked after
+        self._overlapping = self._overlapping and self.compressor.in_flight
         checked = grads[self.layout.dense_offset:] if self._overlapping else grads
         finite = bool(torch.isfinite(share)) and bool(torch.isfinite(checked.sum(dtype=torch.float64)))
         if not finite:

@@ -46,10 +46,11 @@ def test_n_ranks_follow_the_trajectory_of_one_process_with_n_times_the_batch(tmp
     assert np.abs(p1 - start).max() > 1e-2  # not vacuous: training moved the parameters far more
 
 
-@pytest.mark.parametrize("n", [2, 4])
-def test_overlapped_buckets_give_the_same_bits_and_bytes_as_one_exchange(tmp_path, n):
+@pytest.mark.parametrize("n,compressor", [(2, "dense"), (4, "dense"), (2, "powersgd"), (4, "powersgd"),
+                                          (2, "greedylore"), (4, "greedylore")])
+def test_overlapped_buckets_give_the_same_bits_and_bytes_as_one_exchange(tmp_path, n, compressor):
     flags = ["--steps", 12, "--model", "cnn", "--optimizer", "adam", "--lr", 0.003, "--eval-every", 0,
-             "--log-every", 1]
+             "--log-every", 1, "--compressor", compressor, "--start-compress-step", 2]
     runs = {}
     for bucket_mb in (0, 0.02):  # 0.02 MB: the cnn's matrices make several buckets
         folder = tmp_path / str(bucket_mb)
@@ -63,10 +64,41 @@ def test_overlapped_buckets_give_the_same_bits_and_bytes_as_one_exchange(tmp_pat
     assert runs[0][1] == runs[0.02][1]
 
 
-def test_buckets_start_while_backward_runs(tmp_path):
-    r = mpi(2, [WORKERS / "overlap_started.py", tmp_path / "out.json"])
+@pytest.mark.parametrize("compressor", ["dense", "powersgd", "greedylore"])
+def test_buckets_start_while_backward_runs(tmp_path, compressor):
+    r = mpi(2, [WORKERS / "overlap_started.py", tmp_path / "out.json", compressor])
     assert r.returncode == 0, r.stderr
-    for step in json.loads((tmp_path / "out.json").read_text()):
+    steps = json.loads((tmp_path / "out.json").read_text())
+    # a low-rank compressor knows a step compresses once it has aggregated one (greedylore: and
+    # built its basis, on step 0 here): their first steps run after backward
+    lowrank = compressor != "dense"
+    for step in steps[2:] if lowrank else steps:
         # every bucket was handed to MPI from the hooks, before average() was called
         assert step["buckets"] >= 3 and step["started_in_backward"] == step["buckets"]
-        assert step["in_flight"] >= step["buckets"]
+        assert step["in_flight"] >= (step["buckets"] if compressor == "dense" else 1)
+    if lowrank:
+        assert steps[0]["started_in_backward"] == 0
+
+
+@pytest.mark.parametrize("compressor", ["powersgd", "greedylore"])
+def test_a_non_finite_gradient_in_an_overlapped_first_round_gives_the_bits_of_one_exchange(tmp_path, compressor):
+    """Rank 1's gradient turns NaN in step 2, after its buckets left in backward: every rank skips
+    the step, and parameters and residuals come out as with the exchange after backward."""
+    from mpitrain import checkpoint
+    flags = ["--steps", 8, "--model", "user_models:nan_on_rank1_step3", "--compressor", compressor,
+             "--start-compress-step", 0, "--eval-every", 0, "--log-every", 1]
+    runs = {}
+    for bucket_mb in (0, 0.001):  # 0.001 MB: each of the two matrices its own bucket
+        folder = tmp_path / str(bucket_mb)
+        folder.mkdir()
+        r = mpi(2, [WORKERS / "train_and_dump.py", folder, *flags, "--bucket-mb", bucket_mb, "--run-dir", folder])
+        assert r.returncode == 0, r.stderr
+        lines = [json.loads(x) for x in open(folder / "metrics.jsonl") if '"train"' in x]
+        assert [x["skipped_steps"] for x in lines] == [0, 0, 1, 1, 1, 1, 1, 1]
+        assert not checkpoint.verify(folder / "checkpoints" / "ckpt-000000008.h5")  # no NaN kept, residuals included
+        runs[bucket_mb] = [np.load(folder / f"params-{k}.npy") for k in range(2)], [x["wire_bytes"] for x in lines]
+    for one, bucketed in zip(runs[0][0], runs[0.001][0]):
+        assert np.array_equal(one, bucketed)
+    # not vacuous: the overlapped run sent its first round from backward, then again on the NaN step
+    extra = [b - a for a, b in zip(runs[0][1], runs[0.001][1])]
+    assert extra[2] > 0 and extra[:2] + extra[3:] == [0] * 7

@@ -36,6 +36,11 @@ class Compressor:
     # matrix's post-accumulate-grad hook, `aggregate` then finishes what is in flight.
     overlaps = False
 
+    @property
+    def in_flight(self) -> bool:
+        """Backward handed this step's gradients (or their first round) to the exchange already."""
+        return False
+
     def begin(self) -> None:
         pass
 
@@ -52,6 +57,55 @@ class Compressor:
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+
+class Buckets:
+    """The matrices in buckets (`layout.buckets`) whose exchange starts as soon as backward has
+    finished every matrix of a bucket, in bucket order on every rank, so that every rank issues
+    the same collectives in the same order whatever order its hooks fire in. `start(bucket)` does
+    a bucket's work ((lo, hi, slots), as `layout.buckets` gives it) and returns the requests of
+    its nonblocking collectives."""
+
+    def __init__(self, layout, world, bucket_bytes: int, start):
+        buckets = layout.buckets(bucket_bytes) if bucket_bytes else []
+        self.buckets = buckets if len(buckets) > 1 else []  # one bucket would only add a collective
+        self.world, self.start = world, start
+        self._bucket_of = {slot.index: i for i, (_, _, slots) in enumerate(self.buckets) for slot in slots}
+        self._waiting, self.started, self.requests = [], 0, None
+
+    def __len__(self) -> int:
+        return len(self.buckets)
+
+    def begin(self) -> None:
+        """Backward is about to run: buckets start as their gradients become final."""
+        self._waiting = [len(slots) for _, _, slots in self.buckets]
+        self.started, self.requests = 0, []
+
+    @property
+    def in_flight(self) -> bool:
+        """Since `begin`, until `finish`."""
+        return self.requests is not None
+
+    def ready(self, slot) -> None:
+        """A matrix's gradient is final; every hook also tests what is in flight (that moves it)."""
+        if self.requests is None:
+            return
+        self._waiting[self._bucket_of[slot.index]] -= 1
+        while self.started < len(self.buckets) and not self._waiting[self.started]:
+            self._start_next()
+        self.world.progress(self.requests)
+
+    def _start_next(self):
+        self.requests += self.start(self.buckets[self.started])
+        self.started += 1
+
+    def finish(self, last=lambda: []) -> None:
+        """Start the buckets backward never reached, then `last()`'s collectives, and wait for all."""
+        while self.started < len(self.buckets):
+            self._start_next()
+        self.requests += last()
+        self.world.wait(self.requests)
+        self.requests = None
 
 
 REGISTRY: dict[str, type[Compressor]] = {}

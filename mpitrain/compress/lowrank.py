@@ -19,7 +19,7 @@ from statistics import NormalDist
 import numpy as np
 import torch
 
-from .base import Compressor, register
+from .base import Buckets, Compressor, register
 
 
 def generator(*key: int) -> torch.Generator:
@@ -57,9 +57,9 @@ class Buffer:
         sizes = [a * b for a, b in shapes]
         self.flat = torch.zeros(sum(sizes) + extra, dtype=dtype) if flat is None else flat[:sum(sizes) + extra]
         self.np = self.flat.numpy()
-        offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
-        self.views = [self.flat[o:o + a * b].view(a, b) for o, (a, b) in zip(offsets, shapes)]
-        self.tail = self.flat[offsets[-1]:]
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
+        self.views = [self.flat[o:o + a * b].view(a, b) for o, (a, b) in zip(self.offsets, shapes)]
+        self.tail = self.flat[self.offsets[-1]:]
         self.carved: dict = {}
 
     def carve(self, shapes: list[tuple[int, int]], extra: int = 0) -> "Buffer":
@@ -109,9 +109,96 @@ class LowRank(Compressor):
         self.dense_runs.append((start, layout.flat.numel()))
         self.dense_numel = sum(b - a for a, b in self.dense_runs)
         self.last_ratios: list[float] = []
+        # --bucket-mb: each bucket's share of the first round is computed and its Allreduce started
+        # as backward finishes the bucket (a bucket's compressed matrices are consecutive in slots)
+        self.buckets = Buckets(layout, world, int(cfg.bucket_mb * 2**20), self.start_bucket)
+        self.position = {s.index: i for i, s in enumerate(self.slots)}
+        self.next_step = None  # known once a step was aggregated: only then can backward start one
+        self.overlap_step = None
 
     def eligible(self, slot) -> bool:
         raise NotImplementedError
+
+    # -- the first round, overlapped with backward --------------------------------------------
+    @property
+    def overlaps(self) -> bool:
+        return len(self.buckets) > 0 and bool(self.slots)
+
+    @property
+    def in_flight(self) -> bool:
+        return self.buckets.in_flight
+
+    def first_round_overlaps(self, step: int) -> bool:
+        """Whether step `step` is an ordinary compressed step whose first round can start in backward."""
+        return False
+
+    def first_round(self) -> Buffer:
+        """The buffer the first round sums: one view per compressed matrix, then any tail."""
+        raise NotImplementedError
+
+    def first_round_matrix(self, i: int, step: int) -> None:
+        """Matrix i's share of the first round (its residual already added) into `first_round()`."""
+        raise NotImplementedError
+
+    def exchange_first_round(self, buf: Buffer) -> None:
+        self.world.allreduce_(buf.np)
+
+    def first_round_tail(self) -> list:
+        """Collectives that end an overlapped first round, after every bucket's."""
+        return []
+
+    def first_round_done(self) -> None:
+        """After an overlapped first round and its tail."""
+
+    def begin(self):
+        if self.next_step is not None and self.first_round_overlaps(self.next_step):
+            self.overlap_step = self.next_step
+            self.buckets.begin()
+
+    def ready(self, slot):
+        self.buckets.ready(slot)
+
+    def start_bucket(self, bucket) -> list:
+        mine = sorted(self.position[s.index] for s in bucket[2] if s.index in self.position)
+        for i in mine:
+            self.add_residual(i)
+            self.first_round_matrix(i, self.overlap_step)
+        if not mine:
+            return []
+        buf = self.first_round()
+        return self.world.start_allreduce_(buf.np[buf.offsets[mine[0]]:buf.offsets[mine[-1] + 1]])
+
+    def run_first_round(self, step: int) -> None:
+        """The first round summed on every rank: the one backward's buckets started, or all of it now.
+        A rank whose matrices were not finite had sent them already; then, as an exchange after
+        backward would have had it, its share becomes zero (its residual alone), the non-finite
+        flag is raised and the round runs again: the same bits as without overlap."""
+        if self.buckets.in_flight:
+            if step != self.overlap_step:
+                raise RuntimeError(f"step {step} after backward prepared step {self.overlap_step}: with "
+                                   "--bucket-mb > 0 steps must be numbered consecutively")
+            self.buckets.finish(self.first_round_tail)
+            if bool(torch.isfinite(self.first_round().flat.sum(dtype=torch.float64))):
+                return self.first_round_done()
+            self.zero_share_if_nonfinite()
+        else:
+            self.add_residuals()
+        for i in range(len(self.slots)):
+            self.first_round_matrix(i, step)
+        self.exchange_first_round(self.first_round())
+
+    def zero_share_if_nonfinite(self):
+        if all(bool(torch.isfinite(self.grad(i)).all()) for i in range(len(self.slots))):
+            return
+        stop = float(self.layout.control[2])
+        for a, b in self.dense_runs:
+            self.layout.flat[a:b].zero_()
+        self.layout.control.copy_(torch.tensor([0.0, 1.0, stop]))
+        for i in range(len(self.slots)):
+            if self.error_feedback:
+                self.grad(i).copy_(self.residual.views[i])
+            else:
+                self.grad(i).zero_()
 
     # -- views ------------------------------------------------------------------------------
     def grad(self, i: int) -> torch.Tensor:
@@ -130,10 +217,13 @@ class LowRank(Compressor):
     def dense_round(self):
         self.world.allreduce_(self.layout.flat_np)
 
-    def add_residuals(self):
+    def add_residual(self, i: int):
         if self.error_feedback:
-            for i in range(len(self.slots)):
-                self.grad(i).add_(self.residual.views[i])
+            self.grad(i).add_(self.residual.views[i])
+
+    def add_residuals(self):
+        for i in range(len(self.slots)):
+            self.add_residual(i)
 
     def pack_dense(self, tail: torch.Tensor):
         at = 0
@@ -292,17 +382,22 @@ class GreedyLore(LowRank):
         return (step - s0) % every == 0 if every else step == s0
 
     def aggregate(self, step: int) -> None:
+        self.next_step = step + 1
         s0 = self.cfg.start_compress_step
         if not self.slots or step < s0 - (1 if self.tracking else 0):
             self.base_stats(False)
             return self.dense_round()
         if step < s0 or self.refreshed_at < 0 or self.is_refresh(step):
             return self.refresh(step)
-        self.add_residuals()
+        sketched = self.first_round_overlaps(step)  # the tracking sketch: its round may have started in backward
+        if sketched:
+            self.run_first_round(step)
+        else:
+            self.add_residuals()
         self.base_stats(True)
         self.stats["refresh"] = False
         xbar = self.global_inputs() if self.measuring(step) else None
-        ranks, chosen = self.select(step)  # 16-bit factors: the dense tensors travelled in this round
+        ranks, chosen = self.select(step, sketched)  # 16-bit factors: the dense tensors travelled in the first round
         dense_here = 0 if self.integer else self.dense_numel
         payload = self.payload.carve([(r, D) for r, D in zip(ranks, self.D)], dense_here)
         projectors = self.p.carve([(d, r) for d, r in zip(self.d, ranks)])
@@ -396,15 +491,16 @@ class GreedyLore(LowRank):
             self.world.bcast_(self.bases.np)
             self.basis_rebroadcasts += 1
 
-    def select(self, step: int) -> tuple[list[int], list[torch.Tensor]]:
-        """How many directions each matrix sends, and which (the same on every rank)."""
+    def select(self, step: int, sketched: bool = False) -> tuple[list[int], list[torch.Tensor]]:
+        """How many directions each matrix sends, and which (the same on every rank); `sketched`:
+        the tracking sketch's round has run already."""
         cfg = self.cfg
         if cfg.select == "lazy":
             return list(self.r), [torch.arange(r) for r in self.r]
         if cfg.select == "random":
             return list(self.r), [torch.randperm(d, generator=generator(cfg.seed, step, s.index, RANDOM_SELECT))[:r]
                                   for s, d, r in zip(self.slots, self.d, self.r)]
-        energies = self.track(step) if self.tracking else self.probe(step)
+        energies = self.track(step, sketched) if self.tracking else self.probe(step)
         if self.allocation == "per-matrix":
             order = [torch.argsort(e, descending=True, stable=True) for e in energies]
             return list(self.r), [o[:r] for o, r in zip(order, self.r)]
@@ -435,20 +531,46 @@ class GreedyLore(LowRank):
         self.exchange_first_round(scores)  # signed projections of the global x-bar
         return [v.square().mean(1) for v in scores.views]
 
-    def track(self, step: int) -> list[torch.Tensor]:
-        """One Allreduce of the sketches x [W | Omega']; rotate each basis toward x-bar W; energies."""
-        cfg, k = self.cfg, self.cfg.probes
-        sketch = self.scores.carve([(d, t + k) for d, t in zip(self.d, self.ranks)],
-                                   self.dense_numel if self.integer else 0)
-        rights = self.right.carve([(t + k, D) for t, D in zip(self.ranks, self.D)])  # rows: W^T, then probes
-        for i, (s, t, right) in enumerate(zip(self.slots, self.ranks, rights.views)):
-            w, probes = right[:t], right[t:]
-            torch.randn(probes.shape, generator=generator(cfg.seed, step, s.index, PROBE), out=probes)
-            if t:
-                w.copy_(torch.linalg.qr(self.warm.views[i][:t].t()).Q.t())
-                probes.sub_((probes @ w.t()) @ w)
-            self.product(self.oriented(self.grad(i)), right.t(), sketch.views[i])
-        self.exchange_first_round(sketch)  # x-bar [W | Omega'] for every matrix
+    def first_round_overlaps(self, step: int) -> bool:
+        return (self.tracking and self.cfg.select == "greedy" and self.cfg.scores == "probe" and bool(self.slots)
+                and step >= self.cfg.start_compress_step and self.refreshed_at >= 0 and not self.is_refresh(step))
+
+    def first_round(self) -> Buffer:
+        """The sketches x [W | Omega'] (and, with 16-bit factors, the dense tensors after them)."""
+        return self.scores.carve([(d, t + self.cfg.probes) for d, t in zip(self.d, self.ranks)],
+                                 self.dense_numel if self.integer else 0)
+
+    def first_round_matrix(self, i: int, step: int):
+        """x [W | Omega']: W = orth of last step's Q^T, Omega' shared probes with W projected out."""
+        t, k = self.ranks[i], self.cfg.probes
+        right = self.right.carve([(t + k, D) for t, D in zip(self.ranks, self.D)]).views[i]  # rows: W^T, probes
+        w, probes = right[:t], right[t:]
+        torch.randn(probes.shape, generator=generator(self.cfg.seed, step, self.slots[i].index, PROBE), out=probes)
+        if t:
+            w.copy_(torch.linalg.qr(self.warm.views[i][:t].t()).Q.t())
+            probes.sub_((probes @ w.t()) @ w)
+        self.product(self.oriented(self.grad(i)), right.t(), self.first_round().views[i])
+
+    def first_round_tail(self) -> list:
+        if not self.integer:
+            return []
+        sketch = self.first_round()
+        self.pack_dense(sketch.tail)
+        return self.world.start_allreduce_(sketch.np[sketch.offsets[-1]:])
+
+    def first_round_done(self):
+        if self.integer:
+            self.unpack_dense(self.first_round().tail)
+
+    def track(self, step: int, sketched: bool = False) -> list[torch.Tensor]:
+        """One Allreduce of the sketches x [W | Omega'] (unless `sketched`: it ran already); rotate
+        each basis toward x-bar W; energies."""
+        k = self.cfg.probes
+        sketch = self.first_round()
+        if not sketched:
+            for i in range(len(self.slots)):
+                self.first_round_matrix(i, step)
+            self.exchange_first_round(sketch)  # x-bar [W | Omega'] for every matrix
         for i, (y, t) in enumerate(zip(sketch.views, self.ranks)):
             if t:
                 u = torch.linalg.svd(y[:, :t], full_matrices=False).U
@@ -462,7 +584,7 @@ class GreedyLore(LowRank):
             # noise alone reaches among the complement's directions (measured: undiscounted noisy
             # picks displaced tracked directions and cost 0.04 bpc on the LM)
             energies.append(energy.add_(e[t:].square().mean(0) / noise_peak(k, len(energy) - t)))
-        if cfg.scores == "exact":  # diagnostics: the true energies over the rotated bases (d x D each)
+        if self.cfg.scores == "exact":  # diagnostics: the true energies over the rotated bases (d x D each)
             exact = self.payload.carve([(d, D) for d, D in zip(self.d, self.D)])
             for i, out in enumerate(exact.views):
                 torch.matmul(self.bases.views[i].t(), self.oriented(self.grad(i)), out=out)
@@ -541,19 +663,27 @@ class PowerSGD(LowRank):
         for s, q in zip(self.slots, self.q.views):
             q.copy_(torch.randn(q.shape, generator=generator(cfg.seed, 0, s.index, POWER_INIT)))
 
+    def first_round_overlaps(self, step: int) -> bool:
+        return step >= self.cfg.start_compress_step and self.cfg.warm_start
+
+    def first_round(self) -> Buffer:
+        return self.p
+
+    def first_round_matrix(self, i: int, step: int):
+        """P = X Q."""
+        if not self.cfg.warm_start:
+            s, q = self.slots[i], self.q.views[i]
+            q.copy_(torch.randn(q.shape, generator=generator(self.cfg.seed, step, s.index, POWER_INIT)))
+        torch.matmul(self.grad(i), self.q.views[i], out=self.p.views[i])
+
     def aggregate(self, step: int) -> None:
+        self.next_step = step + 1
         if step < self.cfg.start_compress_step or not self.slots:
             self.base_stats(False)
             return self.dense_round()
-        self.add_residuals()
+        self.run_first_round(step)
         self.base_stats(True)
         xbar = self.global_inputs() if self.measuring(step) else None
-        if not self.cfg.warm_start:
-            for s, q in zip(self.slots, self.q.views):
-                q.copy_(torch.randn(q.shape, generator=generator(self.cfg.seed, step, s.index, POWER_INIT)))
-        for i, p in enumerate(self.p.views):
-            torch.matmul(self.grad(i), self.q.views[i], out=p)
-        self.world.allreduce_(self.p.np)
         for i, p in enumerate(self.p.views):
             self.orthogonalize(p)
             q = self.payload.views[i]

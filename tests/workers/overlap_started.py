@@ -15,15 +15,17 @@ world = mpitrain.init()
 dataset = Dataset(locate("digits"))
 torch.manual_seed(0)
 model = models.build("cnn", dataset.info)
-exchange = mpitrain.Exchange(model, world, compressor="dense", bucket_mb=0.02)
+compressor = sys.argv[2] if len(sys.argv) > 2 else "dense"
+exchange = mpitrain.Exchange(model, world, compressor=compressor, bucket_mb=0.02, start_compress_step=0)
 batches = ShardedBatches(dataset, 16, world.rank, world.size, 0)
 found = []
-for step in range(3):
+for step in range(4):
     x, y = batches.batch_at(step)
     exchange.zero_grad()
     exchange.backward(models.loss_and_metric(model(torch.from_numpy(x)), torch.from_numpy(y), "classify")[0])
-    found.append({"buckets": len(exchange.compressor.buckets), "started_in_backward": exchange.compressor._started,
-                  "in_flight": len(exchange.compressor._requests)})
+    buckets = exchange.compressor.buckets
+    found.append({"step": step, "buckets": len(buckets), "started_in_backward": buckets.started,
+                  "in_flight": len(buckets.requests or [])})
     exchange.average(step)
 if world.rank == 0:
     with open(sys.argv[1], "w") as fh:
