@@ -200,13 +200,14 @@ class World:
                 present.add(int(heard[0]))
             time.sleep(0.01)
         missing = sorted(set(range(self.size)) - present)
-        if self.rank == min(present):
-            names = ", ".join(map(str, missing)) or "none (all present, yet the collective did not complete)"
-            print(f"mpitrain: stalled at {self.where}: rank(s) {names} did not arrive in {what} within "
-                  f"{self.stall_timeout:g} s (--stall-timeout); ending the job with exit {STALLED}, "
-                  "no checkpoint of this step", file=sys.stderr, flush=True)
-            self.abort(STALLED)
-        time.sleep(2 * grace_s)  # the lowest present rank is ending the job; if it cannot, end it here
+        if self.rank != min(present):
+            # the lowest present rank is ending the job; if it cannot (a busy rank 0 may not run its
+            # Python for seconds), this one does, with the same line
+            time.sleep(3 * grace_s)
+        names = ", ".join(map(str, missing)) or "none (all present, yet the collective did not complete)"
+        print(f"mpitrain: stalled at {self.where}: rank(s) {names} did not arrive in {what} within "
+              f"{self.stall_timeout:g} s (--stall-timeout); ending the job with exit {STALLED}, "
+              "no checkpoint of this step", file=sys.stderr, flush=True)
         del notices
         self.abort(STALLED)
 

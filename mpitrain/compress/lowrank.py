@@ -170,9 +170,9 @@ class LowRank(Compressor):
 
     def run_first_round(self, step: int) -> None:
         """The first round summed on every rank: the one backward's buckets started, or all of it now.
-        A rank whose matrices were not finite had sent them already; then, as an exchange after
-        backward would have had it, its share becomes zero (its residual alone), the non-finite
-        flag is raised and the round runs again: the same bits as without overlap."""
+        A rank whose compressed matrices were not finite had sent them already; then, as an
+        exchange after backward would have had it, its share becomes zero (its residual alone), the
+        non-finite flag is raised and the round runs again: the same bits as without overlap."""
         if self.buckets.in_flight:
             if step != self.overlap_step:
                 raise RuntimeError(f"step {step} after backward prepared step {self.overlap_step}: with "
