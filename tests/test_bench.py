@@ -67,3 +67,15 @@ def test_bench_convergence_averaging_arms_write_rounds_and_bytes_to_dense(tmp_pa
     assert rows[0]["mb_to_dense_final"] is not None and rows[1]["wire_mb_per_rank"] < rows[0]["wire_mb_per_rank"] / 3
     from matplotlib import image
     assert image.imread(tmp_path / "convergence.png").shape[0] > 100
+
+
+def test_bench_overlap_measures_each_named_compressor(tmp_path):
+    r = mpi(2, ["-m", "mpitrain", "bench", "overlap", "--repeats", 1, "--compressors", "dense,powersgd,greedylore",
+                "--out", tmp_path], timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads((tmp_path / "overlap-n2.json").read_text())["tables"]["overlap"]
+    assert [row["compressor"] for row in rows] == ["dense", "powersgd", "greedylore"]
+    for row in rows:
+        assert row["buckets"] > 1 and 0 < row["backward_s"] and 0 < row["overlapped_step_s"]
+    r = mpi(1, ["-m", "mpitrain", "bench", "overlap", "--compressors", "qsgd", "--out", tmp_path])
+    assert r.returncode == 2 and "unknown compressor qsgd" in r.stderr

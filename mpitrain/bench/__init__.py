@@ -40,7 +40,6 @@ Each writes WHAT-n<ranks>.json, .md, .csv (one per table) and .png (when matplot
 into --out (rank 0) and prints the table.
 """
 from __future__ import annotations
-from __future__ import annotations
 
 import importlib
 import os
@@ -49,6 +48,7 @@ import torch
 
 from ..config import Parser
 from .convergence import AVERAGING_ARMS, CONVERGENCE_ARMS, CONVERGENCE_JOBS
+from .overlap import OVERLAPPING
 from .common import write_tables
 
 MODULES = ("allreduce", "compress", "convergence", "checkpoint", "target", "guard", "peer", "project", "overlap")
@@ -77,12 +77,15 @@ def parse(argv, world):
     parser.add_argument("--rank", type=int, default=4, help="convergence: --rank of every low-rank arm")
     parser.add_argument("--steps", type=int, default=0, help="convergence, peer: steps per job (0: the job's own; "
                         "fewer for a quick look, not for figures)")
+    parser.add_argument("--compressors", default="dense", help="overlap: comma-separated compressors whose "
+                        "exchange (dense) or first round (powersgd, greedylore) overlaps backward")
     args = parser.parse_args(argv)
     if not args.list and not args.what:
         parser.error("name a benchmark (mpitrain bench --list shows them)")
     args.jobs = _choose(parser, "job", args.jobs, CONVERGENCE_JOBS, ["digits-mlp", "shakespeare-transformer-600"])
     args.arms = _choose(parser, "arm", args.arms.replace("averaging", ",".join(AVERAGING_ARMS)), CONVERGENCE_ARMS,
                         [arm for arm in CONVERGENCE_ARMS if "-h" not in arm])
+    args.compressors = _choose(parser, "compressor", args.compressors, dict.fromkeys(OVERLAPPING), ["dense"])
     return args
 
 
