@@ -35,17 +35,19 @@ class Compressor:
     # Overlap with backward (--bucket-mb): `begin()` before backward, `ready(slot)` from each
     # matrix's post-accumulate-grad hook, `aggregate` then finishes what is in flight.
     overlaps = False
+    buckets: "Buckets | None" = None  # what `ready` counts down, for the compressors that overlap
 
     @property
     def in_flight(self) -> bool:
         """Backward handed this step's gradients (or their first round) to the exchange already."""
-        return False
+        return self.buckets is not None and self.buckets.in_flight
 
     def begin(self) -> None:
         pass
 
     def ready(self, slot) -> None:
-        pass
+        if self.buckets is not None:
+            self.buckets.ready(slot)
 
     def aggregate(self, step: int) -> None:
         raise NotImplementedError

@@ -19,15 +19,8 @@ class Dense(Compressor):
     def overlaps(self) -> bool:
         return len(self.buckets) > 0
 
-    @property
-    def in_flight(self) -> bool:
-        return self.buckets.in_flight
-
     def begin(self):
         self.buckets.begin()
-
-    def ready(self, slot):
-        self.buckets.ready(slot)
 
     def aggregate(self, step: int) -> None:
         if not self.buckets.in_flight:  # not overlapped: one Allreduce of gradients and control words

@@ -124,10 +124,6 @@ class LowRank(Compressor):
     def overlaps(self) -> bool:
         return len(self.buckets) > 0 and bool(self.slots)
 
-    @property
-    def in_flight(self) -> bool:
-        return self.buckets.in_flight
-
     def first_round_overlaps(self, step: int) -> bool:
         """Whether step `step` is an ordinary compressed step whose first round can start in backward."""
         return False
@@ -154,9 +150,6 @@ class LowRank(Compressor):
         if self.next_step is not None and self.first_round_overlaps(self.next_step):
             self.overlap_step = self.next_step
             self.buckets.begin()
-
-    def ready(self, slot):
-        self.buckets.ready(slot)
 
     def start_bucket(self, bucket) -> list:
         mine = sorted(self.position[s.index] for s in bucket[2] if s.index in self.position)
