@@ -66,22 +66,23 @@ class Buckets:
     finished every matrix of a bucket, in bucket order on every rank, so that every rank issues
     the same collectives in the same order whatever order its hooks fire in. `start(bucket)` does
     a bucket's work ((lo, hi, slots), as `layout.buckets` gives it) and returns the requests of
-    its nonblocking collectives."""
+    its nonblocking collectives. Work that depends on the step number (shared random draws, keys)
+    reads `step`, the step backward is preparing; `finish` refuses any other."""
 
     def __init__(self, layout, world, bucket_bytes: int, start):
         buckets = layout.buckets(bucket_bytes) if bucket_bytes else []
         self.buckets = buckets if len(buckets) > 1 else []  # one bucket would only add a collective
         self.world, self.start = world, start
         self._bucket_of = {slot.index: i for i, (_, _, slots) in enumerate(self.buckets) for slot in slots}
-        self._waiting, self.started, self.requests = [], 0, None
+        self._waiting, self.started, self.requests, self.step = [], 0, None, None
 
     def __len__(self) -> int:
         return len(self.buckets)
 
-    def begin(self) -> None:
-        """Backward is about to run: buckets start as their gradients become final."""
+    def begin(self, step: int | None = None) -> None:
+        """Backward of step `step` is about to run: buckets start as their gradients become final."""
         self._waiting = [len(slots) for _, _, slots in self.buckets]
-        self.started, self.requests = 0, []
+        self.started, self.requests, self.step = 0, [], step
 
     @property
     def in_flight(self) -> bool:
@@ -101,8 +102,11 @@ class Buckets:
         self.requests += self.start(self.buckets[self.started])
         self.started += 1
 
-    def finish(self, last=lambda: []) -> None:
+    def finish(self, last=lambda: [], step: int | None = None) -> None:
         """Start the buckets backward never reached, then `last()`'s collectives, and wait for all."""
+        if step != self.step:
+            raise RuntimeError(f"step {step} after backward prepared step {self.step}: with --bucket-mb > 0 "
+                               "steps must be numbered consecutively")
         while self.started < len(self.buckets):
             self._start_next()
         self.requests += last()
