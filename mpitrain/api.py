@@ -64,10 +64,7 @@ def set_threads(world, threads: int = 0) -> int:
     """Torch threads for this rank: `threads`, else OMP_NUM_THREADS, else the cores this process may
     use divided by the ranks on its node (oversubscribed threads make steps 30x slower)."""
     n = threads or int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
-    if not n:
-        bound = len(os.sched_getaffinity(0))
-        n = bound if bound < (os.cpu_count() or bound) else max(1, bound // world.local_size)
-    torch.set_num_threads(n)
+    torch.set_num_threads(n := n or world.cores_per_rank())
     return n
 
 

@@ -53,6 +53,12 @@ class World:
         self.where = "start-up"  # named in a stall message; the training loop sets "step N"
         self.max_message_bytes = 2**31 - 2**20
 
+    def cores_per_rank(self) -> int:
+        """The cores this rank may use: those the launcher bound it to, else the node's divided
+        among the ranks on it."""
+        bound = len(os.sched_getaffinity(0))
+        return bound if bound < (os.cpu_count() or bound) else max(1, bound // self.local_size)
+
     # -- counters -------------------------------------------------------------------------
     def take_sent_bytes(self) -> int:
         """Bytes sent since the last call (and reset the counter)."""

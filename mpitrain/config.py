@@ -77,8 +77,12 @@ class Config:
     error_feedback: str = _f("auto", "keep what compression left out and add it to the next step (EF14): "
                                      "auto (on for biased compressors), on, off", choices=("auto", "on", "off"))
     bucket_mb: float = _f(25.0, "overlap the exchange with backward: gradients go in buckets of this many MB, each "
-                                "exchanged as soon as backward has finished it (dense; 0: one exchange after "
-                                "backward)", minimum=0.0)
+                                "exchanged as soon as backward has finished it (dense; powersgd and greedylore: their "
+                                "first round; quantizers: see --overlap-encoding; "
+                                "0: one exchange after backward)", minimum=0.0)
+    overlap_encoding: str = _f("auto", "quantizers with --bucket-mb: encode each bucket on a worker thread while "
+                                       "backward runs: auto (when this rank has a core its torch threads leave "
+                                       "free, e.g. --threads below its share), on, off", choices=("auto", "on", "off"))
     start_compress_step: int = _f(10, "dense steps before compression starts (with --average-every > 1: dense rounds)", minimum=0)
     # parameter averaging (local steps)
     average_every: int = _f(1, "1: average gradients every step; H > 1: every rank takes H optimizer steps on its "

@@ -46,46 +46,59 @@ def test_n_ranks_follow_the_trajectory_of_one_process_with_n_times_the_batch(tmp
     assert np.abs(p1 - start).max() > 1e-2  # not vacuous: training moved the parameters far more
 
 
-@pytest.mark.parametrize("n,compressor", [(2, "dense"), (4, "dense"), (2, "powersgd"), (4, "greedylore")])
+# By default the quantizers encode in backward only where a rank has a core torch leaves free
+QUANTIZER_THREADS = ["--overlap-encoding", "on"]
+
+
+@pytest.mark.parametrize("n,compressor", [(2, "dense"), (4, "dense"), (2, "powersgd"), (4, "greedylore"),
+                                          (2, "sparse-dither")])
 def test_overlapped_buckets_give_the_same_bits_and_bytes_as_one_exchange(tmp_path, n, compressor):
     flags = ["--steps", 12, "--model", "cnn", "--optimizer", "adam", "--lr", 0.003, "--eval-every", 0,
              "--log-every", 1, "--compressor", compressor, "--start-compress-step", 2]
+    quantizer = compressor == "sparse-dither"
     runs = {}
     for bucket_mb in (0, 0.02):  # 0.02 MB: the cnn's matrices make several buckets
         folder = tmp_path / str(bucket_mb)
         folder.mkdir()
-        r = mpi(n, [WORKERS / "train_and_dump.py", folder, *flags, "--bucket-mb", bucket_mb, "--run-dir", folder])
+        r = mpi(n, [WORKERS / "train_and_dump.py", folder, *flags, *(QUANTIZER_THREADS if quantizer else []),
+                    "--bucket-mb", bucket_mb, "--run-dir", folder])
         assert r.returncode == 0, r.stderr
-        wire = [json.loads(x)["wire_bytes"] for x in open(folder / "metrics.jsonl") if '"train"' in x]
-        runs[bucket_mb] = [np.load(folder / f"params-{k}.npy") for k in range(n)], wire
+        lines = [json.loads(x) for x in open(folder / "metrics.jsonl") if '"train"' in x]
+        runs[bucket_mb] = [np.load(folder / f"params-{k}.npy") for k in range(n)], [x["wire_bytes"] for x in lines]
+        if quantizer:  # not vacuous: from its second step every matrix was encoded during backward
+            assert [x["encoded_in_backward"] for x in lines] == [0] + [4 * bool(bucket_mb)] * 11
     for one, bucketed in zip(runs[0][0], runs[0.02][0]):
         assert np.array_equal(one, bucketed)
     assert runs[0][1] == runs[0.02][1]
 
 
-@pytest.mark.parametrize("compressor", ["dense", "powersgd", "greedylore"])
+@pytest.mark.parametrize("compressor", ["dense", "powersgd", "greedylore", "qsgd"])
 def test_buckets_start_while_backward_runs(tmp_path, compressor):
     r = mpi(2, [WORKERS / "overlap_started.py", tmp_path / "out.json", compressor])
     assert r.returncode == 0, r.stderr
     steps = json.loads((tmp_path / "out.json").read_text())
-    # a low-rank compressor knows a step compresses once it has aggregated one (greedylore: and
-    # built its basis, on step 0 here): their first steps run after backward
-    lowrank = compressor != "dense"
-    for step in steps[2:] if lowrank else steps:
-        # every bucket was handed to MPI from the hooks, before average() was called
+    # a compressor other than dense knows what a step does once it has aggregated one (greedylore:
+    # and built its basis, on step 0 here): their first steps run after backward
+    later = compressor != "dense"
+    for step in steps[2:] if later else steps:
+        # every bucket was handed to MPI (the quantizer: to its encoder) from the hooks, before average()
         assert step["buckets"] >= 3 and step["started_in_backward"] == step["buckets"]
-        assert step["in_flight"] >= (step["buckets"] if compressor == "dense" else 1)
-    if lowrank:
+        if compressor == "qsgd":
+            assert step["encodings"] == step["buckets"] and step["in_flight"] == 0  # it exchanges after backward
+        else:
+            assert step["in_flight"] >= (step["buckets"] if compressor == "dense" else 1)
+    if later:
         assert steps[0]["started_in_backward"] == 0
 
 
-@pytest.mark.parametrize("compressor", ["powersgd", "greedylore"])
+@pytest.mark.parametrize("compressor", ["powersgd", "greedylore", "sparse-dither"])
 def test_a_non_finite_gradient_in_an_overlapped_first_round_gives_the_bits_of_one_exchange(tmp_path, compressor):
     """Rank 1's gradient turns NaN in step 2, after its buckets left in backward: every rank skips
     the step, and parameters and residuals come out as with the exchange after backward."""
     from mpitrain import checkpoint
+    quantizer = compressor == "sparse-dither"
     flags = ["--steps", 8, "--model", "user_models:nan_on_rank1_step3", "--compressor", compressor,
-             "--start-compress-step", 0, "--eval-every", 0, "--log-every", 1]
+             "--start-compress-step", 0, "--eval-every", 0, "--log-every", 1, *(QUANTIZER_THREADS if quantizer else [])]
     runs = {}
     for bucket_mb in (0, 0.001):  # 0.001 MB: each of the two matrices its own bucket
         folder = tmp_path / str(bucket_mb)
@@ -96,8 +109,12 @@ def test_a_non_finite_gradient_in_an_overlapped_first_round_gives_the_bits_of_on
         assert [x["skipped_steps"] for x in lines] == [0, 0, 1, 1, 1, 1, 1, 1]
         assert not checkpoint.verify(folder / "checkpoints" / "ckpt-000000008.h5")  # no NaN kept, residuals included
         runs[bucket_mb] = [np.load(folder / f"params-{k}.npy") for k in range(2)], [x["wire_bytes"] for x in lines]
+        runs["encoded"] = [x.get("encoded_in_backward") for x in lines]
     for one, bucketed in zip(runs[0][0], runs[0.001][0]):
         assert np.array_equal(one, bucketed)
+    if quantizer:  # not vacuous: rank 0 (the ranks alike) encoded in backward on every step after the first
+        assert runs["encoded"] == [0] + [2] * 7
+        return
     # not vacuous: the overlapped run sent its first round from backward, then again on the NaN step
     extra = [b - a for a, b in zip(runs[0][1], runs[0.001][1])]
     assert extra[2] > 0 and extra[:2] + extra[3:] == [0] * 7

@@ -78,7 +78,7 @@ def parse(argv, world):
     parser.add_argument("--steps", type=int, default=0, help="convergence, peer: steps per job (0: the job's own; "
                         "fewer for a quick look, not for figures)")
     parser.add_argument("--compressors", default="dense", help="overlap: comma-separated compressors whose "
-                        "exchange (dense) or first round (powersgd, greedylore) overlaps backward")
+                        "exchange (dense), first round (powersgd, greedylore) or encoding (quantizers) overlaps backward")
     args = parser.parse_args(argv)
     if not args.list and not args.what:
         parser.error("name a benchmark (mpitrain bench --list shows them)")

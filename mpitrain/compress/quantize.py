@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import math
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import torch
 
-from .base import Compressor, register
+from .base import Buckets, Compressor, register
 from .bitcodec import BitReader, BitWriter, PayloadError, gamma_bits, rice_bits
 PAYLOAD_VERSION = 1
 RANDK = 4  # the purpose of rand-k's shared draws (the low-rank family uses 1 to 3)
@@ -432,6 +434,11 @@ class Exchanged(Compressor):
 
     With error feedback each rank keeps e = p - C(p), p = g + e, where C(p) is exactly what its
     payload decodes to: sum over steps of what was sent = sum of gradients - the last residual.
+
+    With --bucket-mb and a core to spare (--overlap-encoding), each bucket's tensors are encoded on a worker
+    thread as backward finishes them (the compiled codecs run without the interpreter lock); the
+    payload is framed and exchanged after backward, byte for byte the one a step without overlap
+    sends. New residuals go to a second buffer until the step's gradients are known to be finite.
     """
 
     linear = False
@@ -443,28 +450,64 @@ class Exchanged(Compressor):
         super().__init__(layout, world, cfg)
         self.grads = layout.flat_np[: layout.numel]
         self.residual = np.zeros(layout.numel, dtype=np.float32) if self.error_feedback else None
+        # where torch's threads already fill the rank's cores, a worker only slows backward (measured)
+        spare = cfg.overlap_encoding == "on" or (cfg.overlap_encoding == "auto"
+                                                 and world.cores_per_rank() > torch.get_num_threads())
+        self.buckets = Buckets(layout, world, int(cfg.bucket_mb * 2**20) if spare else 0, self.start_bucket)
+        self.next_step, self.worker, self.jobs = None, None, []
+        self.segments: dict = {}   # slot index -> (bitstream, bits), this step's
+        self.spare = None          # the residuals being written, swapped in once the step is finite
+
+    @property
+    def overlaps(self) -> bool:
+        return len(self.buckets) > 0
+
+    def begin(self):
+        if self.next_step is not None:
+            self.buckets.begin(self.next_step)
+
+    def start_bucket(self, bucket) -> list:
+        if self.worker is None:
+            self.worker = ThreadPoolExecutor(1, thread_name_prefix="mpitrain-encode")
+            self.spare = None if self.residual is None else np.zeros_like(self.residual)
+        self.jobs.append(self.worker.submit(self.encode_finite, bucket[2], self.buckets.step))
+        return []
+
+    def encode_finite(self, slots, step: int) -> bool:
+        """Encode these tensors unless one is not finite (then the step is encoded again from zero)."""
+        lo, hi = min(s.offset for s in slots), max(s.offset + s.numel for s in slots)
+        if self.residual is not None:
+            self.grads[lo:hi] += self.residual[lo:hi]
+        if not np.isfinite(self.grads[lo:hi].sum(dtype=np.float64)):
+            return False
+        for slot in slots:
+            self.encode_slot(slot, step, self.spare)
+        return True
 
     def key(self, rank: int, step: int, slot) -> int:
         return int(np.random.SeedSequence([self.cfg.seed, rank, step, slot.index]).generate_state(1, np.uint64)[0])
 
-    def encode(self, p: np.ndarray, step: int):
-        """This rank's payload and the vector it decodes to."""
-        sent = np.empty_like(p)
+    def encode_slot(self, slot, step: int, residual) -> None:
+        """One tensor of p into `segments`, and p - C(p) into `residual` (if kept)."""
+        p = self.grads[slot.offset:slot.offset + slot.numel]
+        w = BitWriter()
+        sent = self.codec.encode(p, w, self.key(self.world.rank, step, slot))
+        if residual is not None:
+            np.subtract(p, sent, out=residual[slot.offset:slot.offset + slot.numel])
+        self.segments[slot.index] = (w.bytes(), w.nbits)
+
+    def frame(self) -> np.ndarray:
+        """This rank's payload: version, control words, each tensor's length and bitstream, CRC."""
         parts = [np.array([PAYLOAD_VERSION], dtype=np.uint8), self.layout.control.numpy().view(np.uint8)]
-        segment_bits = []
         for slot in self.layout.slots:
-            w = BitWriter()
-            sent[slot.offset:slot.offset + slot.numel] = self.codec.encode(
-                p[slot.offset:slot.offset + slot.numel], w, self.key(self.world.rank, step, slot))
-            segment = w.bytes()
+            segment = self.segments[slot.index][0]
             parts += [np.array([segment.size], dtype="<u4").view(np.uint8), segment]
-            segment_bits.append(w.nbits)
         body = np.concatenate(parts)
         crc = np.array([zlib.crc32(body.tobytes())], dtype="<u4").view(np.uint8)
-        bits = sum(segment_bits)
-        self.stats = {"payload_bits": bits, "bits_per_value": bits / p.size}
-        self.segment_bits = segment_bits  # per tensor, for tests and diagnostics
-        return np.concatenate([body, crc]), sent
+        self.segment_bits = [self.segments[slot.index][1] for slot in self.layout.slots]  # for tests, diagnostics
+        bits = sum(self.segment_bits)
+        self.stats = {"payload_bits": bits, "bits_per_value": bits / self.grads.size}
+        return np.concatenate([body, crc])
 
     def decode(self, payload: np.ndarray, rank: int, step: int):
         """(gradient share, control words) from one rank's payload; PayloadError if it is not exact."""
@@ -494,20 +537,43 @@ class Exchanged(Compressor):
             raise PayloadError(f"{where}: extended past its last tensor")
         return out, control
 
+    def encoded_in_backward(self, step: int) -> bool:
+        """Wait for backward's encodings and finish this rank's share; False (nothing kept) when a
+        gradient was not finite, as the exchange after backward would have found: then the share
+        is zero, the non-finite flag raised, and the step is encoded again from the residual alone."""
+        self.buckets.finish(step=step)
+        finite = all([job.result() for job in self.jobs])  # every job waited for (and its error raised)
+        self.jobs = []
+        if finite and not float(self.layout.control[1]):  # the caller checked the tail
+            tail = self.layout.dense_offset  # the tensors in no bucket, after the matrices
+            if self.residual is not None:
+                self.grads[tail:] += self.residual[tail:]
+            for slot in self.layout.dense:
+                self.encode_slot(slot, step, self.spare)
+            if self.residual is not None:
+                self.residual, self.spare = self.spare, self.residual
+            return True
+        self.grads[...] = 0.0
+        self.layout.control[:2] = torch.tensor([0.0, 1.0])
+        return False
+
     def aggregate(self, step: int) -> None:
-        p = self.grads
-        if self.error_feedback:
-            p += self.residual
-        payload, sent = self.encode(p, step)
-        if self.error_feedback:
-            np.subtract(p, sent, out=self.residual)
-        total = np.zeros(p.size, dtype=np.float64)
+        self.next_step = step + 1
+        overlapped = self.buckets.in_flight and self.encoded_in_backward(step)
+        if not overlapped:
+            if self.residual is not None:
+                self.grads += self.residual
+            for slot in self.layout.slots:
+                self.encode_slot(slot, step, self.residual)
+        payload = self.frame()
+        self.stats["encoded_in_backward"] = len(self.layout.matrices) if overlapped else 0
+        total = np.zeros(self.grads.size, dtype=np.float64)
         control = np.zeros(3, dtype=np.float64)
         for rank, part in enumerate(self.world.allgatherv(payload)):  # same order on every rank
             values, words = self.decode(part, rank, step)
             total += values
             control += words
-        p[...] = total
+        self.grads[...] = total
         self.layout.control.copy_(self.layout.control.new_tensor(control))
 
     def state_dict(self, copy: bool = True) -> dict:

@@ -16,7 +16,8 @@ dataset = Dataset(locate("digits"))
 torch.manual_seed(0)
 model = models.build("cnn", dataset.info)
 compressor = sys.argv[2] if len(sys.argv) > 2 else "dense"
-exchange = mpitrain.Exchange(model, world, compressor=compressor, bucket_mb=0.02, start_compress_step=0)
+exchange = mpitrain.Exchange(model, world, compressor=compressor, bucket_mb=0.02, start_compress_step=0,
+                            overlap_encoding="on")
 batches = ShardedBatches(dataset, 16, world.rank, world.size, 0)
 found = []
 for step in range(4):
@@ -25,7 +26,7 @@ for step in range(4):
     exchange.backward(models.loss_and_metric(model(torch.from_numpy(x)), torch.from_numpy(y), "classify")[0])
     buckets = exchange.compressor.buckets
     found.append({"step": step, "buckets": len(buckets), "started_in_backward": buckets.started,
-                  "in_flight": len(buckets.requests or [])})
+                  "in_flight": len(buckets.requests or []), "encodings": len(getattr(exchange.compressor, "jobs", []))})
     exchange.average(step)
 if world.rank == 0:
     with open(sys.argv[1], "w") as fh:
