@@ -395,3 +395,63 @@ def test_full_rank_greedylore_trains_like_dense(tmp_path):
                     "--start-compress-step", 3, "--refresh-every", 7, "--factor-bits", 32)
     assert np.abs(full - dense).max() < 1e-4
     assert np.abs(dense - start).max() > 1e-2
+
+
+def _gamma_bound(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
+    """|fl(a @ b) - a @ b| <= gamma_K |a| @ |b| elementwise for any order of the K-term sums
+    (gamma_K = K u / (1 - K u), u = 2^-24); doubled to cover the parts' final additions."""
+    k, u = a.shape[1], 2.0 ** -24
+    return 2 * (k * u / (1 - k * u)) * (a.abs().double() @ b.abs().double()).numpy()
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_skinny_products_in_every_layout_are_the_product(threads):
+    """Every route `Products.product` takes (X @ S with S either way round, X^T @ S, S @ X, S @ X^T,
+    outputs that are transposed views) gives a @ b within the rounding bound of an fp32 product."""
+    from mpitrain.compress.lowrank import Products
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(301, 130, generator=g)  # odd sizes: the loops' 4-row blocks have a tail
+        s_cols, s_rows = torch.randn(130, 5, generator=g), torch.randn(5, 301, generator=g)
+        mm = Products()
+        s_col_major = torch.randn(5, 130, generator=g).t()
+        cases = [(x, s_cols), (x, s_col_major), (x.t(), s_rows.t()), (s_rows, x), (s_cols.t(), x.t())]
+        for a, b in cases:
+            ref = a.double() @ b.double()
+            for out in (torch.empty(a.shape[0], b.shape[1]), torch.empty(b.shape[1], a.shape[0]).t()):
+                out.fill_(float("nan"))
+                mm.product(a, b, out)
+                assert (np.abs(out.double().numpy() - ref.numpy()) <= _gamma_bound(a, b)).all()
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_residual_pass_is_the_formula_and_the_same_bits_at_any_thread_count():
+    from mpitrain.compress.lowrank import Products
+    g = torch.Generator().manual_seed(1)
+    x0 = torch.randn(257, 96, generator=g)
+    sent = (torch.randn(257, 3, generator=g), torch.randn(3, 96, generator=g).t().contiguous().t())
+    summed = (torch.randn(257, 4, generator=g), torch.randn(4, 96, generator=g))
+    before, results = torch.get_num_threads(), []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            x, e = x0.clone(), torch.full_like(x0, float("nan"))
+            Products().residual_and_sum(x, e, sent, summed)
+            results.append((x, e))
+            kept = x0.clone()
+            Products().residual_and_sum(kept, None, None, summed)  # no residual kept: the sum alone
+            assert torch.equal(kept, x)
+    finally:
+        torch.set_num_threads(before)
+    for x, e in results[1:]:
+        assert torch.equal(x, results[0][0]) and torch.equal(e, results[0][1])
+    x, e = results[0]
+    assert (np.abs(x.double().numpy() - (summed[0].double() @ summed[1].double()).numpy())
+            <= _gamma_bound(*summed)).all()
+    # e = x0 - L R: the product's rounding plus the subtraction's (one ulp of |x0| + |L R|)
+    exact = x0.double() - sent[0].double() @ sent[1].double()
+    bound = _gamma_bound(*sent) + 2.0 ** -23 * (x0.abs().double() + (sent[0].double() @ sent[1].double()).abs()).numpy()
+    assert (np.abs(e.double().numpy() - exact.numpy()) <= bound).all()

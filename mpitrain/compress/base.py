@@ -114,6 +114,12 @@ class Buckets:
         self.requests = None
 
 
+def kernels():
+    """The compiled loops: numba loads with the first compressor that uses them, not with the package."""
+    from . import kernels as compiled
+    return compiled
+
+
 REGISTRY: dict[str, type[Compressor]] = {}
 
 

@@ -1,8 +1,10 @@
-"""Compiled loops for the bit codecs (numba): the fields of `bitcodec` and the quantizers' fused passes.
+"""Compiled loops (numba): the fields of `bitcodec`, the quantizers' fused passes, and the low-rank
+compressors' residual-and-reconstruction pass.
 
-Imported on first use, so a run that never quantizes never loads numba. Everything here is plain
-IEEE arithmetic in the order numpy would do it (no fastmath), so the codes are those of the array
-formulas they replace; kernels compile once per machine (cache=True) into __pycache__.
+Imported on first use, so a run that neither quantizes nor compresses to low rank never loads
+numba. Everything here is plain IEEE arithmetic in a fixed order (no fastmath), so the codes are
+those of the array formulas they replace; kernels compile once per machine (cache=True) into
+__pycache__.
 
 Writers OR bits into a zeroed byte buffer at a bit position and return the new position; the caller
 has made the buffer large enough. Readers return the new position, or a negative error code:
@@ -550,3 +552,56 @@ def norm(x):
     for i in range(head, x.size):
         a += np.float64(x[i]) * np.float64(x[i])
     return np.sqrt((a + b) + (c + e))
+
+
+# -- low-rank ----------------------------------------------------------------------------------------
+@jit
+def residual_and_sum(x, e, sent_left, sent_right, sum_left, sum_right, lo, hi):
+    """Rows lo..hi of x (n x m): e = x - sent_left @ sent_right (skipped when e has no rows), then
+    x = sum_left @ sum_right. One pass over x and e where the library's GEMMs took three (copy, the
+    in-place product, the reconstruction), each row's products summed in k order: the same bits
+    at any thread count and on any machine."""
+    m = x.shape[1]
+    keep = e.shape[0] > 0
+    for i in range(lo, hi):
+        xi = x[i]
+        if keep:
+            ei = e[i]
+            for j in range(m):
+                ei[j] = xi[j]
+            for k in range(sent_left.shape[1]):
+                a, s = sent_left[i, k], sent_right[k]
+                for j in range(m):
+                    ei[j] -= a * s[j]
+        for j in range(m):
+            xi[j] = 0.0
+        for k in range(sum_left.shape[1]):
+            a, s = sum_left[i, k], sum_right[k]
+            for j in range(m):
+                xi[j] += a * s[j]
+
+
+@jit
+def left_product(s, x, out, lo, hi):
+    """out = s[:, lo:hi] @ x[lo:hi] (s r x n, x n x m), four rows of x per sweep of the output rows:
+    x read once, at about memory speed, where MKL ran this shape (r ~ 10 rows against a tall
+    matrix) up to 3x slower, compute-bound."""
+    m = x.shape[1]
+    r = s.shape[0]
+    out[:, :] = 0.0
+    i = lo
+    while i + 4 <= hi:
+        x0, x1, x2, x3 = x[i], x[i + 1], x[i + 2], x[i + 3]
+        for k in range(r):
+            a0, a1, a2, a3 = s[k, i], s[k, i + 1], s[k, i + 2], s[k, i + 3]
+            o = out[k]
+            for j in range(m):
+                o[j] += a0 * x0[j] + a1 * x1[j] + a2 * x2[j] + a3 * x3[j]
+        i += 4
+    while i < hi:
+        xi = x[i]
+        for k in range(r):
+            a, o = s[k, i], out[k]
+            for j in range(m):
+                o[j] += a * xi[j]
+        i += 1

@@ -14,12 +14,16 @@ from __future__ import annotations
 import math
 import re
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from statistics import NormalDist
 
 import numpy as np
 import torch
 
-from .base import Buckets, Compressor, register
+from .base import Buckets, Compressor, kernels, register
+
+_NOTHING = np.zeros((0, 0), dtype=np.float32)  # no residual kept, no factors for it
+_NOTHING_T = torch.from_numpy(_NOTHING)
 
 
 def generator(*key: int) -> torch.Generator:
@@ -71,41 +75,81 @@ class Buffer:
         return self.carved[key]
 
 
-class LowRank(Compressor):
-    """What the low-rank compressors share: which matrices, residuals, the payload round."""
+class Products:
+    """Products of one large matrix with skinny factors, and the residual-and-reconstruction pass,
+    at about memory speed on the CPU: scratch buffers kept between steps, compiled loops run on
+    this rank's torch threads."""
 
-    _scratch = (torch.empty(0), torch.empty(0))  # grow to the largest skinny operand / product once
+    def __init__(self):
+        self._scratch: dict[str, torch.Tensor] = {}
+        self._pool = None
 
-    def _scratch_view(self, which: int, shape) -> torch.Tensor:
-        n = shape[0] * shape[1]
-        if self._scratch[which].numel() < n:
-            grown = list(self._scratch)
-            grown[which] = torch.empty(n)
-            self._scratch = tuple(grown)
-        return self._scratch[which][:n].view(*shape)
+    def scratch(self, purpose: str, shape) -> torch.Tensor:
+        """A buffer for `purpose` that grows to the largest shape asked for once, then stays."""
+        n = math.prod(shape)
+        if self._scratch.get(purpose, _NOTHING_T).numel() < n:
+            self._scratch[purpose] = torch.empty(n)
+        return self._scratch[purpose][:n].view(*shape)
+
+    def in_chunks(self, n: int, call) -> int:
+        """call(t, lo, hi) for ranges [lo, hi) that split range(n) among this rank's torch threads
+        (compiled loops release the interpreter lock); how many ranges there were."""
+        threads = max(1, min(torch.get_num_threads(), n // 64))
+        if threads == 1:
+            call(0, 0, n)
+            return 1
+        if self._pool is None or self._pool._max_workers != threads:
+            self._pool = ThreadPoolExecutor(threads, thread_name_prefix="mpitrain-lowrank")
+        size = -(-n // threads)
+        ranges = list(enumerate(range(0, n, size)))
+        for done in [self._pool.submit(call, t, lo, min(n, lo + size)) for t, lo in ranges]:
+            done.result()
+        return len(ranges)
 
     def product(self, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
-        """out = a @ b for one large matrix X and one skinny S, in the only two forms MKL runs near
-        memory speed: S @ X with X contiguous, and X @ S with X contiguous and S column-major.
-        Measured on the 125M shapes (2 cores, rank 4): X @ S with S row-major 4.5x slower
-        (768 x 768: 454 us against 99), X^T @ S 5-20x slower (32000 x 768: 100 ms against 7.8)."""
+        """out = a @ b for one large matrix X and one skinny S, in the forms that run near memory
+        speed: X @ S with X contiguous and S column-major (MKL), and S @ X with X contiguous (a
+        compiled loop, rows split among threads). Measured on the 125M shapes (2 cores): MKL's X @ S
+        with S row-major ran 4.5x slower (768 x 768, rank 4: 454 us against 99), X^T @ S 5-20x slower
+        (32000 x 768: 100 ms against 7.8), S @ X 2x slower than the loop (45 ms against 21, all)."""
         if a.numel() < b.numel():  # out = S @ X, the same product as out^T = X^T @ S^T
             return self.product(b.t(), a.t(), out.t())
         if a.is_contiguous():  # X @ S: S column-major
-            s = b if b.t().is_contiguous() else self._scratch_view(0, (b.shape[1], b.shape[0])).copy_(b.t()).t()
-            target = out if out.is_contiguous() else self._scratch_view(1, tuple(out.shape))
+            s = b if b.t().is_contiguous() else self.scratch("factor", (b.shape[1], b.shape[0])).copy_(b.t()).t()
+            target = out if out.is_contiguous() else self.scratch("product", tuple(out.shape))
             torch.matmul(a, s, out=target)
         else:  # X^T @ S = (S^T @ X)^T
-            target = out.t() if out.t().is_contiguous() else self._scratch_view(1, (out.shape[1], out.shape[0]))
-            torch.matmul(b.t(), a.t(), out=target)
+            target = out.t() if out.t().is_contiguous() else self.scratch("product", (out.shape[1], out.shape[0]))
+            self.left_product(b.t(), a.t(), target)
             target = target.t()
         if target.data_ptr() != out.data_ptr():
             out.copy_(target)
+
+    def left_product(self, s: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> None:
+        """out = s @ x (x contiguous): each thread sums its share of x's rows into its own part,
+        then the parts are added in order."""
+        s_np = (s if s.is_contiguous() else self.scratch("factor", tuple(s.shape)).copy_(s)).numpy()
+        x_np = x.numpy()
+        parts = self.scratch("parts", (torch.get_num_threads(), *out.shape))
+        used = self.in_chunks(x.shape[0], lambda t, lo, hi: kernels().left_product(s_np, x_np, parts[t].numpy(), lo, hi))
+        torch.sum(parts[:used], 0, out=out) if used > 1 else out.copy_(parts[0])
+
+    def residual_and_sum(self, x: torch.Tensor, e: torch.Tensor | None, sent: tuple | None, summed: tuple):
+        """e = x - sent[0] @ sent[1] (unless e is None), then x = summed[0] @ summed[1]: one pass
+        over x (n x m, contiguous) and e, its rows split among threads."""
+        x_np, e_np = x.numpy(), _NOTHING if e is None else e.numpy()
+        factors = [f.contiguous().numpy() for f in (*((_NOTHING_T, _NOTHING_T) if e is None else sent), *summed)]
+        self.in_chunks(x.shape[0], lambda t, lo, hi: kernels().residual_and_sum(x_np, e_np, *factors, lo, hi))
+
+
+class LowRank(Compressor):
+    """What the low-rank compressors share: which matrices, residuals, the payload round."""
 
     def __init__(self, layout, world, cfg):
         super().__init__(layout, world, cfg)
         skip = re.compile(cfg.uncompressed) if cfg.uncompressed else None
         self.slots = [s for s in layout.matrices if self.eligible(s) and not (skip and skip.search(s.name))]
+        self.mm = Products()
         self.r = [min(cfg.rank, s.n, s.m) for s in self.slots]
         self.d = [min(s.n, s.m) for s in self.slots]
         self.D = [max(s.n, s.m) for s in self.slots]
@@ -237,13 +281,15 @@ class LowRank(Compressor):
             self.layout.flat[a:b].copy_(tail[at:at + b - a])
             at += b - a
 
-    def keep_residual(self, i: int, left: torch.Tensor, right: torch.Tensor):
-        """e = x - left @ right: what this rank's own share of the reconstruction leaves out
-        (computed before the sum overwrites the payload)."""
-        if self.error_feedback:
-            e = self.residual.views[i]
-            e.copy_(self.grad(i))
-            e.addmm_(left, right, alpha=-1.0)
+    @staticmethod
+    def sent(left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copies of this rank's factors, kept for its residual while the sum overwrites the payload."""
+        return torch.empty(left.shape).copy_(left), torch.empty(right.shape).copy_(right)
+
+    def residual_and_sum(self, i: int, sent: tuple | None, summed: tuple):
+        """e = x - sent[0] @ sent[1], what this rank's own share of the reconstruction leaves out
+        (with error feedback), then x = summed[0] @ summed[1], in one pass over the matrix."""
+        self.mm.residual_and_sum(self.grad(i), self.residual.views[i] if self.error_feedback else None, sent, summed)
 
     # -- measurement --------------------------------------------------------------------------
     def measuring(self, step: int) -> bool:
@@ -402,11 +448,11 @@ class GreedyLore(LowRank):
         projectors = self.p.carve([(d, r) for d, r in zip(self.d, ranks)])
         for i, (idx, q) in enumerate(zip(chosen, payload.views)):
             torch.index_select(self.bases.views[i], 1, idx, out=projectors.views[i])
-            self.product(projectors.views[i].t(), self.oriented(self.grad(i)), q)
+            self.mm.product(projectors.views[i].t(), self.oriented(self.grad(i)), q)
         ints = self.quantize(payload, sum(ranks)) if self.integer else None
         factors = [self.factors(self.grad(i), p, q) for i, (p, q) in enumerate(zip(projectors.views, payload.views))]
-        for i, (left, right) in enumerate(factors):
-            self.keep_residual(i, left, right)  # of what this rank really sends (rounded, if 16-bit)
+        # what this rank really sends (rounded, if 16-bit), for its residual
+        sent = [self.sent(*f) if self.error_feedback else None for f in factors]
         if self.integer:
             self.world.allreduce_(ints.np)  # exact integer sums, identical on every rank
             self.dequantize(ints, payload)
@@ -414,8 +460,8 @@ class GreedyLore(LowRank):
             self.pack_dense(payload.tail)
             self.world.allreduce_(payload.np)  # every Q summed, and the dense tensors with them
             self.unpack_dense(payload.tail)
-        for i, (left, right) in enumerate(factors):
-            torch.matmul(left, right, out=self.grad(i))
+        for i, summed in enumerate(factors):
+            self.residual_and_sum(i, sent[i], summed)
             if self.tracking:
                 self.warm.views[i][:ranks[i]].copy_(payload.views[i])
         self.ranks = ranks
@@ -548,7 +594,7 @@ class GreedyLore(LowRank):
         if t:
             w.copy_(torch.linalg.qr(self.warm.views[i][:t].t()).Q.t())
             probes.sub_((probes @ w.t()) @ w)
-        self.product(self.oriented(self.grad(i)), right.t(), self.first_round().views[i])
+        self.mm.product(self.oriented(self.grad(i)), right.t(), self.first_round().views[i])
 
     def first_round_tail(self) -> list:
         if not self.integer:
@@ -605,7 +651,7 @@ class GreedyLore(LowRank):
             tri[j, j] = tau[j]
             tri[:j, j] = -tau[j] * (tri[:j, :j] @ gram[:j, j])
         bv = torch.empty(basis.shape[0], t)
-        self.product(basis, v, bv)
+        self.mm.product(basis, v, bv)
         basis.addmm_(bv @ tri, v.t(), alpha=-1.0)
         basis[:, :t].copy_(u)
 
@@ -682,7 +728,7 @@ class PowerSGD(LowRank):
         if not self.cfg.warm_start:
             s, q = self.slots[i], self.q.views[i]
             q.copy_(torch.randn(q.shape, generator=generator(self.cfg.seed, step, s.index, POWER_INIT)))
-        self.product(self.grad(i), self.q.views[i], self.p.views[i])
+        self.mm.product(self.grad(i), self.q.views[i], self.p.views[i])
 
     def aggregate(self, step: int) -> None:
         self.next_step = step + 1
@@ -695,12 +741,13 @@ class PowerSGD(LowRank):
         for i, p in enumerate(self.p.views):
             self.orthogonalize(p)
             q = self.payload.views[i]
-            self.product(self.grad(i).t(), p, q)
-            self.keep_residual(i, p, q.t())
+            self.mm.product(self.grad(i).t(), p, q)
+        sent = [(p, torch.empty(q.shape[::-1]).copy_(q.t())) if self.error_feedback else None
+                for p, q in zip(self.p.views, self.payload.views)]
         self.pack_dense(self.payload.tail)
         self.world.allreduce_(self.payload.np)
         for i, p in enumerate(self.p.views):
-            torch.matmul(p, self.payload.views[i].t(), out=self.grad(i))
+            self.residual_and_sum(i, sent[i], (p, self.payload.views[i].t()))
             self.q.views[i].copy_(self.payload.views[i])
         self.unpack_dense(self.payload.tail)
         if xbar is not None:

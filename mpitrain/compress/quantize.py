@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from .base import Buckets, Compressor, register
+from .base import Buckets, Compressor, kernels, register
 from .bitcodec import BitReader, BitWriter, PayloadError, gamma_bits, rice_bits
 PAYLOAD_VERSION = 1
 RANDK = 4  # the purpose of rand-k's shared draws (the low-rank family uses 1 to 3)
@@ -51,11 +51,6 @@ _NO_DRAWS = np.zeros(0)
 
 def _float_bits(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-
-
-def kernels():
-    from . import kernels as compiled  # numba loads with the first quantizer, not with the package
-    return compiled
 
 
 def _width(n: int) -> int:
