@@ -24,6 +24,7 @@ from .base import Buckets, Compressor, kernels, register
 
 _NOTHING = np.zeros((0, 0), dtype=np.float32)  # no residual kept, no factors for it
 _NOTHING_T = torch.from_numpy(_NOTHING)
+_POOLS: dict[int, ThreadPoolExecutor] = {}
 
 
 def generator(*key: int) -> torch.Generator:
@@ -82,7 +83,6 @@ class Products:
 
     def __init__(self):
         self._scratch: dict[str, torch.Tensor] = {}
-        self._pool = None
 
     def scratch(self, purpose: str, shape) -> torch.Tensor:
         """A buffer for `purpose` that grows to the largest shape asked for once, then stays."""
@@ -98,11 +98,11 @@ class Products:
         if threads == 1:
             call(0, 0, n)
             return 1
-        if self._pool is None or self._pool._max_workers != threads:
-            self._pool = ThreadPoolExecutor(threads, thread_name_prefix="mpitrain-lowrank")
+        if threads not in _POOLS:  # one per thread count and process, however many compressors
+            _POOLS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="mpitrain-lowrank")
         size = -(-n // threads)
         ranges = list(enumerate(range(0, n, size)))
-        for done in [self._pool.submit(call, t, lo, min(n, lo + size)) for t, lo in ranges]:
+        for done in [_POOLS[threads].submit(call, t, lo, min(n, lo + size)) for t, lo in ranges]:
             done.result()
         return len(ranges)
 
