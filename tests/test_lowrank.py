@@ -451,7 +451,8 @@ def test_residual_pass_is_the_formula_and_the_same_bits_at_any_thread_count():
     x, e = results[0]
     assert (np.abs(x.double().numpy() - (summed[0].double() @ summed[1].double()).numpy())
             <= _gamma_bound(*summed)).all()
-    # e = x0 - L R: the product's rounding plus the subtraction's (one ulp of |x0| + |L R|)
+    # e = x0 - L R: a sum of K + 1 terms (x0 and K products) in some order: gamma_{K+2} (|x0| + |L| |R|)
     exact = x0.double() - sent[0].double() @ sent[1].double()
-    bound = _gamma_bound(*sent) + 2.0 ** -23 * (x0.abs().double() + (sent[0].double() @ sent[1].double()).abs()).numpy()
+    k, u = sent[0].shape[1] + 2, 2.0 ** -24
+    bound = 2 * k * u / (1 - k * u) * (x0.abs().double() + sent[0].abs().double() @ sent[1].abs().double()).numpy()
     assert (np.abs(e.double().numpy() - exact.numpy()) <= bound).all()

@@ -555,12 +555,31 @@ def norm(x):
 
 
 # -- low-rank ----------------------------------------------------------------------------------------
+@inline
+def _add_products(row, left, right, i, sign):
+    """row += sign * left[i] @ right, four of right's rows per sweep of `row` (one load and store
+    of it per four products instead of per product)."""
+    m, r = row.shape[0], left.shape[1]
+    k = 0
+    while k + 4 <= r:
+        a0, a1, a2, a3 = sign * left[i, k], sign * left[i, k + 1], sign * left[i, k + 2], sign * left[i, k + 3]
+        s0, s1, s2, s3 = right[k], right[k + 1], right[k + 2], right[k + 3]
+        for j in range(m):
+            row[j] += a0 * s0[j] + a1 * s1[j] + a2 * s2[j] + a3 * s3[j]
+        k += 4
+    while k < r:
+        a, s = sign * left[i, k], right[k]
+        for j in range(m):
+            row[j] += a * s[j]
+        k += 1
+
+
 @jit
 def residual_and_sum(x, e, sent_left, sent_right, sum_left, sum_right, lo, hi):
     """Rows lo..hi of x (n x m): e = x - sent_left @ sent_right (skipped when e has no rows), then
     x = sum_left @ sum_right. One pass over x and e where the library's GEMMs took three (copy, the
-    in-place product, the reconstruction), each row's products summed in k order: the same bits
-    at any thread count and on any machine."""
+    in-place product, the reconstruction), each row's products summed in a fixed order: the same
+    bits at any thread count and on any machine."""
     m = x.shape[1]
     keep = e.shape[0] > 0
     for i in range(lo, hi):
@@ -569,16 +588,10 @@ def residual_and_sum(x, e, sent_left, sent_right, sum_left, sum_right, lo, hi):
             ei = e[i]
             for j in range(m):
                 ei[j] = xi[j]
-            for k in range(sent_left.shape[1]):
-                a, s = sent_left[i, k], sent_right[k]
-                for j in range(m):
-                    ei[j] -= a * s[j]
+            _add_products(ei, sent_left, sent_right, i, np.float32(-1.0))
         for j in range(m):
             xi[j] = 0.0
-        for k in range(sum_left.shape[1]):
-            a, s = sum_left[i, k], sum_right[k]
-            for j in range(m):
-                xi[j] += a * s[j]
+        _add_products(xi, sum_left, sum_right, i, np.float32(1.0))
 
 
 @jit
