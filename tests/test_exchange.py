@@ -118,3 +118,27 @@ def test_a_non_finite_gradient_in_an_overlapped_first_round_gives_the_bits_of_on
     # not vacuous: the overlapped run sent its first round from backward, then again on the NaN step
     extra = [b - a for a, b in zip(runs[0][1], runs[0.001][1])]
     assert extra[2] > 0 and extra[:2] + extra[3:] == [0] * 7
+
+
+def test_quantizers_encode_in_backward_by_default_only_where_torch_leaves_a_core_free(tmp_path):
+    code = """
+import json, sys, torch, mpitrain
+from mpitrain import models
+from mpitrain.data import Dataset, locate
+world = mpitrain.init()
+cores = world.cores_per_rank()
+found = {}
+for threads, setting in [(cores, "auto"), (max(1, cores - 1), "auto"), (cores, "on"), (1, "off")]:
+    torch.set_num_threads(threads)
+    model = models.build("cnn", Dataset(locate("digits")).info)
+    exchange = mpitrain.Exchange(model, world, "qsgd", bucket_mb=0.02, overlap_encoding=setting)
+    found[f"{threads}-{setting}"] = exchange.compressor.overlaps
+json.dump({"cores": cores, "found": found}, open(sys.argv[1], "w"))
+"""
+    r = mpi(1, ["-c", code, tmp_path / "out.json"])
+    assert r.returncode == 0, r.stderr
+    out = json.loads((tmp_path / "out.json").read_text())
+    cores, found = out["cores"], out["found"]
+    assert found[f"{cores}-auto"] is False and found[f"{cores}-on"] is True and found["1-off"] is False
+    if cores > 1:  # a core left free: the encoder takes it
+        assert found[f"{cores - 1}-auto"] is True
