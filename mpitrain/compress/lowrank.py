@@ -138,7 +138,8 @@ class Products:
         """e = x - sent[0] @ sent[1] (unless e is None), then x = summed[0] @ summed[1]: one pass
         over x (n x m, contiguous) and e, its rows split among threads."""
         x_np, e_np = x.numpy(), _NOTHING if e is None else e.numpy()
-        factors = [f.contiguous().numpy() for f in (*((_NOTHING_T, _NOTHING_T) if e is None else sent), *summed)]
+        factors = [(f if f.is_contiguous() else self.scratch(f"factor{j}", tuple(f.shape)).copy_(f)).numpy()
+                   for j, f in enumerate((*((_NOTHING_T, _NOTHING_T) if e is None else sent), *summed))]
         self.in_chunks(x.shape[0], lambda t, lo, hi: kernels().residual_and_sum(x_np, e_np, *factors, lo, hi))
 
 
@@ -150,6 +151,7 @@ class LowRank(Compressor):
         skip = re.compile(cfg.uncompressed) if cfg.uncompressed else None
         self.slots = [s for s in layout.matrices if self.eligible(s) and not (skip and skip.search(s.name))]
         self.mm = Products()
+        self.sent_q = None  # see own_q
         self.r = [min(cfg.rank, s.n, s.m) for s in self.slots]
         self.d = [min(s.n, s.m) for s in self.slots]
         self.D = [max(s.n, s.m) for s in self.slots]
@@ -281,10 +283,16 @@ class LowRank(Compressor):
             self.layout.flat[a:b].copy_(tail[at:at + b - a])
             at += b - a
 
-    @staticmethod
-    def sent(left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Copies of this rank's factors, kept for its residual while the sum overwrites the payload."""
-        return torch.empty(left.shape).copy_(left), torch.empty(right.shape).copy_(right)
+    def own_q(self, payload: Buffer) -> Buffer | None:
+        """This rank's Q as it is sent (rounded, if 16-bit), copied once from the payload before the
+        sum overwrites it: what the residual subtracts. None without error feedback."""
+        if not self.error_feedback:
+            return None
+        if self.sent_q is None:  # as large as the payload's factors can be
+            self.sent_q = Buffer([tuple(v.shape) for v in self.payload.views])
+        own = self.sent_q.carve([tuple(v.shape) for v in payload.views])
+        own.flat.copy_(payload.flat[:own.flat.numel()])
+        return own
 
     def residual_and_sum(self, i: int, sent: tuple | None, summed: tuple):
         """e = x - sent[0] @ sent[1], what this rank's own share of the reconstruction leaves out
@@ -451,8 +459,9 @@ class GreedyLore(LowRank):
             self.mm.product(projectors.views[i].t(), self.oriented(self.grad(i)), q)
         ints = self.quantize(payload, sum(ranks)) if self.integer else None
         factors = [self.factors(self.grad(i), p, q) for i, (p, q) in enumerate(zip(projectors.views, payload.views))]
-        # what this rank really sends (rounded, if 16-bit), for its residual
-        sent = [self.sent(*f) if self.error_feedback else None for f in factors]
+        own = self.own_q(payload)
+        sent = [self.factors(self.grad(i), p, q) for i, (p, q) in enumerate(zip(projectors.views, own.views))] \
+            if own else [None] * len(factors)
         if self.integer:
             self.world.allreduce_(ints.np)  # exact integer sums, identical on every rank
             self.dequantize(ints, payload)
@@ -650,7 +659,7 @@ class GreedyLore(LowRank):
         for j in range(t):  # LAPACK's larft: the triangular factor T, column by column
             tri[j, j] = tau[j]
             tri[:j, j] = -tau[j] * (tri[:j, :j] @ gram[:j, j])
-        bv = torch.empty(basis.shape[0], t)
+        bv = self.mm.scratch("rotate", (basis.shape[0], t))
         self.mm.product(basis, v, bv)
         basis.addmm_(bv @ tri, v.t(), alpha=-1.0)
         basis[:, :t].copy_(u)
@@ -742,8 +751,8 @@ class PowerSGD(LowRank):
             self.orthogonalize(p)
             q = self.payload.views[i]
             self.mm.product(self.grad(i).t(), p, q)
-        sent = [(p, torch.empty(q.shape[::-1]).copy_(q.t())) if self.error_feedback else None
-                for p, q in zip(self.p.views, self.payload.views)]
+        own = self.own_q(self.payload)
+        sent = [(p, q.t()) for p, q in zip(self.p.views, own.views)] if own else [None] * len(self.slots)
         self.pack_dense(self.payload.tail)
         self.world.allreduce_(self.payload.np)
         for i, p in enumerate(self.p.views):
