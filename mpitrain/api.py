@@ -37,7 +37,7 @@ from . import checkpoint, compress
 from .checkpoint import optimizer_tensors
 from .config import Config, UsageError, checked
 from .averaging import ParameterAveraging, Round
-from .layout import GradLayout
+from .layout import GradLayout, all_finite
 
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 _STOP = {"requested": False}  # set by the signal handler; the ranks agree on it in the next exchange
@@ -153,7 +153,7 @@ class Exchange:
         # With buckets in flight the gradients are the exchange's until it ends: the rest is checked after
         self._overlapping = self._overlapping and self.compressor.in_flight
         checked = grads[self.layout.dense_offset:] if self._overlapping else grads
-        finite = bool(torch.isfinite(share)) and bool(torch.isfinite(checked.sum(dtype=torch.float64)))
+        finite = bool(torch.isfinite(share)) and all_finite(checked)
         if not finite:
             checked.zero_()  # nothing non-finite enters the exchange (or the optimizer); the flag says why
         self.layout.control.copy_(torch.tensor([(float(share) / size if local else float(share)) if finite else 0.0,
@@ -163,7 +163,7 @@ class Exchange:
             self.world.allreduce_(self.layout.flat_np[self.layout.numel:])
         else:
             self.compressor.aggregate(step)
-        if self._overlapping and not bool(torch.isfinite(grads.sum(dtype=torch.float64))):
+        if self._overlapping and not all_finite(grads):
             grads.zero_()  # a rank's non-finite share reached every rank: every rank skips alike
             self.layout.control[1] = 1.0
         self._share, self._overlapping = None, False

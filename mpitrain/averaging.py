@@ -23,6 +23,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .compress.base import kernels
+from .layout import all_finite
+
 SKETCH = 256  # buckets: the round's report is 2 KiB
 
 
@@ -67,14 +70,16 @@ class ParameterAveraging:
         before = world.sent_bytes
         delta = layout.grads
         torch.sub(self.anchor, layout.params, out=delta)
-        finite = bool(torch.isfinite(delta.sum(dtype=torch.float64)))
+        finite = all_finite(delta)
         report = self._report
         report[:] = 0.0
         if finite:
             torch.mul(delta, self._signs, out=self._signed[:layout.numel])
-            report[:SKETCH] = self._signed.view(-1, SKETCH).sum(0, dtype=torch.float64).numpy()
+            # in float64 without a float64 copy of the delta: torch's casting sums took 1.5 s a round
+            # on 125M values, these 0.13 s
+            report[:SKETCH] = self._signed.numpy().reshape(-1, SKETCH).sum(0, dtype=np.float64)
             report[SKETCH] = float(np.dot(report[:SKETCH], report[:SKETCH]))
-            report[SKETCH + 1] = float(torch.linalg.vector_norm(delta, dtype=torch.float64)) ** 2
+            report[SKETCH + 1] = kernels().norm(delta.numpy()) ** 2
         report[SKETCH + 2] = float(not finite)
         world.allreduce_(report)
         mean_sketch = report[:SKETCH] / size

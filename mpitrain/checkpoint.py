@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from .config import UsageError
+from .layout import all_finite
 from .schema import (DAMAGE, FORMAT, FORMAT_VERSION, ROOT_ATTRS, SCALAR, check_isolated, deadline_s, open_h5,
                      structure_faults, why)
 
@@ -209,7 +210,7 @@ def save(run, world, step: int, epoch: int = 0, wire_bytes_total: int = 0, extra
     if bad:
         raise ValueError(f"extra array names must be non-empty text without '/': {bad[:3]}")
     user_json = None if extra_json is None else json.dumps(extra_json)
-    if not bool(torch.isfinite(torch.stack(torch.aminmax(run.layout.params))).all()):  # NaN propagates to both
+    if not all_finite(run.layout.params):
         raise RuntimeError(f"refusing to write a checkpoint at step {step}: the parameters hold NaN or Inf")
     policy = ef_policy(cfg, run.compressor)
     comp_state = run.compressor.state_dict(copy=False)  # views: gathered or snapshotted below

@@ -1,8 +1,11 @@
 """Flat buffers: gradients land in them, matrices are viewed as n x m."""
+import math
+
+import pytest
 import torch
 
 from mpitrain import models
-from mpitrain.layout import CONTROL, GradLayout
+from mpitrain.layout import CONTROL, GradLayout, all_finite
 
 
 def test_backward_accumulates_into_the_flat_buffer_and_matrices_come_first():
@@ -32,3 +35,18 @@ def test_zeroing_keeps_the_views():
     model(torch.ones(1, 3)).sum().backward()
     assert layout.grads.abs().sum() > 0
     layout.check_bound()
+
+
+@pytest.mark.parametrize("size", [1, 7, 64, 1000, 2**20 + 3])
+def test_all_finite_finds_a_nonfinite_value_wherever_it_is(size):
+    huge = torch.full((size,), 3e38)  # finite; a float32 sum of two or more of them overflows
+    assert all_finite(huge)
+    for at in sorted({0, size // 2, size - 1}):
+        for bad in (math.nan, math.inf, -math.inf):
+            t = huge.clone()
+            t[at] = bad
+            assert not all_finite(t), (at, bad)
+    assert all_finite(torch.empty(0))
+    m = torch.zeros(37, 53)
+    m[36, 0] = math.nan
+    assert not all_finite(m.t()) and all_finite(m[:36])  # views: transposed, and a slice before the NaN

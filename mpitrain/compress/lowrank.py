@@ -20,6 +20,7 @@ from statistics import NormalDist
 import numpy as np
 import torch
 
+from ..layout import all_finite
 from .base import Buckets, Compressor, kernels, register
 
 _NOTHING = np.zeros((0, 0), dtype=np.float32)  # no residual kept, no factors for it
@@ -224,7 +225,7 @@ class LowRank(Compressor):
         non-finite flag is raised and the round runs again: the same bits as without overlap."""
         if self.buckets.in_flight:
             self.buckets.finish(self.first_round_tail, step)
-            if bool(torch.isfinite(self.first_round().flat.sum(dtype=torch.float64))):
+            if all_finite(self.first_round().flat):
                 return self.first_round_done()
             self.zero_share_if_nonfinite()
         else:
@@ -234,7 +235,7 @@ class LowRank(Compressor):
         self.exchange_first_round(self.first_round())
 
     def zero_share_if_nonfinite(self):
-        if all(bool(torch.isfinite(self.grad(i)).all()) for i in range(len(self.slots))):
+        if all(all_finite(self.grad(i)) for i in range(len(self.slots))):
             return
         stop = float(self.layout.control[2])
         for a, b in self.dense_runs:

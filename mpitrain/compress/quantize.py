@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+from ..layout import all_finite
 from .base import Buckets, Compressor, kernels, register
 from .bitcodec import BitReader, BitWriter, PayloadError, gamma_bits, rice_bits
 PAYLOAD_VERSION = 1
@@ -473,7 +474,7 @@ class Exchanged(Compressor):
         lo, hi = min(s.offset for s in slots), max(s.offset + s.numel for s in slots)
         if self.residual is not None:
             self.grads[lo:hi] += self.residual[lo:hi]
-        if not np.isfinite(self.grads[lo:hi].sum(dtype=np.float64)):
+        if not all_finite(torch.from_numpy(self.grads[lo:hi])):
             return False
         for slot in slots:
             self.encode_slot(slot, step, self.spare)
