@@ -161,6 +161,19 @@ def test_bases_are_identical_on_every_rank_after_refreshes(tmp_path):
         assert np.array_equal(r["shared_bases"], ranks[0]["shared_bases"])
 
 
+def test_a_rank_whose_basis_drifted_gets_rank_0s_back_before_it_projects(tmp_path):
+    """One ulp of one value of rank 1's bases before step 3: the bases' check finds it after that
+    step's rotation, rank 0's bases replace it, and every rank still gets the same result."""
+    r = mpi(2, [WORKERS / "compress_stream.py", tmp_path, "drift", 6, "--compressor", "greedylore", "--rank", 3,
+                "--start-compress-step", 1, "--refresh-every", 0], PERTURB_BASIS_AT="3")
+    assert r.returncode == 0, r.stderr
+    ranks = [dict(np.load(tmp_path / f"rank-{k}.npz")) for k in range(2)]
+    assert [int(rr["basis_rebroadcasts"]) for rr in ranks] == [1, 1]
+    assert np.array_equal(ranks[0]["shared_bases"], ranks[1]["shared_bases"])
+    for t in range(6):
+        assert np.array_equal(ranks[0]["result"][t], ranks[1]["result"][t]), t
+
+
 def test_tracked_bases_stay_identical_and_orthonormal_and_follow_the_gradient(tmp_path):
     """60 tracking steps with no refresh after the first: every step rotates each basis."""
     ranks, slots = stream(tmp_path, 4, "drift", 61, "--compressor", "greedylore", "--rank", 3,

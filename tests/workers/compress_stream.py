@@ -7,11 +7,14 @@ Streams (per step t and rank i; every matrix slot gets its own draw):
   drift     a rank-3 signal turning over time, plus rank-dependent noise (the brief's Test 2)
   geometric fixed geometric column energies 0.7^j under a random rotation, plus noise
   rankone   one 2 x 2 matrix: G = e1 e1^T at the first compressed step, e2 e2^T afterwards
+With PERTURB_BASIS_AT=t in the environment, rank 1 moves the last value of its greedylore bases by
+one ulp before step t (a basis that drifted on one rank).
 OUT/rank-<i>.npz holds, per step: g (the share handed in), e_old, e_new (residuals), result
 (what aggregate left), p (the selected projectors), ratios (per-matrix contraction when
 measured), wire (bytes sent), refresh; plus the final compressor state.
 """
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -70,6 +73,8 @@ for t in range(steps):
     residual = getattr(residual, "np", residual)  # a Buffer (low-rank) or a numpy array (quantizers)
     record["g"].append(layout.grads.numpy().copy())
     record["e_old"].append(residual.copy() if residual is not None else np.zeros(0))
+    if os.environ.get("PERTURB_BASIS_AT") == str(t) and world.rank == 1:
+        comp.bases.np[-1] = np.nextafter(comp.bases.np[-1], np.float32(np.inf))
     world.take_sent_bytes()
     comp.last_ratios = []
     comp.aggregate(t)
@@ -87,4 +92,5 @@ np.savez(out / f"rank-{world.rank}.npz",
          **{k: np.array(v) for k, v in record.items()},
          **{f"shared_{k}": np.asarray(v) for k, v in state.get("shared", {}).items()},
          shapes=np.array(json.dumps([[s.name, s.offset, s.numel, list(s.shape)] for s in layout.slots])),
-         compressed=np.array([s.index for s in getattr(comp, "slots", [])], dtype=int))
+         compressed=np.array([s.index for s in getattr(comp, "slots", [])], dtype=int),
+         basis_rebroadcasts=np.array(getattr(comp, "basis_rebroadcasts", 0)))
