@@ -470,6 +470,21 @@ def read_natural(buf, nbits, pos, out):
     return pos + 9 * d
 
 
+@jit
+def accumulate(total, values):
+    """total += values, each float32 value widened to float64 first: numpy's mixed-type add took 6x
+    as long (buffered casts), torch's longer still."""
+    for i in range(values.size):
+        total[i] += np.float64(values[i])
+
+
+@jit
+def narrow(total, out):
+    """out = total rounded to float32 (to nearest, as numpy's cast), 4x faster than numpy's."""
+    for i in range(total.size):
+        out[i] = np.float32(total[i])
+
+
 # -- spherical compression's candidate search -------------------------------------------------------------
 
 @inline

@@ -453,6 +453,7 @@ class Exchanged(Compressor):
         self.next_step, self.worker, self.jobs = None, None, []
         self.segments: dict = {}   # slot index -> (bitstream, bits), this step's
         self.spare = None          # the residuals being written, swapped in once the step is finite
+        self.total = None          # the ranks' shares summed in float64, in rank order
 
     @property
     def overlaps(self) -> bool:
@@ -505,15 +506,16 @@ class Exchanged(Compressor):
         self.stats = {"payload_bits": bits, "bits_per_value": bits / self.grads.size}
         return np.concatenate([body, crc])
 
-    def decode(self, payload: np.ndarray, rank: int, step: int):
-        """(gradient share, control words) from one rank's payload; PayloadError if it is not exact."""
+    def decode(self, payload: np.ndarray, rank: int, step: int, total: np.ndarray) -> np.ndarray:
+        """Add one rank's gradient share into `total` (float64) and return its control words;
+        PayloadError if the payload is not exact."""
         where = f"payload from rank {rank}"
         if payload.size < 1 + 12 + 4 or zlib.crc32(payload[:-4].tobytes()) != int(payload[-4:].view("<u4")[0]):
             raise PayloadError(f"{where}: checksum mismatch (truncated, extended or corrupted)")
         if payload[0] != PAYLOAD_VERSION:
             raise PayloadError(f"{where}: unknown payload version {payload[0]}")
         control = payload[1:13].view(np.float32)
-        out, at = np.empty(self.layout.numel, dtype=np.float32), 13
+        at = 13
         for slot in self.layout.slots:
             if at + 4 > payload.size - 4:
                 raise PayloadError(f"{where}: truncated")
@@ -523,15 +525,15 @@ class Exchanged(Compressor):
                 raise PayloadError(f"{where}: truncated")
             reader = BitReader(segment)
             try:
-                out[slot.offset:slot.offset + slot.numel] = self.codec.decode(
-                    reader, slot.numel, self.key(rank, step, slot))
+                values = self.codec.decode(reader, slot.numel, self.key(rank, step, slot))
                 reader.finish()
             except PayloadError as e:
                 raise PayloadError(f"{where}, tensor {slot.name}: {e}") from None
+            kernels().accumulate(total[slot.offset:slot.offset + slot.numel], values)
             at += 4 + n
         if at != payload.size - 4:
             raise PayloadError(f"{where}: extended past its last tensor")
-        return out, control
+        return control
 
     def encoded_in_backward(self, step: int) -> bool:
         """Wait for backward's encodings and finish this rank's share; False (nothing kept) when a
@@ -563,13 +565,13 @@ class Exchanged(Compressor):
                 self.encode_slot(slot, step, self.residual)
         payload = self.frame()
         self.stats["encoded_in_backward"] = len(self.layout.matrices) if overlapped else 0
-        total = np.zeros(self.grads.size, dtype=np.float64)
+        if self.total is None:  # kept: a fresh gradient-sized float64 array cost 0.26 s a step on 125M values
+            self.total = np.zeros(self.grads.size, dtype=np.float64)
+        self.total.fill(0.0)
         control = np.zeros(3, dtype=np.float64)
         for rank, part in enumerate(self.world.allgatherv(payload)):  # same order on every rank
-            values, words = self.decode(part, rank, step)
-            total += values
-            control += words
-        self.grads[...] = total
+            control += self.decode(part, rank, step, self.total)
+        kernels().narrow(self.total, self.grads)
         self.layout.control.copy_(self.layout.control.new_tensor(control))
 
     def state_dict(self, copy: bool = True) -> dict:
