@@ -437,6 +437,17 @@ def test_skinny_products_in_every_layout_are_the_product(threads):
                 out.fill_(float("nan"))
                 mm.product(a, b, out)
                 assert (np.abs(out.double().numpy() - ref.numpy()) <= _gamma_bound(a, b)).all()
+        # `plus` is added into a first: where a is X^T, a block of rows at a time inside the loop
+        # (301 rows: several blocks and a tail); the same bits as adding first, then multiplying
+        for k, (a, b) in enumerate(cases):
+            base = torch.randn(a.t().shape, generator=g).t() if a.t().is_contiguous() else torch.randn(a.shape, generator=g)
+            e = torch.randn(base.shape, generator=g) if base.is_contiguous() else torch.randn(base.t().shape, generator=g).t()
+            fused, first = base.clone(memory_format=torch.preserve_format), base.clone(memory_format=torch.preserve_format)
+            out_fused, out_first = torch.empty(a.shape[0], b.shape[1]), torch.empty(a.shape[0], b.shape[1])
+            mm.product(fused, b, out_fused, e)
+            first.add_(e)
+            mm.product(first, b, out_first)
+            assert torch.equal(fused, base + e) and torch.equal(out_fused, out_first), k
     finally:
         torch.set_num_threads(before)
 

@@ -662,15 +662,12 @@ def residual_and_sum(x, e, sent_left, sent_right, sum_left, sum_right, lo, hi):
         _add_products(xi, sum_left, sum_right, i, np.float32(1.0))
 
 
-@jit
-def left_product(s, x, out, lo, hi):
-    """out = s[:, lo:hi] @ x[lo:hi] (s r x n, x n x m), four rows of x against four output rows per
-    sweep: x read once, at about memory speed, where MKL ran this shape (r ~ 10 rows against a tall
-    matrix) up to 3x slower, compute-bound. Four output rows per sweep share the loads of x's rows
-    (1.5-1.9x over one row per sweep from cache, the same bits: each output's sum is unchanged)."""
+@inline
+def _add_left_rows(s, x, out, lo, hi):
+    """out += s[:, lo:hi] @ x[lo:hi], four rows of x against four output rows per sweep (the loads
+    of x's rows shared: 1.5-1.9x over one output row per sweep from cache)."""
     m = x.shape[1]
     r = s.shape[0]
-    out[:, :] = 0.0
     i = lo
     while i + 4 <= hi:
         x0, x1, x2, x3 = x[i], x[i + 1], x[i + 2], x[i + 3]
@@ -702,3 +699,25 @@ def left_product(s, x, out, lo, hi):
             for j in range(m):
                 o[j] += a * xi[j]
         i += 1
+
+
+ROWS_IN_CACHE = 64  # rows of x that `left_product` adds e into and multiplies while they are cached
+
+
+@jit
+def left_product(s, x, e, out, lo, hi):
+    """out = s[:, lo:hi] @ x[lo:hi] (s r x n, x n x m), x read once, at about memory speed, where MKL
+    ran this shape (r ~ 10 rows against a tall matrix) up to 3x slower, compute-bound. With e (n x m;
+    no rows: none), x += e first, a block of rows at a time just before the block's product, so x
+    comes from memory once (2x over adding first, on the 125M shapes). Blocks hold whole groups of
+    four rows: the same bits as adding first."""
+    out[:, :] = 0.0
+    add = e.shape[0] > 0
+    for a in range(lo, hi, ROWS_IN_CACHE):
+        b = min(hi, a + ROWS_IN_CACHE)
+        if add:
+            for i in range(a, b):
+                xi, ei = x[i], e[i]
+                for j in range(x.shape[1]):
+                    xi[j] += ei[j]
+        _add_left_rows(s, x, out, a, b)

@@ -112,12 +112,17 @@ class Products:
         self.map(lambda part: call(part[0], part[1], min(n, part[1] + size)), ranges)
         return len(ranges)
 
-    def product(self, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
+    def product(self, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, plus: torch.Tensor | None = None) -> None:
         """out = a @ b for one large matrix X and one skinny S, in the forms that run near memory
         speed: X @ S with X contiguous and S column-major (MKL), and S @ X with X contiguous (a
         compiled loop, rows split among threads). Measured on the 125M shapes (2 cores): MKL's X @ S
         with S row-major ran 4.5x slower (768 x 768, rank 4: 454 us against 99), X^T @ S 5-20x slower
-        (32000 x 768: 100 ms against 7.8), S @ X 2x slower than the loop (45 ms against 21, all)."""
+        (32000 x 768: 100 ms against 7.8), S @ X 2x slower than the loop (45 ms against 21, all).
+        `plus` (a's shape and layout) is added into a in place first: where a is X and the product
+        the compiled loop, a block of rows at a time just before the block is multiplied."""
+        if plus is not None and (a.numel() < b.numel() or a.is_contiguous()):
+            a.add_(plus)
+            plus = None
         if a.numel() < b.numel():  # out = S @ X, the same product as out^T = X^T @ S^T
             return self.product(b.t(), a.t(), out.t())
         if a.is_contiguous():  # X @ S: S column-major
@@ -126,18 +131,19 @@ class Products:
             torch.matmul(a, s, out=target)
         else:  # X^T @ S = (S^T @ X)^T
             target = out.t() if out.t().is_contiguous() else self.scratch("product", (out.shape[1], out.shape[0]))
-            self.left_product(b.t(), a.t(), target)
+            self.left_product(b.t(), a.t(), target, None if plus is None else plus.t())
             target = target.t()
         if target.data_ptr() != out.data_ptr():
             out.copy_(target)
 
-    def left_product(self, s: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> None:
-        """out = s @ x (x contiguous): each thread sums its share of x's rows into its own part,
-        then the parts are added in order."""
+    def left_product(self, s: torch.Tensor, x: torch.Tensor, out: torch.Tensor, plus: torch.Tensor | None = None):
+        """out = s @ x (x contiguous; x += plus first, if given): each thread sums its share of x's
+        rows into its own part, then the parts are added in order."""
         s_np = (s if s.is_contiguous() else self.scratch("factor", tuple(s.shape)).copy_(s)).numpy()
-        x_np = x.numpy()
+        x_np, e_np = x.numpy(), _NOTHING if plus is None else plus.numpy()
         parts = self.scratch("parts", (torch.get_num_threads(), *out.shape))
-        used = self.in_chunks(x.shape[0], lambda t, lo, hi: kernels().left_product(s_np, x_np, parts[t].numpy(), lo, hi))
+        used = self.in_chunks(x.shape[0], lambda t, lo, hi: kernels().left_product(s_np, x_np, e_np, parts[t].numpy(),
+                                                                                     lo, hi))
         torch.sum(parts[:used], 0, out=out) if used > 1 else out.copy_(parts[0])
 
     def residual_and_sum(self, x: torch.Tensor, e: torch.Tensor | None, sent: tuple | None, summed: tuple):
@@ -195,8 +201,9 @@ class LowRank(Compressor):
         """The buffer the first round sums: one view per compressed matrix, then any tail."""
         raise NotImplementedError
 
-    def first_round_matrix(self, i: int, step: int) -> None:
-        """Matrix i's share of the first round (its residual already added) into `first_round()`."""
+    def first_round_matrix(self, i: int, step: int, add_residual: bool = True) -> None:
+        """Matrix i's share of the first round into `first_round()`, its residual added first (unless
+        it was already)."""
         raise NotImplementedError
 
     def exchange_first_round(self, buf: Buffer) -> None:
@@ -216,7 +223,6 @@ class LowRank(Compressor):
     def start_bucket(self, bucket) -> list:
         mine = sorted(self.position[s.index] for s in bucket[2] if s.index in self.position)
         for i in mine:
-            self.add_residual(i)
             self.first_round_matrix(i, self.buckets.step)
         if not mine:
             return []
@@ -228,29 +234,24 @@ class LowRank(Compressor):
         A rank whose compressed matrices were not finite had sent them already; then, as an
         exchange after backward would have had it, its share becomes zero (its residual alone), the
         non-finite flag is raised and the round runs again: the same bits as without overlap."""
+        add_residuals = True
         if self.buckets.in_flight:
             self.buckets.finish(self.first_round_tail, step)
             if all_finite(self.first_round().flat):
                 return self.first_round_done()
-            self.zero_share_if_nonfinite()
-        else:
-            self.add_residuals()
+            add_residuals = self.zero_share_if_nonfinite()  # else this rank's residuals are in already
         for i in range(len(self.slots)):
-            self.first_round_matrix(i, step)
+            self.first_round_matrix(i, step, add_residuals)
         self.exchange_first_round(self.first_round())
 
-    def zero_share_if_nonfinite(self):
+    def zero_share_if_nonfinite(self) -> bool:
+        """Zero this rank's share and raise the non-finite flag if a compressed matrix is not finite."""
         if all(all_finite(self.grad(i)) for i in range(len(self.slots))):
-            return
+            return False
         stop = float(self.layout.control[2])
-        for a, b in self.dense_runs:
-            self.layout.flat[a:b].zero_()
+        self.layout.flat[:self.layout.numel].zero_()
         self.layout.control.copy_(torch.tensor([0.0, 1.0, stop]))
-        for i in range(len(self.slots)):
-            if self.error_feedback:
-                self.grad(i).copy_(self.residual.views[i])
-            else:
-                self.grad(i).zero_()
+        return True
 
     # -- views ------------------------------------------------------------------------------
     def grad(self, i: int) -> torch.Tensor:
@@ -604,7 +605,7 @@ class GreedyLore(LowRank):
         return self.scores.carve([(d, t + self.cfg.probes) for d, t in zip(self.d, self.ranks)],
                                  self.dense_numel if self.integer else 0)
 
-    def first_round_matrix(self, i: int, step: int):
+    def first_round_matrix(self, i: int, step: int, add_residual: bool = True):
         """x [W | Omega']: W = orth of last step's Q^T, Omega' shared probes with W projected out."""
         t, k = self.ranks[i], self.cfg.probes
         right = self.right.carve([(t + k, D) for t, D in zip(self.ranks, self.D)]).views[i]  # rows: W^T, probes
@@ -613,7 +614,8 @@ class GreedyLore(LowRank):
         if t:
             w.copy_(torch.linalg.qr(self.warm.views[i][:t].t()).Q.t())
             probes.sub_((probes @ w.t()) @ w)
-        self.mm.product(self.oriented(self.grad(i)), right.t(), self.first_round().views[i])
+        self.mm.product(self.oriented(self.grad(i)), right.t(), self.first_round().views[i],
+                        self.oriented(self.residual.views[i]) if add_residual and self.error_feedback else None)
 
     def first_round_tail(self) -> list:
         if not self.integer:
@@ -633,7 +635,7 @@ class GreedyLore(LowRank):
         sketch = self.first_round()
         if not sketched:
             for i in range(len(self.slots)):
-                self.first_round_matrix(i, step)
+                self.first_round_matrix(i, step, add_residual=False)  # added by `aggregate`
             self.exchange_first_round(sketch)  # x-bar [W | Omega'] for every matrix
         for i, (y, t) in enumerate(zip(sketch.views, self.ranks)):
             if t:
@@ -742,12 +744,13 @@ class PowerSGD(LowRank):
     def first_round(self) -> Buffer:
         return self.p
 
-    def first_round_matrix(self, i: int, step: int):
+    def first_round_matrix(self, i: int, step: int, add_residual: bool = True):
         """P = X Q."""
         if not self.cfg.warm_start:
             s, q = self.slots[i], self.q.views[i]
             q.copy_(torch.randn(q.shape, generator=generator(self.cfg.seed, step, s.index, POWER_INIT)))
-        self.mm.product(self.grad(i), self.q.views[i], self.p.views[i])
+        self.mm.product(self.grad(i), self.q.views[i], self.p.views[i],
+                        self.residual.views[i] if add_residual and self.error_feedback else None)
 
     def aggregate(self, step: int) -> None:
         self.next_step = step + 1
