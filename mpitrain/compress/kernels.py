@@ -590,26 +590,33 @@ def _add_products(row, left, right, i, sign):
 
 
 @inline
+def _add_4x4(o0, o1, o2, o3, v0, v1, v2, v3, coef, row, col, sign):
+    """o_q += sum_p sign * coef[row + q, col + p] * v_p for q, p < 4: four output rows against one
+    sweep of four input rows, whose loads they share; each output's sum in a fixed order."""
+    a0, a1 = sign * coef[row, col], sign * coef[row, col + 1]
+    a2, a3 = sign * coef[row, col + 2], sign * coef[row, col + 3]
+    b0, b1 = sign * coef[row + 1, col], sign * coef[row + 1, col + 1]
+    b2, b3 = sign * coef[row + 1, col + 2], sign * coef[row + 1, col + 3]
+    c0, c1 = sign * coef[row + 2, col], sign * coef[row + 2, col + 1]
+    c2, c3 = sign * coef[row + 2, col + 2], sign * coef[row + 2, col + 3]
+    d0, d1 = sign * coef[row + 3, col], sign * coef[row + 3, col + 1]
+    d2, d3 = sign * coef[row + 3, col + 2], sign * coef[row + 3, col + 3]
+    for j in range(o0.shape[0]):
+        w0, w1, w2, w3 = v0[j], v1[j], v2[j], v3[j]
+        o0[j] += a0 * w0 + a1 * w1 + a2 * w2 + a3 * w3
+        o1[j] += b0 * w0 + b1 * w1 + b2 * w2 + b3 * w3
+        o2[j] += c0 * w0 + c1 * w1 + c2 * w2 + c3 * w3
+        o3[j] += d0 * w0 + d1 * w1 + d2 * w2 + d3 * w3
+
+
+@inline
 def _add_products4(r0, r1, r2, r3, left, right, i, sign):
     """r_q += sign * left[i + q] @ right for q < 4: four rows against each sweep of right's rows,
     which loads them once for four rows; each row's sum in the order `_add_products` takes."""
     m, r = r0.shape[0], left.shape[1]
     k = 0
     while k + 4 <= r:
-        s0, s1, s2, s3 = right[k], right[k + 1], right[k + 2], right[k + 3]
-        a0, a1, a2, a3 = sign * left[i, k], sign * left[i, k + 1], sign * left[i, k + 2], sign * left[i, k + 3]
-        b0, b1 = sign * left[i + 1, k], sign * left[i + 1, k + 1]
-        b2, b3 = sign * left[i + 1, k + 2], sign * left[i + 1, k + 3]
-        c0, c1 = sign * left[i + 2, k], sign * left[i + 2, k + 1]
-        c2, c3 = sign * left[i + 2, k + 2], sign * left[i + 2, k + 3]
-        d0, d1 = sign * left[i + 3, k], sign * left[i + 3, k + 1]
-        d2, d3 = sign * left[i + 3, k + 2], sign * left[i + 3, k + 3]
-        for j in range(m):
-            v0, v1, v2, v3 = s0[j], s1[j], s2[j], s3[j]
-            r0[j] += a0 * v0 + a1 * v1 + a2 * v2 + a3 * v3
-            r1[j] += b0 * v0 + b1 * v1 + b2 * v2 + b3 * v3
-            r2[j] += c0 * v0 + c1 * v1 + c2 * v2 + c3 * v3
-            r3[j] += d0 * v0 + d1 * v1 + d2 * v2 + d3 * v3
+        _add_4x4(r0, r1, r2, r3, right[k], right[k + 1], right[k + 2], right[k + 3], left, i, k, sign)
         k += 4
     while k < r:
         s0 = right[k]
@@ -673,17 +680,7 @@ def _add_left_rows(s, x, out, lo, hi):
         x0, x1, x2, x3 = x[i], x[i + 1], x[i + 2], x[i + 3]
         k = 0
         while k + 4 <= r:
-            a0, a1, a2, a3 = s[k, i], s[k, i + 1], s[k, i + 2], s[k, i + 3]
-            b0, b1, b2, b3 = s[k + 1, i], s[k + 1, i + 1], s[k + 1, i + 2], s[k + 1, i + 3]
-            c0, c1, c2, c3 = s[k + 2, i], s[k + 2, i + 1], s[k + 2, i + 2], s[k + 2, i + 3]
-            d0, d1, d2, d3 = s[k + 3, i], s[k + 3, i + 1], s[k + 3, i + 2], s[k + 3, i + 3]
-            oa, ob, oc, od = out[k], out[k + 1], out[k + 2], out[k + 3]
-            for j in range(m):
-                v0, v1, v2, v3 = x0[j], x1[j], x2[j], x3[j]
-                oa[j] += a0 * v0 + a1 * v1 + a2 * v2 + a3 * v3
-                ob[j] += b0 * v0 + b1 * v1 + b2 * v2 + b3 * v3
-                oc[j] += c0 * v0 + c1 * v1 + c2 * v2 + c3 * v3
-                od[j] += d0 * v0 + d1 * v1 + d2 * v2 + d3 * v3
+            _add_4x4(out[k], out[k + 1], out[k + 2], out[k + 3], x0, x1, x2, x3, s, k, i, np.float32(1.0))
             k += 4
         while k < r:
             a0, a1, a2, a3 = s[k, i], s[k, i + 1], s[k, i + 2], s[k, i + 3]
