@@ -463,10 +463,10 @@ def test_residual_pass_is_the_formula_and_the_same_bits_at_any_thread_count():
         for threads in (1, 2, 3):
             torch.set_num_threads(threads)
             x, e = x0.clone(), torch.full_like(x0, float("nan"))
-            Products().residual_and_sum(x, e, sent, summed)
+            Products().residuals_and_sums([(x, e, sent, summed)])
             results.append((x, e))
             kept = x0.clone()
-            Products().residual_and_sum(kept, None, None, summed)  # no residual kept: the sum alone
+            Products().residuals_and_sums([(kept, None, None, summed)])  # no residual kept: the sum alone
             assert torch.equal(kept, x)
     finally:
         torch.set_num_threads(before)
@@ -480,3 +480,96 @@ def test_residual_pass_is_the_formula_and_the_same_bits_at_any_thread_count():
     k, u = sent[0].shape[1] + 2, 2.0 ** -24
     bound = 2 * k * u / (1 - k * u) * (x0.abs().double() + sent[0].abs().double() @ sent[1].abs().double()).numpy()
     assert (np.abs(e.double().numpy() - exact.numpy()) <= bound).all()
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_jobs_run_in_one_dispatch_give_the_bits_of_one_job_at_a_time(threads):
+    """`products` and `residuals_and_sums` hand every job's rows to the threads at once; each job
+    must get exactly what it gets alone (ranges of one job never spill into another's)."""
+    from mpitrain.compress.lowrank import Products
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(2)
+        shapes = [(301, 130, 5), (97, 210, 3), (64, 64, 7), (513, 33, 4)]
+        xs = [torch.randn(n, m, generator=g) for n, m, _ in shapes]
+        es = [torch.randn(n, m, generator=g) for n, m, _ in shapes]
+        left, right = [torch.randn(n, r, generator=g) for n, _, r in shapes], [torch.randn(m, r, generator=g) for _, m, r in shapes]
+        alone, together = Products(), Products()
+
+        def jobs():  # X^T @ S with e added into X (compiled loop), X @ S (MKL), S^T @ X (compiled loop)
+            xs_ = [x.clone() for x in xs * 3]
+            return xs_, ([(x.t(), s, torch.empty(x.shape[1], s.shape[1]), e.t()) for x, s, e in zip(xs_, left, es)]
+                         + [(x, s, torch.empty(x.shape[0], s.shape[1]), None) for x, s in zip(xs_[4:], right)]
+                         + [(s.t(), x, torch.empty(s.shape[1], x.shape[1]), None) for x, s in zip(xs_[8:], left)])
+        (x1, one), (x2, many) = jobs(), jobs()
+        for job in one:
+            alone.product(*job)
+        together.products(many)
+        assert all(torch.equal(a[2], b[2]) for a, b in zip(one, many))
+        assert all(torch.equal(a, b) for a, b in zip(x1, x2)) and not torch.equal(x1[0], xs[0])  # e was added
+        x1, x2 = x1[:4], x2[:4]
+        sums = [(torch.randn(n, r, generator=g), torch.randn(r, m, generator=g)) for n, m, r in shapes]
+        sent = [(torch.randn(n, 2, generator=g), torch.randn(2, m, generator=g)) for n, m, _ in shapes]
+        e1, e2 = [torch.empty_like(x) for x in xs], [torch.empty_like(x) for x in xs]
+        for x, e, a, b in zip(x1, e1, sent, sums):
+            alone.residuals_and_sums([(x, e, a, b)])
+        together.residuals_and_sums(list(zip(x2, e2, sent, sums)))
+        assert all(torch.equal(a, b) for a, b in zip(x1 + e1, x2 + e2))
+    finally:
+        torch.set_num_threads(before)
+
+
+def _checksum(basis: np.ndarray, first: int) -> int:
+    """The bases' checksum written out with Python integers: sum over rows i of (mix(first + i) | 1)
+    * sum over columns j of bits[i, j] * (mix(j) | 1), mod 2^64 (mix: SplitMix64's finaliser)."""
+    mask = 2**64 - 1
+
+    def mix(x):
+        x = (x + 0x9E3779B97F4A7C15) & mask
+        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & mask
+        return x ^ (x >> 31)
+    weights = [mix(j) | 1 for j in range(basis.shape[1])]
+    bits = basis.view(np.uint32).tolist()
+    return sum((mix(first + i) | 1) * sum(b * w for b, w in zip(row, weights)) for i, row in enumerate(bits)) & mask
+
+
+def test_basis_pass_rotates_multiplies_and_checks_in_one_pass_the_same_at_any_thread_count():
+    """`rotate_and_check`: basis - w vt with its first t columns set to u, yt @ that basis within
+    the rounding bound, a checksum equal to the one written out independently; the same bits at
+    1, 2 and 3 threads; and any one value moved by one ulp changes the checksum."""
+    from mpitrain.compress.lowrank import Products
+    g = torch.Generator().manual_seed(3)
+    d, t = 301, 3  # not a multiple of the 128-row blocks nor of the four-row groups
+    b0 = torch.linalg.qr(torch.randn(d, d, generator=g)).Q.contiguous()
+    w, vt = torch.randn(d, t, generator=g), torch.randn(t, d, generator=g)
+    u, yt = torch.linalg.qr(torch.randn(d, t, generator=g)).Q, torch.randn(7, d, generator=g)
+    before, results = torch.get_num_threads(), []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            b = b0.clone()
+            (product,), check = Products().rotate_and_check([(b, w, vt, u, yt, 1000)])
+            results.append((b, product, check))
+    finally:
+        torch.set_num_threads(before)
+    for b, product, check in results[1:]:
+        assert torch.equal(b, results[0][0]) and np.array_equal(product, results[0][1]) and check == results[0][2]
+    b, product, check = results[0]
+    exact = b0.double() - w.double() @ vt.double()
+    exact[:, :t] = u.double()
+    k, ulp = t + 2, 2.0 ** -24
+    bound = 2 * k * ulp / (1 - k * ulp) * (b0.abs().double() + w.abs().double() @ vt.abs().double())
+    assert (np.abs((b.double() - exact).numpy()) <= bound.numpy()).all()
+    assert (np.abs(product - (yt.double() @ b.double()).numpy()) <= _gamma_bound(yt, b)).all()
+    assert check == _checksum(b.numpy(), 1000)
+    nothing = b[:, :0]
+    for row, col in [(0, 0), (d - 1, d - 1), (150, 7), (299, 300)]:
+        moved = b.clone()
+        moved.numpy()[row, col] = np.nextafter(moved.numpy()[row, col], np.float32(np.inf))
+        assert not torch.equal(moved, b)
+        _, other = Products().rotate_and_check([(moved, nothing, nothing.t(), nothing, b[:0], 1000)])
+        assert other != check, (row, col)
+    _, same = Products().rotate_and_check([(b.clone(), nothing, nothing.t(), nothing, b[:0], 1000)])
+    assert same == check  # not rotated: the bits alone decide it

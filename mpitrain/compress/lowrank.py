@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import re
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from statistics import NormalDist
 
@@ -37,7 +36,6 @@ def generator(*key: int) -> torch.Generator:
 
 
 PROBE, RANDOM_SELECT, POWER_INIT = 1, 2, 3  # the purposes of shared random draws
-CRC_PARTS = 8  # the bases' check: one CRC32 per part, the parts checked in parallel
 
 
 def noise_peak(k: int, n: int) -> float:
@@ -85,17 +83,18 @@ class Products:
 
     def __init__(self):
         self._scratch: dict[str, torch.Tensor] = {}
+        self._weights = np.zeros(0, dtype=np.uint64)  # the bases' checksum's, grown to the widest basis
 
     def scratch(self, purpose: str, shape) -> torch.Tensor:
         """A buffer for `purpose` that grows to the largest shape asked for once, then stays."""
         n = math.prod(shape)
-        if self._scratch.get(purpose, _NOTHING_T).numel() < n:
+        if purpose not in self._scratch or self._scratch[purpose].numel() < n:
             self._scratch[purpose] = torch.empty(n)
         return self._scratch[purpose][:n].view(*shape)
 
     @staticmethod
     def map(call, items: list) -> list:
-        """[call(item) for item in items], run on this rank's torch threads (compiled loops and zlib
+        """[call(item) for item in items], run on this rank's torch threads (the compiled loops
         release the interpreter lock)."""
         threads = min(torch.get_num_threads(), len(items))
         if threads <= 1:
@@ -104,55 +103,111 @@ class Products:
             _POOLS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="mpitrain-lowrank")
         return list(_POOLS[threads].map(call, items))
 
-    def in_chunks(self, n: int, call) -> int:
-        """call(t, lo, hi) for ranges [lo, hi) that split range(n) among this rank's torch threads;
-        how many ranges there were."""
-        size = -(-n // max(1, min(torch.get_num_threads(), n // 64)))
-        ranges = list(enumerate(range(0, n, size)))
-        self.map(lambda part: call(part[0], part[1], min(n, part[1] + size)), ranges)
-        return len(ranges)
+    def in_chunks(self, jobs: list[tuple]) -> list[list]:
+        """For each job (n, call, align): [call(t, lo, hi)] over ranges [lo, hi) that split range(n)
+        among this rank's torch threads, each lo a multiple of align. Thread t runs its range of
+        every job, in order, in one dispatch: a handoff to the threads costs ~75 us here, and one per
+        matrix was 15 ms of a greedylore step on the 125M shapes. Jobs must not touch each other's rows."""
+        threads, plans = torch.get_num_threads(), []
+        for n, call, align in jobs:
+            size = -(-max(n, 1) // max(1, min(threads, n // 64)))
+            size = -(-size // align) * align
+            plans.append((call, [(lo, min(n, lo + size)) for lo in range(0, n, size)]))
+        width = max([len(ranges) for _, ranges in plans], default=0)
+        done = self.map(lambda t: [call(t, *ranges[t]) if t < len(ranges) else None for call, ranges in plans],
+                        list(range(width)))
+        return [[done[t][j] for t in range(len(ranges))] for j, (_, ranges) in enumerate(plans)]
 
     def product(self, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, plus: torch.Tensor | None = None) -> None:
-        """out = a @ b for one large matrix X and one skinny S, in the forms that run near memory
-        speed: X @ S with X contiguous and S column-major (MKL), and S @ X with X contiguous (a
-        compiled loop, rows split among threads). Measured on the 125M shapes (2 cores): MKL's X @ S
-        with S row-major ran 4.5x slower (768 x 768, rank 4: 454 us against 99), X^T @ S 5-20x slower
-        (32000 x 768: 100 ms against 7.8), S @ X 2x slower than the loop (45 ms against 21, all).
-        `plus` (a's shape and layout) is added into a in place first: where a is X and the product
-        the compiled loop, a block of rows at a time just before the block is multiplied."""
-        if plus is not None and (a.numel() < b.numel() or a.is_contiguous()):
-            a.add_(plus)
-            plus = None
-        if a.numel() < b.numel():  # out = S @ X, the same product as out^T = X^T @ S^T
-            return self.product(b.t(), a.t(), out.t())
-        if a.is_contiguous():  # X @ S: S column-major
-            s = b if b.t().is_contiguous() else self.scratch("factor", (b.shape[1], b.shape[0])).copy_(b.t()).t()
+        """out = a @ b (see `products`)."""
+        self.products([(a, b, out, plus)])
+
+    def products(self, jobs: list[tuple]) -> None:
+        """out = a @ b for each job (a, b, out, plus): one large matrix X and one skinny S, in the
+        forms that run near memory speed: X @ S with X contiguous and S column-major (MKL), and S @ X
+        with X contiguous (a compiled loop, rows split among threads, every job's in one dispatch).
+        Measured on the 125M shapes (2 cores): MKL's X @ S with S row-major ran 4.5x slower
+        (768 x 768, rank 4: 454 us against 99), X^T @ S 5-20x slower (32000 x 768: 100 ms against
+        7.8), S @ X 2x slower than the loop (45 ms against 21, all). `plus` (a's shape and layout, or
+        None) is added into a in place first: where a is X and the product the compiled loop, a block
+        of rows at a time just before the block is multiplied."""
+        lefts = []
+        for a, b, out, plus in jobs:
+            if plus is not None and (a.numel() < b.numel() or a.is_contiguous()):
+                a.add_(plus)
+                plus = None
+            if a.numel() < b.numel():  # out = S @ X, the same product as out^T = X^T @ S^T
+                a, b, out = b.t(), a.t(), out.t()
+            if a.is_contiguous():  # X @ S: S column-major
+                s = b if b.t().is_contiguous() else self.scratch("factor", (b.shape[1], b.shape[0])).copy_(b.t()).t()
+                target = out if out.is_contiguous() else self.scratch("product", tuple(out.shape))
+                torch.matmul(a, s, out=target)
+                if target.data_ptr() != out.data_ptr():
+                    out.copy_(target)
+            else:  # X^T @ S = (S^T @ X)^T
+                lefts.append((b.t(), a.t(), out.t(), None if plus is None else plus.t()))
+        self.left_products(lefts)
+
+    def left_products(self, jobs: list[tuple]) -> None:
+        """out = s @ x for each job (s, x, out, plus), x contiguous (x += plus first, if given): each
+        thread sums its share of x's rows into its own part, then the parts are added in order."""
+        threads, at = torch.get_num_threads(), 0
+        parts = self.scratch("parts", (sum(threads * out.numel() for _, _, out, _ in jobs),))
+        calls, outs = [], []
+        for j, (s, x, out, plus) in enumerate(jobs):
+            mine = parts[at:at + threads * out.numel()].view(threads, *out.shape)
+            at += mine.numel()
+            args = (self.contiguous(f"factor {j}", s).numpy(), x.numpy(), _NOTHING if plus is None else plus.numpy(),
+                    mine.numpy())
+            calls.append((x.shape[0], lambda t, lo, hi, a=args: kernels().left_product(*a[:3], a[3][t], lo, hi), 1))
+            outs.append((mine, out))
+        for (mine, out), used in zip(outs, map(len, self.in_chunks(calls))):
             target = out if out.is_contiguous() else self.scratch("product", tuple(out.shape))
-            torch.matmul(a, s, out=target)
-        else:  # X^T @ S = (S^T @ X)^T
-            target = out.t() if out.t().is_contiguous() else self.scratch("product", (out.shape[1], out.shape[0]))
-            self.left_product(b.t(), a.t(), target, None if plus is None else plus.t())
-            target = target.t()
-        if target.data_ptr() != out.data_ptr():
-            out.copy_(target)
+            torch.sum(mine[:used], 0, out=target) if used > 1 else target.copy_(mine[0])
+            if target.data_ptr() != out.data_ptr():
+                out.copy_(target)
 
-    def left_product(self, s: torch.Tensor, x: torch.Tensor, out: torch.Tensor, plus: torch.Tensor | None = None):
-        """out = s @ x (x contiguous; x += plus first, if given): each thread sums its share of x's
-        rows into its own part, then the parts are added in order."""
-        s_np = (s if s.is_contiguous() else self.scratch("factor", tuple(s.shape)).copy_(s)).numpy()
-        x_np, e_np = x.numpy(), _NOTHING if plus is None else plus.numpy()
-        parts = self.scratch("parts", (torch.get_num_threads(), *out.shape))
-        used = self.in_chunks(x.shape[0], lambda t, lo, hi: kernels().left_product(s_np, x_np, e_np, parts[t].numpy(),
-                                                                                     lo, hi))
-        torch.sum(parts[:used], 0, out=out) if used > 1 else out.copy_(parts[0])
+    def residuals_and_sums(self, jobs: list[tuple]) -> None:
+        """For each job (x, e, sent, summed): e = x - sent[0] @ sent[1] (unless e is None), then
+        x = summed[0] @ summed[1]: one pass over x (n x m, contiguous) and e, its rows split among
+        threads, every job's in one dispatch."""
+        calls = []
+        for j, (x, e, sent, summed) in enumerate(jobs):
+            factors = [self.contiguous(f"factor {j}.{k}", f).numpy()
+                       for k, f in enumerate((*((_NOTHING_T, _NOTHING_T) if e is None else sent), *summed))]
+            args = (x.numpy(), _NOTHING if e is None else e.numpy(), *factors)
+            calls.append((x.shape[0], lambda t, lo, hi, a=args: kernels().residual_and_sum(*a, lo, hi), 1))
+        self.in_chunks(calls)
 
-    def residual_and_sum(self, x: torch.Tensor, e: torch.Tensor | None, sent: tuple | None, summed: tuple):
-        """e = x - sent[0] @ sent[1] (unless e is None), then x = summed[0] @ summed[1]: one pass
-        over x (n x m, contiguous) and e, its rows split among threads."""
-        x_np, e_np = x.numpy(), _NOTHING if e is None else e.numpy()
-        factors = [(f if f.is_contiguous() else self.scratch(f"factor{j}", tuple(f.shape)).copy_(f)).numpy()
-                   for j, f in enumerate((*((_NOTHING_T, _NOTHING_T) if e is None else sent), *summed))]
-        self.in_chunks(x.shape[0], lambda t, lo, hi: kernels().residual_and_sum(x_np, e_np, *factors, lo, hi))
+    def rotate_and_check(self, jobs: list[tuple]) -> tuple[list[np.ndarray], int]:
+        """For each job (basis, w, vt, u, yt, first): basis -= w @ vt and its first t columns set to
+        u (t = u's columns, 0: no rotation); then (yt @ basis for each, the checksum of the bases'
+        bits, rows numbered from each job's `first`): one pass over each basis (d x d), its rows
+        split among threads, every job's in one dispatch. The products are summed over fixed blocks
+        of rows in their order: the same bits at any thread count."""
+        k, calls, at = kernels(), [], 0
+        blocks = [(-(-basis.shape[0] // k.BASIS_BLOCK), yt.shape[0], basis.shape[0]) for basis, *_, yt, _ in jobs]
+        parts = self.scratch("basis parts", (sum(math.prod(b) for b in blocks),)).numpy()
+        views = []
+        for (basis, w, vt, u, yt, first), shape in zip(jobs, blocks):
+            views.append(parts[at:at + math.prod(shape)].reshape(shape))
+            at += math.prod(shape)
+            b = basis.numpy()
+            args = (b, b.view(np.uint32), *(np.ascontiguousarray(a.numpy()) for a in (w, vt, u, yt)), views[-1],
+                    self.weights(b.shape[1]), first)
+            calls.append((b.shape[0], lambda _, lo, hi, a=args: k.rotate_rows(*a, lo, hi), k.BASIS_BLOCK))
+        checks = self.in_chunks(calls)
+        return [np.add.reduce(v, axis=0) for v in views], sum(int(c) for job in checks for c in job) % 2**64
+
+    def weights(self, n: int) -> np.ndarray:
+        if self._weights.shape[0] < n:
+            self._weights = np.empty(n, dtype=np.uint64)
+            kernels().position_weights(self._weights)
+        return self._weights[:n]
+
+    def contiguous(self, purpose: str, a: torch.Tensor) -> torch.Tensor:
+        """a itself if it is contiguous, else its copy in a scratch buffer."""
+        return a if a.is_contiguous() else self.scratch(purpose, tuple(a.shape)).copy_(a)
 
 
 class LowRank(Compressor):
@@ -201,9 +256,13 @@ class LowRank(Compressor):
         """The buffer the first round sums: one view per compressed matrix, then any tail."""
         raise NotImplementedError
 
-    def first_round_matrix(self, i: int, step: int, add_residual: bool = True) -> None:
-        """Matrix i's share of the first round into `first_round()`, its residual added first (unless
-        it was already)."""
+    def first_round_matrices(self, which, step: int, add_residual: bool = True) -> None:
+        """The shares of the first round of matrices `which` into `first_round()`, their residuals
+        added first (unless they were already); the products in one dispatch."""
+        self.mm.products([self.first_round_product(i, step, add_residual) for i in which])
+
+    def first_round_product(self, i: int, step: int, add_residual: bool) -> tuple:
+        """Matrix i's share of the first round, as a job (a, b, out, plus) of `Products.products`."""
         raise NotImplementedError
 
     def exchange_first_round(self, buf: Buffer) -> None:
@@ -222,8 +281,7 @@ class LowRank(Compressor):
 
     def start_bucket(self, bucket) -> list:
         mine = sorted(self.position[s.index] for s in bucket[2] if s.index in self.position)
-        for i in mine:
-            self.first_round_matrix(i, self.buckets.step)
+        self.first_round_matrices(mine, self.buckets.step)
         if not mine:
             return []
         buf = self.first_round()
@@ -240,8 +298,7 @@ class LowRank(Compressor):
             if all_finite(self.first_round().flat):
                 return self.first_round_done()
             add_residuals = self.zero_share_if_nonfinite()  # else this rank's residuals are in already
-        for i in range(len(self.slots)):
-            self.first_round_matrix(i, step, add_residuals)
+        self.first_round_matrices(range(len(self.slots)), step, add_residuals)
         self.exchange_first_round(self.first_round())
 
     def zero_share_if_nonfinite(self) -> bool:
@@ -301,10 +358,12 @@ class LowRank(Compressor):
         own.flat.copy_(payload.flat[:own.flat.numel()])
         return own
 
-    def residual_and_sum(self, i: int, sent: tuple | None, summed: tuple):
-        """e = x - sent[0] @ sent[1], what this rank's own share of the reconstruction leaves out
-        (with error feedback), then x = summed[0] @ summed[1], in one pass over the matrix."""
-        self.mm.residual_and_sum(self.grad(i), self.residual.views[i] if self.error_feedback else None, sent, summed)
+    def residuals_and_sums(self, sent: list, summed: list):
+        """For each matrix: e = x - sent[i][0] @ sent[i][1], what this rank's own share of the
+        reconstruction leaves out (with error feedback), then x = summed[i][0] @ summed[i][1], in
+        one pass over the matrix."""
+        self.mm.residuals_and_sums([(self.grad(i), self.residual.views[i] if self.error_feedback else None, a, b)
+                                    for i, (a, b) in enumerate(zip(sent, summed))])
 
     # -- measurement --------------------------------------------------------------------------
     def measuring(self, step: int) -> bool:
@@ -399,7 +458,7 @@ class GreedyLore(LowRank):
                      for d, D in zip(self.d, self.D)]
         if self.published:
             self.budget = sum(r * c for r, c in zip(self.r, self.cost))
-        else:  # --rank r buys what powersgd sends at rank r, probes and the bases' CRC check paid
+        else:  # --rank r buys what powersgd sends at rank r, probes and the bases' check paid
             spend = [4 * cfg.rank * (s.n + s.m) - 4 * d * k for s, d in zip(self.slots, self.d)]
             self.budget = max(sum(self.cost), sum(spend) - 16)  # first; >= 1 direction per matrix
             self.r = self.afford(spend)
@@ -461,9 +520,10 @@ class GreedyLore(LowRank):
         dense_here = 0 if self.integer else self.dense_numel
         payload = self.payload.carve([(r, D) for r, D in zip(ranks, self.D)], dense_here)
         projectors = self.p.carve([(d, r) for d, r in zip(self.d, ranks)])
-        for i, (idx, q) in enumerate(zip(chosen, payload.views)):
+        for i, idx in enumerate(chosen):
             torch.index_select(self.bases.views[i], 1, idx, out=projectors.views[i])
-            self.mm.product(projectors.views[i].t(), self.oriented(self.grad(i)), q)
+        self.mm.products([(p.t(), self.oriented(self.grad(i)), q, None)
+                          for i, (p, q) in enumerate(zip(projectors.views, payload.views))])
         ints = self.quantize(payload, sum(ranks)) if self.integer else None
         factors = [self.factors(self.grad(i), p, q) for i, (p, q) in enumerate(zip(projectors.views, payload.views))]
         own = self.own_q(payload)
@@ -476,10 +536,10 @@ class GreedyLore(LowRank):
             self.pack_dense(payload.tail)
             self.world.allreduce_(payload.np)  # every Q summed, and the dense tensors with them
             self.unpack_dense(payload.tail)
-        for i, summed in enumerate(factors):
-            self.residual_and_sum(i, sent[i], summed)
-            if self.tracking:
-                self.warm.views[i][:ranks[i]].copy_(payload.views[i])
+        self.residuals_and_sums(sent, factors)
+        if self.tracking:
+            for i, q in enumerate(payload.views):
+                self.warm.views[i][:ranks[i]].copy_(q)
         self.ranks = ranks
         self.stats["ranks"] = list(ranks)
         if xbar is not None:
@@ -543,18 +603,21 @@ class GreedyLore(LowRank):
         self.stats["refresh"] = True
         self.stats["ranks"] = list(self.r)  # W's width for the next step
 
-    def verify_bases(self):
-        """Every rank must project onto the same basis; if any differs, rank 0's wins (counted).
-        The check is the CRC32 of the CRC32s of a fixed split of the bases (the same parts on every
-        rank, whatever its threads), computed in parallel: one CRC of all took 16 ms a step on the
-        125M shapes. A part that differs changes its CRC, and so the CRC of the CRCs."""
-        parts = self.mm.map(zlib.crc32, np.array_split(self.bases.np, CRC_PARTS))
-        crc = zlib.crc32(np.array(parts, dtype=np.uint32))
-        both = np.array([crc, -crc], dtype=np.int64)
+    def verify_bases(self, check: int | None = None) -> bool:
+        """Every rank must project onto the same basis; if any differs, rank 0's wins (counted) and
+        this says True. `check`: the bases' checksum (`Products.rotate_and_check`), computed here if
+        not given. 63 of its 64 bits travel: any one changed value still changes those. (The CRC32
+        of the bases it replaced took 16 ms a step on the 125M shapes in a pass of its own.)"""
+        if check is None:
+            check = self.rotate_and_check([b[:, :0] for b in self.bases.views], [b[:0] for b in self.bases.views])[1]
+        check &= 2**63 - 1
+        both = np.array([check, -check], dtype=np.int64)
         self.world.allreduce_(both, op="max")
-        if both[0] != -both[1]:
-            self.world.bcast_(self.bases.np)
-            self.basis_rebroadcasts += 1
+        if both[0] == -both[1]:
+            return False
+        self.world.bcast_(self.bases.np)
+        self.basis_rebroadcasts += 1
+        return True
 
     def select(self, step: int, sketched: bool = False) -> tuple[list[int], list[torch.Tensor]]:
         """How many directions each matrix sends, and which (the same on every rank); `sketched`:
@@ -605,7 +668,7 @@ class GreedyLore(LowRank):
         return self.scores.carve([(d, t + self.cfg.probes) for d, t in zip(self.d, self.ranks)],
                                  self.dense_numel if self.integer else 0)
 
-    def first_round_matrix(self, i: int, step: int, add_residual: bool = True):
+    def first_round_product(self, i: int, step: int, add_residual: bool) -> tuple:
         """x [W | Omega']: W = orth of last step's Q^T, Omega' shared probes with W projected out."""
         t, k = self.ranks[i], self.cfg.probes
         right = self.right.carve([(t + k, D) for t, D in zip(self.ranks, self.D)]).views[i]  # rows: W^T, probes
@@ -614,8 +677,8 @@ class GreedyLore(LowRank):
         if t:
             w.copy_(torch.linalg.qr(self.warm.views[i][:t].t()).Q.t())
             probes.sub_((probes @ w.t()) @ w)
-        self.mm.product(self.oriented(self.grad(i)), right.t(), self.first_round().views[i],
-                        self.oriented(self.residual.views[i]) if add_residual and self.error_feedback else None)
+        return (self.oriented(self.grad(i)), right.t(), self.first_round().views[i],
+                self.oriented(self.residual.views[i]) if add_residual and self.error_feedback else None)
 
     def first_round_tail(self) -> list:
         if not self.integer:
@@ -634,17 +697,16 @@ class GreedyLore(LowRank):
         k = self.cfg.probes
         sketch = self.first_round()
         if not sketched:
-            for i in range(len(self.slots)):
-                self.first_round_matrix(i, step, add_residual=False)  # added by `aggregate`
+            self.first_round_matrices(range(len(self.slots)), step, add_residual=False)  # added by `aggregate`
             self.exchange_first_round(sketch)  # x-bar [W | Omega'] for every matrix
-        for i, (y, t) in enumerate(zip(sketch.views, self.ranks)):
-            if t:
-                u = torch.linalg.svd(y[:, :t], full_matrices=False).U
-                self.rotate(self.bases.views[i], u)
-        self.verify_bases()  # before any choice is made from them
+        us = [torch.linalg.svd(y[:, :t], full_matrices=False).U if t else y[:, :0]
+              for y, t in zip(sketch.views, self.ranks)]
+        yts = [y.t() for y in sketch.views]
+        products, check = self.rotate_and_check(us, yts)  # (B^T y)^T for each rotated basis B
+        if self.verify_bases(check):  # before any choice is made from them: rank 0's replaced ours
+            products = self.rotate_and_check([y[:, :0] for y in sketch.views], yts)[0]
         energies = []
-        for basis, y, t in zip(self.bases.views, sketch.views, self.ranks):
-            e = y.t() @ basis  # (B^T y)^T: the basis read in its stored order (see `product`)
+        for e, t in zip(map(torch.from_numpy, products), self.ranks):
             energy = e[:t].square().sum(0)
             # exact inside span(W); on its complement a probe estimate, discounted by the peak that
             # noise alone reaches among the complement's directions (measured: undiscounted noisy
@@ -658,23 +720,37 @@ class GreedyLore(LowRank):
             energies = [v.square().sum(1) for v in exact.views]
         return energies
 
-    def rotate(self, basis: torch.Tensor, u: torch.Tensor):
-        """basis <- basis H with H orthogonal, so that its first t columns are u and the rest an
-        orthonormal completion. H is the product of the t Householder reflectors from the QR of
-        basis^T u, applied in place in its compact form H = I - V T V^T (two skinny products,
-        O(d^2 t); LAPACK's ormqr took twice the time and a d x d copy)."""
-        t = u.shape[1]
-        a, tau = torch.geqrf(torch.matmul(u.t(), basis).t())
-        v = a.tril(-1)
-        v.diagonal().fill_(1.0)
-        gram, tri = v.t() @ v, torch.zeros(t, t)
-        for j in range(t):  # LAPACK's larft: the triangular factor T, column by column
-            tri[j, j] = tau[j]
-            tri[:j, j] = -tau[j] * (tri[:j, :j] @ gram[:j, j])
-        bv = self.mm.scratch("rotate", (basis.shape[0], t))
-        self.mm.product(basis, v, bv)
-        basis.addmm_(bv @ tri, v.t(), alpha=-1.0)
-        basis[:, :t].copy_(u)
+    def rotate_and_check(self, us: list, yts: list) -> tuple[list[np.ndarray], int]:
+        """Each basis B rotated so that its first t columns are us[i] (t = 0: left as it is), then
+        (yts[i] @ B for each, the bases' checksum): one pass over each basis."""
+        jobs = [(basis, w, vt, u, yt, int(first)) for basis, (w, vt), u, yt, first
+                in zip(self.bases.views, self.rotations(us), us, yts, self.bases.offsets)]
+        return self.mm.rotate_and_check(jobs)
+
+    def rotations(self, us: list) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """For each basis B and u (d x t), (w, vt) with B - w @ vt = B H, H orthogonal and the first
+        t columns of B H equal to u up to rounding. H is the product of the t Householder reflectors
+        from the QR of B^T u, in its compact form I - V T V^T: w = (B V) T, vt = V^T (O(d^2 t);
+        LAPACK's ormqr took twice the time and a d x d copy)."""
+        utbs = [self.mm.scratch(f"u^T B {i}", (u.shape[1], d)) for i, (u, d) in enumerate(zip(us, self.d))]
+        self.mm.products([(u.t(), basis, utb, None) for u, basis, utb in zip(us, self.bases.views, utbs) if u.shape[1]])
+        rotations = []
+        for basis, u, utb in zip(self.bases.views, us, utbs):
+            t = u.shape[1]
+            if not t:
+                rotations.append((u, u.t()))
+                continue
+            a, tau = torch.geqrf(utb.t())
+            v = a.tril(-1)
+            v.diagonal().fill_(1.0)
+            gram, tau, tri = (v.t() @ v).numpy(), tau.numpy(), np.zeros((t, t), dtype=np.float32)
+            for j in range(t):  # LAPACK's larft: the triangular factor T, column by column
+                tri[j, j] = tau[j]
+                tri[:j, j] = -tau[j] * (tri[:j, :j] @ gram[:j, j])
+            bv = self.mm.scratch("B V", (basis.shape[0], t))
+            self.mm.product(basis, v, bv)
+            rotations.append((bv @ torch.from_numpy(tri), v.t()))
+        return rotations
 
     def allocate(self, energies: list[torch.Tensor]) -> tuple[list[int], list[torch.Tensor]]:
         """One greedy choice over every (matrix, direction) by energy per byte, within the budget."""
@@ -744,13 +820,13 @@ class PowerSGD(LowRank):
     def first_round(self) -> Buffer:
         return self.p
 
-    def first_round_matrix(self, i: int, step: int, add_residual: bool = True):
+    def first_round_product(self, i: int, step: int, add_residual: bool) -> tuple:
         """P = X Q."""
         if not self.cfg.warm_start:
             s, q = self.slots[i], self.q.views[i]
             q.copy_(torch.randn(q.shape, generator=generator(self.cfg.seed, step, s.index, POWER_INIT)))
-        self.mm.product(self.grad(i), self.q.views[i], self.p.views[i],
-                        self.residual.views[i] if add_residual and self.error_feedback else None)
+        return (self.grad(i), self.q.views[i], self.p.views[i],
+                self.residual.views[i] if add_residual and self.error_feedback else None)
 
     def aggregate(self, step: int) -> None:
         self.next_step = step + 1
@@ -760,17 +836,15 @@ class PowerSGD(LowRank):
         self.run_first_round(step)
         self.base_stats(True)
         xbar = self.global_inputs() if self.measuring(step) else None
-        for i, p in enumerate(self.p.views):
+        for p in self.p.views:
             self.orthogonalize(p)
-            q = self.payload.views[i]
-            self.mm.product(self.grad(i).t(), p, q)
+        self.mm.products([(self.grad(i).t(), p, q, None) for i, (p, q) in enumerate(zip(self.p.views, self.payload.views))])
         own = self.own_q(self.payload)
         sent = [(p, q.t()) for p, q in zip(self.p.views, own.views)] if own else [None] * len(self.slots)
         self.pack_dense(self.payload.tail)
         self.world.allreduce_(self.payload.np)
-        for i, p in enumerate(self.p.views):
-            self.residual_and_sum(i, sent[i], (p, self.payload.views[i].t()))
-            self.q.views[i].copy_(self.payload.views[i])
+        self.residuals_and_sums(sent, [(p, q.t()) for p, q in zip(self.p.views, self.payload.views)])
+        self.q.np[...] = self.payload.np[:self.q.np.size]
         self.unpack_dense(self.payload.tail)
         if xbar is not None:
             self.record_contraction(xbar)
