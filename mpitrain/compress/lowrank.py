@@ -189,16 +189,19 @@ class Products:
         k, calls, at = kernels(), [], 0
         blocks = [(-(-basis.shape[0] // k.BASIS_BLOCK), yt.shape[0], basis.shape[0]) for basis, *_, yt, _ in jobs]
         parts = self.scratch("basis parts", (sum(math.prod(b) for b in blocks),)).numpy()
-        views = []
-        for (basis, w, vt, u, yt, first), shape in zip(jobs, blocks):
-            views.append(parts[at:at + math.prod(shape)].reshape(shape))
-            at += math.prod(shape)
+        sums = self.scratch("basis products", (sum(math.prod(b[1:]) for b in blocks),)).numpy()
+        views, summed_at = [], 0
+        for j, ((basis, *small, first), shape) in enumerate(zip(jobs, blocks)):
+            views.append((parts[at:at + math.prod(shape)].reshape(shape),
+                          sums[summed_at:summed_at + math.prod(shape[1:])].reshape(shape[1:])))
+            at, summed_at = at + math.prod(shape), summed_at + math.prod(shape[1:])
             b = basis.numpy()
-            args = (b, b.view(np.uint32), *(np.ascontiguousarray(a.numpy()) for a in (w, vt, u, yt)), views[-1],
-                    self.weights(b.shape[1]), first)
+            args = (b, b.view(np.uint32), *(self.contiguous(f"basis {j}.{i}", a).numpy() for i, a in enumerate(small)),
+                    views[-1][0], self.weights(b.shape[1]), first)
             calls.append((b.shape[0], lambda _, lo, hi, a=args: k.rotate_rows(*a, lo, hi), k.BASIS_BLOCK))
         checks = self.in_chunks(calls)
-        return [np.add.reduce(v, axis=0) for v in views], sum(int(c) for job in checks for c in job) % 2**64
+        return ([np.sum(part, axis=0, out=total) for part, total in views],
+                sum(int(c) for job in checks for c in job) % 2**64)
 
     def weights(self, n: int) -> np.ndarray:
         if self._weights.shape[0] < n:
