@@ -1,8 +1,9 @@
 """Write mutated copies of a good checkpoint and put each through inspect and resume.
 
-    python fuzz_checkpoints.py GOOD.h5 OUT_DIR SEED [trainer flags of the run that wrote GOOD...]
+    python fuzz_checkpoints.py GOOD.h5 OUT_DIR SEED SHARD/SHARDS [trainer flags of the run that wrote GOOD...]
 
-One JSON line per file in OUT_DIR/results.jsonl: the mutation, inspect's exit codes and output,
+Of the mutations, those whose number is SHARD modulo SHARDS (so shards can run side by side).
+One JSON line per file in OUT_DIR/results-SHARD.jsonl: the mutation, inspect's exit codes and output,
 whether resume refused it or loaded it, and the traceback of anything that escaped (there should
 be none). A line `{"start": NAME}` precedes each file, so a hang names its file.
 """
@@ -23,7 +24,8 @@ from mpitrain.comm import World
 from mpitrain.config import UsageError, add_arguments, resolve
 
 good, out, seed = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
-schema.DEADLINE_S = 3.0  # a healthy 1.4 MB file checks in 0.2 s; damaged headers can loop forever
+shard, shards = map(int, sys.argv[4].split("/"))
+schema.DEADLINE_S = 1.0  # a healthy 1.4 MB file checks in 0.12 s here; damaged headers can loop forever
 rng = np.random.default_rng(seed)
 PARAM = "/model/1.weight"
 
@@ -127,10 +129,12 @@ def inspect_rc(*args):
 world = World()
 parser = Parser()
 add_arguments(parser, compress.names())
-cfg = resolve(parser.parse_args(sys.argv[4:]), compressors=compress.names())
+cfg = resolve(parser.parse_args(sys.argv[5:]), compressors=compress.names())
 run = train.prepare(cfg, world)
-with open(out / "results.jsonl", "w") as log:
-    for name, kind, make in mutations():
+with open(out / f"results-{shard}.jsonl", "w") as log:
+    for number, (name, kind, make) in enumerate(mutations()):
+        if number % shards != shard:
+            continue
         log.write(json.dumps({"start": name}) + "\n")
         log.flush()
         path = out / f"{name}.h5"
