@@ -271,6 +271,29 @@ def test_edge_cases(name):
     roundtrip(codec, np.array([2.5], dtype=np.float32))
 
 
+@pytest.mark.parametrize("name,extra", [("sparse-dither", {}), ("sparse-dither", {"dither": "rand"}), ("qsgd", {}),
+                                        ("natural", {}), ("topk", {}), ("spherical", {"block": 4})])
+def test_one_codec_reusing_its_buffers_codes_like_a_fresh_one_per_tensor(name, extra):
+    """The work buffers a codec keeps between tensors (grown, shrunk, left dirty) and the caller's
+    `out` (holding garbage) change no bit of any stream or value: a zero tensor after a nonzero one,
+    a long one after a short one, every nonzero pattern."""
+    kept = quantize.CODECS[name](cfg(**extra))
+    sequence = [vectors(301)["gaussian"], np.zeros(301, np.float32), vectors(40, 1)["heavy"],
+                vectors(1000, 2)["third"], np.zeros(7, np.float32), vectors(1000, 3)["mixed"], vectors(5)["onehot"]]
+    for key, x in enumerate(sequence):
+        fresh = quantize.CODECS[name](cfg(**extra))
+        w_fresh, w_kept = BitWriter(), BitWriter()
+        y = fresh.encode(x, w_fresh, key)
+        out = np.full(x.size, 7.0, dtype=np.float32)
+        assert kept.encode(x, w_kept, key, out=out) is out
+        assert w_kept.bytes().tobytes() == w_fresh.bytes().tobytes() and w_kept.nbits == w_fresh.nbits, key
+        assert np.array_equal(out.view(np.uint32), y.view(np.uint32)), key
+        out = np.full(x.size, -3.0, dtype=np.float32)
+        r = BitReader(w_kept.bytes())
+        assert kept.decode(r, x.size, key, out=out) is out
+        r.finish()
+        assert np.array_equal(out.view(np.uint32), y.view(np.uint32)), key
+
 def test_a_reader_refuses_truncated_or_extended_streams():
     codec = quantize.SparseDither(cfg())
     w = BitWriter()
