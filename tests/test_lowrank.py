@@ -452,6 +452,28 @@ def test_skinny_products_in_every_layout_are_the_product(threads):
         torch.set_num_threads(before)
 
 
+def test_x_times_skinny_is_the_same_bits_at_any_thread_count():
+    """X @ S splits X's rows among threads; a row's result must not depend on where the splits fall
+    (rows are grouped by four from row 0, whatever the split). (S @ X sums the threads' parts: its
+    bits may depend on their number.)"""
+    from mpitrain.compress.lowrank import Products
+    g = torch.Generator().manual_seed(3)
+    x0, e = torch.randn(301, 130, generator=g), torch.randn(301, 130, generator=g)
+    s_cols, s_rows = torch.randn(130, 9, generator=g), torch.randn(9, 130, generator=g)
+    before, results = torch.get_num_threads(), []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            x, added, plain = x0.clone(), torch.empty(301, 9), torch.empty(301, 9)
+            Products().products([(x, s_cols, added, e), (x0, s_rows.t(), plain, None)])
+            results.append((x, added, plain))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(results[0][0], x0 + e)
+    for got in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(got, results[0]))
+
+
 def test_residual_pass_is_the_formula_and_the_same_bits_at_any_thread_count():
     from mpitrain.compress.lowrank import Products
     g = torch.Generator().manual_seed(1)

@@ -124,30 +124,35 @@ class Products:
         self.products([(a, b, out, plus)])
 
     def products(self, jobs: list[tuple]) -> None:
-        """out = a @ b for each job (a, b, out, plus): one large matrix X and one skinny S, in the
-        forms that run near memory speed: X @ S with X contiguous and S column-major (MKL), and S @ X
-        with X contiguous (a compiled loop, rows split among threads, every job's in one dispatch).
-        Measured on the 125M shapes (2 cores): MKL's X @ S with S row-major ran 4.5x slower
-        (768 x 768, rank 4: 454 us against 99), X^T @ S 5-20x slower (32000 x 768: 100 ms against
-        7.8), S @ X 2x slower than the loop (45 ms against 21, all). `plus` (a's shape and layout, or
-        None) is added into a in place first: where a is X and the product the compiled loop, a block
-        of rows at a time just before the block is multiplied."""
-        lefts = []
+        """out = a @ b for each job (a, b, out, plus): one large matrix X and one skinny S, X read
+        once by a compiled loop, its rows split among threads, every job's in one dispatch: X @ S
+        with X contiguous, and S @ X with X contiguous (X^T @ S is (S^T @ X)^T). Measured on the
+        125M shapes (2 cores), MKL ran these shapes compute-bound: X @ S 1.1-2.8x and S @ X 2x
+        slower than the loops, X @ S with S row-major 4.5x, a transposed view of a tall matrix
+        5-20x. `plus` (a's shape and layout, or None) is added into a in place first: where a is X,
+        a block of rows at a time just before the block is multiplied."""
+        lefts, rights = [], []
         for a, b, out, plus in jobs:
-            if plus is not None and (a.numel() < b.numel() or a.is_contiguous()):
+            if plus is not None and a.numel() < b.numel():
                 a.add_(plus)
                 plus = None
             if a.numel() < b.numel():  # out = S @ X, the same product as out^T = X^T @ S^T
                 a, b, out = b.t(), a.t(), out.t()
-            if a.is_contiguous():  # X @ S: S column-major
-                s = b if b.t().is_contiguous() else self.scratch("factor", (b.shape[1], b.shape[0])).copy_(b.t()).t()
-                target = out if out.is_contiguous() else self.scratch("product", tuple(out.shape))
-                torch.matmul(a, s, out=target)
-                if target.data_ptr() != out.data_ptr():
-                    out.copy_(target)
+            if a.is_contiguous():
+                rights.append((a, b, out, plus))
             else:  # X^T @ S = (S^T @ X)^T
                 lefts.append((b.t(), a.t(), out.t(), None if plus is None else plus.t()))
+        self.right_products(rights)
         self.left_products(lefts)
+
+    def right_products(self, jobs: list[tuple]) -> None:
+        """out = x @ s for each job (x, s, out, plus), x contiguous (x += plus first, if given)."""
+        calls = []
+        for j, (x, s, out, plus) in enumerate(jobs):
+            args = (x.numpy(), _NOTHING if plus is None else plus.numpy(),
+                    self.contiguous(f"right factor {j}", s.t()).numpy(), out.numpy())
+            calls.append((x.shape[0], lambda t, lo, hi, a=args: kernels().right_product(*a, lo, hi), 4))
+        self.in_chunks(calls)
 
     def left_products(self, jobs: list[tuple]) -> None:
         """out = s @ x for each job (s, x, out, plus), x contiguous (x += plus first, if given): each
