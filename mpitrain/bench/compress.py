@@ -20,6 +20,7 @@ ABOUT = ("bytes per step and compressor time against forward+backward, default m
          "quantizer codec rates")
 
 
+LARGE_STEPS = 5  # compressed steps timed per arm on the 125M shapes (median): two spread 25% between runs
 LM_125M = {"vocab_size": 32000, "seq_len": 128, "d": 768, "layers": 12, "heads": 12, "ffn": 3072}
 ARMS = [("dense", {}), *[(f"{name}-r{r}", {"compressor": c, "select": sel, "rank": r})
                           for r in (4, 8, 32)
@@ -86,7 +87,7 @@ def bench_compress(world, repeats: int) -> list[dict]:
                 comp.aggregate(i)
                 return time.perf_counter() - t0
             first_s, first_bytes = step(0), world.take_sent_bytes()
-            n = 2 if case.endswith("125m") else repeats
+            n = LARGE_STEPS if case.endswith("125m") else repeats
             step_s = float(np.median([step(1 + k) for k in range(n)]))
             step_bytes = world.take_sent_bytes() // n
             refreshes = refresh_every > 0  # a dense step + SVD every refresh_every steps
