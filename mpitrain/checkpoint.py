@@ -40,11 +40,9 @@ import torch
 
 from .config import UsageError
 from .layout import all_finite
-from .schema import (DAMAGE, FORMAT, FORMAT_VERSION, ROOT_ATTRS, SCALAR, check_isolated, deadline_s, open_h5,
-                     structure_faults, why)
-
-NON_FINITE = "holds NaN or Inf"
-NOT_A_CHECKPOINT = ("no such checkpoint", "is not a readable HDF5 file", "is an HDF5 file but not")
+from .schema import (DAMAGE, FORMAT, FORMAT_VERSION, ROOT_ATTRS, SCALAR, check_isolated, deadline_s, open_checkpoint,
+                     why)
+from .schema import read as schema_read
 
 
 def folder(run_dir: str) -> Path:
@@ -304,46 +302,10 @@ def prune(ckpt_dir: Path, keep_last: int, keep: Path):
             old.unlink(missing_ok=True)
 
 
-def open_checkpoint(path, isolated: bool = True, full: bool = False) -> h5py.File:
-    """Open read-only once the layout checks (first in a child process with a deadline, unless a
-    rank that already did so vouches for the file; `full`: every dataset's checksum too, for callers
-    that read all the data); any fault raises UsageError. NaN or Inf in the data is not a fault here."""
-    faults = [x for x in check_isolated(path, full) if not x.endswith(NON_FINITE)] if isolated else []
-    if not faults:
-        try:
-            f = open_h5(path)
-        except UsageError as e:
-            faults = [str(e)]
-    if not faults:
-        try:
-            faults, _ = structure_faults(f, os.path.getsize(path))
-        except DAMAGE as e:
-            faults = [f"damaged ({why(e)})"]
-        if faults:
-            f.close()
-    if faults:
-        first = faults[0] if any(x in faults[0] for x in NOT_A_CHECKPOINT) else f"{path}: {faults[0]}"
-        raise UsageError(first + (f" (and {len(faults) - 1} more faults)" if len(faults) > 1 else ""))
-    return f
-
-
 def read(ds: h5py.Dataset):
-    """A dataset's value: numpy array (bf16 restored as a torch tensor), or text."""
-    value = ds[()]
-    if ds.dtype.kind == "S":
-        return value[0].decode("utf-8")
-    if ds.attrs.get(SCALAR, False):
-        value = value.reshape(())
-    if ds.attrs.get("dtype") == "bfloat16":
-        return torch.from_numpy(value.view(np.int16)).view(torch.bfloat16)
-    return value
-
-
-def datasets(f: h5py.File):
-    """(path, dataset) for every dataset in a checked file, in a stable order."""
-    found = []
-    f.visititems(lambda name, obj: found.append((name, obj)) if isinstance(obj, h5py.Dataset) else None)
-    return sorted(found)
+    """A dataset's value (`schema.read`), bfloat16 restored as a torch tensor."""
+    value = schema_read(ds)
+    return torch.from_numpy(value).to(torch.bfloat16) if ds.attrs.get("dtype") == "bfloat16" else value
 
 
 def verify(path, run=None) -> list[str]:

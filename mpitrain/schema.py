@@ -34,6 +34,8 @@ ROOT_ATTRS = {"format": str, "format_version": int, "step": int, "epoch": int, "
 EF_POLICIES = ("mean", "gather", "reset")
 TEXT = ("/config", "/optimizer/param_groups", "/user_json")
 AVERAGING = ("/averaging/momentum", "/averaging/local_params", "/averaging/inner_state")
+NON_FINITE = "holds NaN or Inf"
+NOT_A_CHECKPOINT = ("no such checkpoint", "is not a readable HDF5 file", "is an HDF5 file but not")
 
 
 def why(e: Exception) -> str:
@@ -241,7 +243,7 @@ def data_faults(found: dict) -> list[str]:
         else:
             bad = value.dtype.kind == "f" and not np.isfinite(value).all()
         if bad:
-            faults.append(f"{where}: holds NaN or Inf")  # checkpoint.NON_FINITE
+            faults.append(f"{where}: {NON_FINITE}")
     return faults
 
 
@@ -298,6 +300,49 @@ def check_isolated(path, full: bool = True) -> list[str]:
         faults = ["the checker's answer did not parse"]
     _CHECKED[(key, full)] = faults
     return faults
+
+
+# -- reading a checked file --------------------------------------------------------------------
+def open_checkpoint(path, isolated: bool = True, full: bool = False) -> h5py.File:
+    """Open read-only once the layout checks (first in a child process with a deadline, unless a
+    rank that already did so vouches for the file; `full`: every dataset's checksum too, for callers
+    that read all the data); any fault raises UsageError. NaN or Inf in the data is not a fault here."""
+    faults = [x for x in check_isolated(path, full) if not x.endswith(NON_FINITE)] if isolated else []
+    if not faults:
+        try:
+            f = open_h5(path)
+        except UsageError as e:
+            faults = [str(e)]
+    if not faults:
+        try:
+            faults, _ = structure_faults(f, os.path.getsize(path))
+        except DAMAGE as e:
+            faults = [f"damaged ({why(e)})"]
+        if faults:
+            f.close()
+    if faults:
+        first = faults[0] if any(x in faults[0] for x in NOT_A_CHECKPOINT) else f"{path}: {faults[0]}"
+        raise UsageError(first + (f" (and {len(faults) - 1} more faults)" if len(faults) > 1 else ""))
+    return f
+
+
+def read(ds: h5py.Dataset):
+    """A dataset's value: numpy array (bfloat16 widened to float32, exactly), or text."""
+    value = ds[()]
+    if ds.dtype.kind == "S":
+        return value[0].decode("utf-8")
+    if ds.attrs.get(SCALAR, False):
+        value = value.reshape(())
+    if ds.attrs.get("dtype") == "bfloat16":  # stored as its 16 bits: the high half of a float32
+        return (value.astype(np.uint32) << 16).view(np.float32)
+    return value
+
+
+def datasets(f: h5py.File):
+    """(path, dataset) for every dataset in a checked file, in a stable order."""
+    found = []
+    f.visititems(lambda name, obj: found.append((name, obj)) if isinstance(obj, h5py.Dataset) else None)
+    return sorted(found)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """`mpitrain inspect`: summaries, tree, verify, diff, export, and clear refusals; no MPI."""
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -36,6 +37,42 @@ def test_summary_without_mpi(ckpts, tmp_path):
     assert (info["step"], info["world_size"], info["compressor"], info["ef_resume"]) == (6, 2, "greedylore", "gather")
     assert info["model_values"] == 85002 and info["config"]["steps"] == 6
     assert {"torch", "numpy", "h5py", "mpi"} <= info["versions"].keys()
+
+
+def test_reading_never_imports_torch(ckpts, tmp_path):
+    """Summary, tree, verify and diff read through the schema alone (startup: no torch import);
+    a fake torch that cannot be imported proves it, for the checker child process too."""
+    (tmp_path / "torch").mkdir()
+    (tmp_path / "torch" / "__init__.py").write_text("raise ImportError('reading must not import torch')\n")
+    env = {"PYTHONPATH": f"{tmp_path}:{run.__globals__['ROOT']}"}
+    for args in ([], ["--tree"], ["--verify"], ["--diff", ckpts[0]]):
+        r = inspect(ckpts[1], *args, "--json", **env)
+        assert r.returncode == 0, (args, r.stderr)
+
+
+def test_a_closed_pipe_is_not_called_damage(ckpts):
+    """`mpitrain inspect ... | head` whose reader has gone: no 'damaged checkpoint', no traceback."""
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        done = subprocess.run([sys.executable, "-m", "mpitrain", "inspect", str(ckpts[1]), "--tree"], stdout=w,
+                              stderr=subprocess.PIPE, text=True, timeout=120, cwd=run.__globals__["ROOT"])
+    finally:
+        os.close(w)
+    assert done.returncode == 1 and done.stderr == "", done.stderr
+
+
+def test_bfloat16_reads_back_exactly(tmp_path):
+    """bf16 is stored as its 16 bits: the schema's reader widens it to float32 exactly, the trainer's
+    restores the bf16 tensor bit for bit."""
+    from mpitrain import checkpoint, schema
+    values = torch.tensor([1.0, -2.5, 3.140625, 1e-30, float("inf"), 65280.0]).to(torch.bfloat16)
+    with h5py.File(tmp_path / "x.h5", "w") as f:
+        checkpoint._dataset(f, "w", values)
+    with h5py.File(tmp_path / "x.h5", "r") as f:
+        wide, back = schema.read(f["w"]), checkpoint.read(f["w"])
+    assert wide.dtype == np.float32 and np.array_equal(wide, values.float().numpy())
+    assert back.dtype == torch.bfloat16 and torch.equal(back.view(torch.int16), values.view(torch.int16))
 
 
 def test_tree_lists_every_dataset_checksummed(ckpts):
