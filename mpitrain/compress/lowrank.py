@@ -827,6 +827,7 @@ class PowerSGD(LowRank):
         self.p = Buffer([(s.n, r) for s, r in zip(self.slots, self.r)])
         self.payload = Buffer([(s.m, r) for s, r in zip(self.slots, self.r)], extra=self.dense_numel)
         self.q = Buffer([(s.m, r) for s, r in zip(self.slots, self.r)])
+        self.coefs = np.zeros(max(self.r, default=0), dtype=np.float32)  # Gram-Schmidt's scratch
         for s, q in zip(self.slots, self.q.views):
             q.copy_(torch.randn(q.shape, generator=generator(cfg.seed, 0, s.index, POWER_INIT)))
 
@@ -866,15 +867,8 @@ class PowerSGD(LowRank):
             self.record_contraction(xbar)
 
     def orthogonalize(self, p: torch.Tensor):
-        """Gram-Schmidt on the columns, in place; epsilon keeps an all-zero column finite.
-        Each projection is applied twice: one classical pass loses orthogonality in fp32
-        (errors of 1e-4 at full rank, measured), two are accurate to rounding."""
-        eps = self.cfg.orthogonalization_epsilon
-        for j in range(p.shape[1]):
-            col = p[:, j]
-            for _ in range(2 if j else 0):
-                col -= p[:, :j] @ (p[:, :j].t() @ col)
-            col /= col.norm() + eps
+        """Gram-Schmidt on the columns, in place (`kernels.orthogonalize`)."""
+        kernels().orthogonalize(p.numpy(), self.cfg.orthogonalization_epsilon, self.coefs)
 
     def state_dict(self, copy: bool = True) -> dict:
         state = super().state_dict(copy)
