@@ -129,8 +129,9 @@ class Products:
         dispatch: X @ S with X contiguous, and S @ X with X contiguous (X^T @ S is (S^T @ X)^T).
         Measured on the 125M shapes (2 cores), MKL ran these shapes compute-bound: X @ S up to
         2.8x slower than the loop (only at 4 columns without `plus` 1.2x faster: one route kept),
-        S @ X 2x, X @ S with S row-major 4.5x, a transposed view of a tall matrix 5-20x. `plus` (a's shape and layout, or None) is added into a in place first:
-        where a is X, a block of rows at a time just before the block is multiplied."""
+        S @ X 2x, X @ S with S row-major 4.5x, a transposed view of a tall matrix 5-20x. `plus`
+        (a's shape and layout, or None) is added into a in place first: where a is X, a block of
+        rows at a time just before the block is multiplied."""
         lefts, rights = [], []
         for a, b, out, plus in jobs:
             if plus is not None and a.numel() < b.numel():
