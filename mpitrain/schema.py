@@ -334,7 +334,7 @@ def read(ds: h5py.Dataset):
     if ds.attrs.get(SCALAR, False):
         value = value.reshape(())
     if ds.attrs.get("dtype") == "bfloat16":  # stored as its 16 bits: the high half of a float32
-        return (value.astype(np.uint32) << 16).view(np.float32)
+        return np.asarray(value.astype(np.uint32) << 16).view(np.float32)  # a 0-d shift gives a scalar
     return value
 
 

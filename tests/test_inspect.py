@@ -66,13 +66,16 @@ def test_bfloat16_reads_back_exactly(tmp_path):
     """bf16 is stored as its 16 bits: the schema's reader widens it to float32 exactly, the trainer's
     restores the bf16 tensor bit for bit."""
     from mpitrain import checkpoint, schema
-    values = torch.tensor([1.0, -2.5, 3.140625, 1e-30, float("inf"), 65280.0]).to(torch.bfloat16)
-    with h5py.File(tmp_path / "x.h5", "w") as f:
-        checkpoint._dataset(f, "w", values)
-    with h5py.File(tmp_path / "x.h5", "r") as f:
-        wide, back = schema.read(f["w"]), checkpoint.read(f["w"])
-    assert wide.dtype == np.float32 and np.array_equal(wide, values.float().numpy())
-    assert back.dtype == torch.bfloat16 and torch.equal(back.view(torch.int16), values.view(torch.int16))
+    vector = torch.tensor([1.0, -2.5, 3.140625, 1e-30, float("inf"), 65280.0]).to(torch.bfloat16)
+    for values in (vector, vector[2].clone()):  # a 0-d value too
+        with h5py.File(tmp_path / "x.h5", "w") as f:
+            checkpoint._dataset(f, "w", values)
+        with h5py.File(tmp_path / "x.h5", "r") as f:
+            wide, back = schema.read(f["w"]), checkpoint.read(f["w"])
+        assert wide.dtype == np.float32 and wide.shape == values.shape
+        assert np.array_equal(wide, values.float().numpy())
+        assert back.dtype == torch.bfloat16 and back.shape == values.shape
+        assert torch.equal(back.view(torch.int16), values.view(torch.int16))
 
 
 def test_tree_lists_every_dataset_checksummed(ckpts):
