@@ -577,31 +577,32 @@ def _checksum(basis: np.ndarray, first: int) -> int:
 
 
 def test_basis_pass_rotates_multiplies_and_checks_in_one_pass_the_same_at_any_thread_count():
-    """`rotate_and_check`: basis - w vt with its first t columns set to u, yt @ that basis within
-    the rounding bound, a checksum equal to the one written out independently; the same bits at
-    1, 2 and 3 threads; and any one value moved by one ulp changes the checksum."""
+    """`rotate_and_check`: basis - basis vt^T tri vt with its first t columns set to u, yt @ that
+    basis within the rounding bound, a checksum equal to the one written out independently; the
+    same bits at 1, 2 and 3 threads; and any one value moved by one ulp changes the checksum."""
     from mpitrain.compress.lowrank import Products
     g = torch.Generator().manual_seed(3)
     d, t = 301, 3  # not a multiple of the 128-row blocks nor of the four-row groups
     b0 = torch.linalg.qr(torch.randn(d, d, generator=g)).Q.contiguous()
-    w, vt = torch.randn(d, t, generator=g), torch.randn(t, d, generator=g)
+    tri, vt = torch.randn(t, t, generator=g), torch.randn(t, d, generator=g)
     u, yt = torch.linalg.qr(torch.randn(d, t, generator=g)).Q, torch.randn(7, d, generator=g)
     before, results = torch.get_num_threads(), []
     try:
         for threads in (1, 2, 3):
             torch.set_num_threads(threads)
             b = b0.clone()
-            (product,), check = Products().rotate_and_check([(b, w, vt, u, yt, 1000)])
+            (product,), check = Products().rotate_and_check([(b, tri, vt, u, yt, 1000)])
             results.append((b, product, check))
     finally:
         torch.set_num_threads(before)
     for b, product, check in results[1:]:
         assert torch.equal(b, results[0][0]) and np.array_equal(product, results[0][1]) and check == results[0][2]
     b, product, check = results[0]
-    exact = b0.double() - w.double() @ vt.double()
+    b64, tri64, vt64 = b0.double(), tri.double(), vt.double()
+    exact = b64 - b64 @ vt64.t() @ tri64 @ vt64
     exact[:, :t] = u.double()
-    k, ulp = t + 2, 2.0 ** -24
-    bound = 2 * k * ulp / (1 - k * ulp) * (b0.abs().double() + w.abs().double() @ vt.abs().double())
+    k, ulp = d + 2 * t + 2, 2.0 ** -24  # each value: a d-term, a t-term and a t-term sum, then the subtraction
+    bound = 2 * k * ulp / (1 - k * ulp) * (b64.abs() + b64.abs() @ vt64.abs().t() @ tri64.abs() @ vt64.abs())
     assert (np.abs((b.double() - exact).numpy()) <= bound.numpy()).all()
     assert (np.abs(product - (yt.double() @ b.double()).numpy()) <= _gamma_bound(yt, b)).all()
     assert check == _checksum(b.numpy(), 1000)

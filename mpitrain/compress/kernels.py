@@ -931,9 +931,11 @@ def position_weights(out):
 
 
 @jit
-def rotate_rows(basis, bits, w, vt, u, yt, parts, weights, first, lo, hi):
+def rotate_rows(basis, bits, tri, vt, bv, w, u, yt, parts, weights, first, lo, hi):
     """Rows lo..hi of a d x d basis (lo on a BASIS_BLOCK boundary), four at a time while they are in
-    cache: basis -= w @ vt and the first t columns set to u (t = u's columns; 0: not rotated), then
+    cache: basis -= (basis @ vt^T @ tri) @ vt (w = basis vt^T tri into `w`, through `bv`: d x t
+    scratch; B V by `right_product`, so with its bits) and the first t columns set to u (t = u's
+    columns; 0: not rotated), then
     parts[block] += yt[:, rows] @ basis[rows] (each block's part zeroed at its first row), and the
     rows' checksum, returned: the sum over rows i of (_mix(first + i) | 1) * sum_j bits[i, j] *
     weights[j], mod 2^64 (`bits`: basis viewed as uint32). The odd weights make any one changed
@@ -948,6 +950,13 @@ def rotate_rows(basis, bits, w, vt, u, yt, parts, weights, first, lo, hi):
         if i % BASIS_BLOCK == 0:
             part[:, :] = 0.0
         if t > 0:
+            right_product(basis, basis[:0], vt, bv, i, i + rows)
+            for q in range(i, i + rows):
+                for k in range(t):
+                    total = np.float32(0.0)
+                    for j in range(t):
+                        total += bv[q, j] * tri[j, k]
+                    w[q, k] = total
             if rows == 4:
                 _add_products4(basis[i], basis[i + 1], basis[i + 2], basis[i + 3], w, vt, i, np.float32(-1.0))
             else:

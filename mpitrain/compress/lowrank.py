@@ -187,11 +187,13 @@ class Products:
         self.in_chunks(calls)
 
     def rotate_and_check(self, jobs: list[tuple]) -> tuple[list[np.ndarray], int]:
-        """For each job (basis, w, vt, u, yt, first): basis -= w @ vt and its first t columns set to
-        u (t = u's columns, 0: no rotation); then (yt @ basis for each, the checksum of the bases'
-        bits, rows numbered from each job's `first`): one pass over each basis (d x d), its rows
-        split among threads, every job's in one dispatch. The products are summed over fixed blocks
-        of rows in their order: the same bits at any thread count."""
+        """For each job (basis, tri, vt, u, yt, first): basis -= basis @ vt^T @ tri @ vt (the product
+        of t reflectors in compact form, V = vt^T) and its first t columns set to u (t = u's
+        columns, 0: no rotation); then (yt @ basis for each, the checksum of the bases' bits, rows
+        numbered from each job's `first`): one pass over each basis (d x d), its rows split among
+        threads, every job's in one dispatch; B V is made row by row in the same pass (a pass and a
+        dispatch of its own before). The products are summed over fixed blocks of rows in their
+        order: the same bits at any thread count."""
         k, calls, at = kernels(), [], 0
         blocks = [(-(-basis.shape[0] // k.BASIS_BLOCK), yt.shape[0], basis.shape[0]) for basis, *_, yt, _ in jobs]
         parts = self.scratch("basis parts", (sum(math.prod(b) for b in blocks),)).numpy()
@@ -201,9 +203,9 @@ class Products:
             views.append((parts[at:at + math.prod(shape)].reshape(shape),
                           sums[summed_at:summed_at + math.prod(shape[1:])].reshape(shape[1:])))
             at, summed_at = at + math.prod(shape), summed_at + math.prod(shape[1:])
-            b = basis.numpy()
-            args = (b, b.view(np.uint32), *(self.contiguous(f"basis {j}.{i}", a).numpy() for i, a in enumerate(small)),
-                    views[-1][0], self.weights(b.shape[1]), first)
+            b, (tri, vt, u, yt) = basis.numpy(), (self.contiguous(f"basis {j}.{i}", a).numpy() for i, a in enumerate(small))
+            bv, w = (self.scratch(f"{purpose} {j}", (b.shape[0], u.shape[1])).numpy() for purpose in ("B V", "w"))
+            args = (b, b.view(np.uint32), tri, vt, bv, w, u, yt, views[-1][0], self.weights(b.shape[1]), first)
             calls.append((b.shape[0], lambda _, lo, hi, a=args: k.rotate_rows(*a, lo, hi), k.BASIS_BLOCK))
         checks = self.in_chunks(calls)
         return ([np.sum(part, axis=0, out=total) for part, total in views],
@@ -738,23 +740,22 @@ class GreedyLore(LowRank):
     def rotate_and_check(self, us: list, yts: list) -> tuple[list[np.ndarray], int]:
         """Each basis B rotated so that its first t columns are us[i] (t = 0: left as it is), then
         (yts[i] @ B for each, the bases' checksum): one pass over each basis."""
-        jobs = [(basis, w, vt, u, yt, int(first)) for basis, (w, vt), u, yt, first
+        jobs = [(basis, tri, vt, u, yt, int(first)) for basis, (tri, vt), u, yt, first
                 in zip(self.bases.views, self.rotations(us), us, yts, self.bases.offsets)]
         return self.mm.rotate_and_check(jobs)
 
     def rotations(self, us: list) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """For each basis B and u (d x t), (w, vt) with B - w @ vt = B H, H orthogonal and the first
-        t columns of B H equal to u up to rounding. H is the product of the t Householder reflectors
-        from the QR of B^T u, in its compact form I - V T V^T: w = (B V) T, vt = V^T (O(d^2 t);
-        LAPACK's ormqr took twice the time and a d x d copy). Every basis's B V in one dispatch: one
-        per basis cost ~4 ms of handoffs a step on the 125M shapes."""
+        """For each basis B and u (d x t), (T, V^T) with B - B V T V^T = B H, H orthogonal and the
+        first t columns of B H equal to u up to rounding. H is the product of the t Householder
+        reflectors from the QR of B^T u, in its compact form I - V T V^T (O(d^2 t); LAPACK's ormqr
+        took twice the time and a d x d copy); `rotate_and_check` applies it."""
         utbs = [self.mm.scratch(f"u^T B {i}", (u.shape[1], d)) for i, (u, d) in enumerate(zip(us, self.d))]
         self.mm.products([(u.t(), basis, utb, None) for u, basis, utb in zip(us, self.bases.views, utbs) if u.shape[1]])
-        reflectors = []  # (V, T) per basis; None: not rotated
+        reflectors = []
         for u, utb in zip(us, utbs):
             t = u.shape[1]
             if not t:
-                reflectors.append(None)
+                reflectors.append((_NOTHING_T, u.t()))
                 continue
             a, tau = torch.geqrf(utb.t())
             v = a.tril(-1)
@@ -763,11 +764,8 @@ class GreedyLore(LowRank):
             for j in range(t):  # LAPACK's larft: the triangular factor T, column by column
                 tri[j, j] = tau[j]
                 tri[:j, j] = -tau[j] * (tri[:j, :j] @ gram[:j, j])
-            reflectors.append((v, torch.from_numpy(tri)))
-        bvs = [self.mm.scratch(f"B V {i}", (d, r[0].shape[1])) if r else None
-               for i, (d, r) in enumerate(zip(self.d, reflectors))]
-        self.mm.products([(basis, r[0], bv, None) for basis, r, bv in zip(self.bases.views, reflectors, bvs) if r])
-        return [(bv @ r[1], r[0].t()) if r else (u, u.t()) for u, r, bv in zip(us, reflectors, bvs)]
+            reflectors.append((torch.from_numpy(tri), v.t()))
+        return reflectors
 
     def allocate(self, energies: list[torch.Tensor]) -> tuple[list[int], list[torch.Tensor]]:
         """One greedy choice over every (matrix, direction) by energy per byte, within the budget."""
