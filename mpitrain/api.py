@@ -24,8 +24,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import sys
-import traceback
 import zlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -53,11 +51,16 @@ def init(stall_timeout: float = Config.stall_timeout, abort_on_exception: bool =
     from .comm import World
     world = World(stall_timeout=stall_timeout)
     if abort_on_exception:
-        install_abort_hook(world)
+        world.abort_on_exception()
     if stop_signals:
-        for sig in STOP_SIGNALS:
-            signal.signal(sig, request_stop)
+        catch_stop_signals()
     return world
+
+
+def catch_stop_signals():
+    """SIGUSR1 and SIGTERM ask every rank to stop at the next exchange instead of killing this one."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, request_stop)
 
 
 def set_threads(world, threads: int = 0) -> int:
@@ -66,15 +69,6 @@ def set_threads(world, threads: int = 0) -> int:
     n = threads or int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
     torch.set_num_threads(n := n or world.cores_per_rank())
     return n
-
-
-def install_abort_hook(world):
-    """An exception on one rank must end the job, not leave the other ranks waiting forever."""
-    def hook(etype, value, tb):
-        sys.stderr.write(f"mpitrain: rank {world.rank}, {world.where}: {etype.__name__}: {value}\n")
-        traceback.print_exception(etype, value, tb)
-        world.abort(1)
-    sys.excepthook = hook
 
 
 def request_stop(signum=None, frame=None):

@@ -22,7 +22,7 @@ def agree_on_error(world, error: str | None) -> bool:
 
 
 def train_main(argv, world) -> int:
-    from . import checkpoint, compress, train
+    from . import compress  # the names only: torch is imported after the flags are known to be good
     from .config import add_arguments, resolve
 
     parser = Parser(prog="mpitrain", description="MPI data-parallel training with gradient compression. "
@@ -31,14 +31,22 @@ def train_main(argv, world) -> int:
                     "`mpitrain inspect CHECKPOINT` and `mpitrain plot RUN_DIR...` (no MPI).")
     parser.quiet = world.rank != 0
     add_arguments(parser, compress.names())
-    error, run = None, None
+    error, args, cfg = None, None, None
     try:
         args = parser.parse_args(argv)
         cfg = resolve(args, compressors=compress.names())
-        if args.print_config:
-            if world.rank == 0:
-                print(cfg.to_json())
-            return 0
+    except UsageError as e:
+        error = str(e)
+    if agree_on_error(world, error):
+        return 2
+    if args.print_config:
+        if world.rank == 0:
+            print(cfg.to_json())
+        return 0
+    from . import api, checkpoint, train
+    api.catch_stop_signals()
+    run = None
+    try:
         train.set_threads(cfg, world)
         world.stall_timeout = cfg.stall_timeout
         run = train.prepare(cfg, world)
@@ -70,11 +78,15 @@ def main(argv=None) -> int:
     if argv[:1] == ["plot"]:  # nor does drawing runs
         from .plot import main as plot_main
         return plot_main(argv[1:])
-    from . import api
+    from .comm import World
 
-    world = api.init(stall_timeout=0.0)  # the watchdog's timeout comes with the configuration
+    # MPI starts, and the flags are checked, before torch is imported: on many ranks reading it
+    # from a shared filesystem, a mistyped flag would otherwise take a minute or more to report
+    world = World(stall_timeout=0.0)  # the watchdog's timeout comes with the configuration
+    world.abort_on_exception()
     if argv[:1] == ["bench"]:
-        from . import bench
+        from . import api, bench
+        api.catch_stop_signals()
         error, args = None, None
         try:
             args = bench.parse(argv[1:], world)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+import traceback
 
 import numpy as np
 
@@ -158,6 +159,15 @@ class World:
 
     def barrier(self):
         self._run("Barrier", self._comm.Ibarrier, self._comm.Barrier)
+
+    def abort_on_exception(self):
+        """An uncaught exception on one rank ends the job, naming the rank and where it was, instead
+        of leaving the other ranks waiting forever."""
+        def hook(etype, value, tb):
+            sys.stderr.write(f"mpitrain: rank {self.rank}, {self.where}: {etype.__name__}: {value}\n")
+            traceback.print_exception(etype, value, tb)
+            self.abort(1)
+        sys.excepthook = hook
 
     def abort(self, code: int = 1):
         """End every rank of the job now (the only safe exit when one rank fails alone)."""

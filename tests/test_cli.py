@@ -1,10 +1,11 @@
 """The command line contract: config precedence, outputs, exit codes, one-line errors, aborts."""
 import json
+import os
 import time
 
 import pytest
 
-from helpers import trainer
+from helpers import ROOT, trainer
 from mpitrain.layout import CONTROL
 
 
@@ -78,6 +79,34 @@ def test_a_mistake_under_mpiexec_exits_2_on_every_rank_with_one_line(tmp_path):
     r = trainer(4, "--dataset", "nosuchset", "--run-dir", tmp_path / "run")
     assert r.returncode == 2, r.stderr
     assert r.stderr.count("mpitrain: error:") == 1 and "Traceback" not in r.stderr
+
+
+def torch_that_fails(folder):
+    """PYTHONPATH on which `import torch` raises: a run that gets past it never imported torch."""
+    (folder / "torch").mkdir()
+    (folder / "torch" / "__init__.py").write_text("raise ImportError('torch was imported')\n")
+    return os.pathsep.join([str(folder), str(ROOT)])
+
+
+EARLY = [(["--no-such-flag"], "unrecognized"), (["--compressor", "greedylor"], "unknown compressor"),
+         (["--steps", "ten"], "expected int"), (["--alpha", "2"], "alpha")]
+
+
+@pytest.mark.parametrize("flags,mention", EARLY, ids=[e[1] for e in EARLY])
+def test_a_mistaken_flag_is_reported_before_any_rank_imports_torch(tmp_path, flags, mention):
+    # at scale, every rank reading torch from a shared filesystem takes a minute or more
+    r = trainer(2, *flags, PYTHONPATH=torch_that_fails(tmp_path))
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.count("mpitrain: error:") == 1 and mention in r.stderr and "torch was imported" not in r.stderr
+
+
+def test_print_config_needs_no_torch_and_a_good_job_does(tmp_path):
+    path = torch_that_fails(tmp_path)
+    r = trainer(2, "--print-config", "--steps", 3, PYTHONPATH=path)
+    assert r.returncode == 0 and json.loads(r.stdout)["steps"] == 3, r.stderr
+    r = trainer(2, "--steps", 3, "--run-dir", tmp_path / "run", PYTHONPATH=path)
+    assert r.returncode not in (0, 2), r.stderr  # aborted on the exception, not mistaken for a usage error
+    assert "start-up: ImportError: torch was imported" in r.stderr
 
 
 def test_an_exception_on_one_rank_aborts_the_whole_job(tmp_path):

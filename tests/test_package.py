@@ -48,3 +48,11 @@ def test_no_circular_imports_between_modules():
 def test_only_comm_imports_mpi4py():
     users = sorted(m for m, targets in module_imports().items() if any(t.startswith("mpi4py") for t in targets))
     assert users == ["mpitrain.comm"]
+
+
+def test_the_compressor_table_names_every_registered_compressor_and_its_module():
+    from mpitrain import compress
+    from mpitrain.compress import base, dense, lowrank, quantize  # noqa: F401  (each registers its classes)
+    assert sorted(base.REGISTRY) == compress.names()
+    for name in compress.names():
+        assert compress.compressor_class(name).__module__ == f"mpitrain.compress.{compress.FAMILY[name]}"

@@ -1,13 +1,26 @@
-"""Gradient compressors: one module per family, all behind the `Compressor` interface."""
+"""Gradient compressors: one module per family, all behind the `Compressor` interface (base.py).
+
+The table names each compressor's family module, which is imported when one of its compressors is
+built: the command checks (and lists) a name before any rank imports torch, which at scale, from
+a shared filesystem, can take minutes.
+"""
 from __future__ import annotations
 
-from .base import REGISTRY, Compressor
-from . import dense, lowrank, quantize  # noqa: F401  (each registers itself)
+import importlib
+
+FAMILY = {"dense": "dense", "powersgd": "lowrank", "greedylore": "lowrank", "greedylore-paper": "lowrank",
+          **dict.fromkeys(["sparse-dither", "qsgd", "natural", "topk", "randk", "spherical"], "quantize")}
 
 
 def names() -> list[str]:
-    return sorted(REGISTRY)
+    return sorted(FAMILY)
 
 
-def build(cfg, layout, world) -> Compressor:
-    return REGISTRY[cfg.compressor](layout, world, cfg)
+def compressor_class(name: str):
+    importlib.import_module(f".{FAMILY[name]}", __name__)  # the family registers its classes
+    from .base import REGISTRY
+    return REGISTRY[name]
+
+
+def build(cfg, layout, world):
+    return compressor_class(cfg.compressor)(layout, world, cfg)
