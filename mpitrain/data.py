@@ -13,7 +13,9 @@ Each rank reads only its own rows of an epoch, in one sorted HDF5 read.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -22,6 +24,7 @@ import h5py
 import numpy as np
 
 from .config import UsageError, user_function
+from .schema import DAMAGE, why
 
 BUNDLED = ("digits", "breast_cancer", "mnist1d", "shakespeare")
 LM_SEQ_LEN = 64
@@ -57,40 +60,89 @@ def locate(name: str, data_dir: str = "") -> Path:
 
 
 class Dataset:
-    """One HDF5 dataset file, opened read-only; rows are read on demand."""
+    """One HDF5 dataset file, opened read-only; rows are read on demand. The file is untrusted:
+    its layout, attributes, shapes, types and labels are checked when it is opened, every read
+    after that is checked too, and anything wrong is one line naming the file (UsageError)."""
 
     def __init__(self, path: Path):
-        self.path = Path(path)
+        self.path, self.name = Path(path), Path(path).name
         try:
-            self._h5 = h5py.File(self.path, "r")
+            self._h5 = h5py.File(self.path, "r", locking=False)  # many ranks read it; NFS and Lustre may refuse locks
         except OSError as e:
             raise UsageError(f"cannot read data file {self.path}: {e}") from None
-        attrs = self._h5.attrs
-        self.task = str(attrs.get("task", ""))
+        with self._reading("open"):
+            self._check()
+
+    @contextlib.contextmanager
+    def _reading(self, what: str):
+        """h5py's errors on a damaged file (OSError, KeyError, ValueError, ...) as one line."""
+        try:
+            yield
+        except DAMAGE as e:
+            raise UsageError(f"data file {self.path} is damaged ({what}): {why(e)}") from None
+
+    def _check(self):
+        h5, attrs = self._h5, self._h5.attrs
+        task = attrs.get("task", "")
+        self.task = task.decode() if isinstance(task, bytes) else str(task)
         need = ["x_train", "x_test"] + (["y_train", "y_test"] if self.task == "classify" else [])
-        missing = [k for k in need if k not in self._h5]
+        missing = [k for k in need if k not in h5 or not isinstance(h5[k], h5py.Dataset)]
         if self.task not in ("classify", "lm") or missing:
             raise UsageError(f"{self.path} is not an mpitrain dataset (task={self.task!r}, missing {missing})")
+        x = {split: h5[f"x_{split}"] for split in ("train", "test")}
+        for split, arr in x.items():
+            if arr.ndim < 1 or arr.dtype.kind not in ("iu" if self.task == "lm" else "iuf"):
+                raise UsageError(f"{self.path}: x_{split} must be rows of {'token ids' if self.task == 'lm' else 'numbers'}; "
+                                 f"got {arr.dtype} {arr.shape}")
+        self.n_train, self.n_test = x["train"].shape[0], x["test"].shape[0]
+        if self.n_train < 1:
+            raise UsageError(f"{self.path}: x_train has no rows")
         self.info = {"task": self.task, "name": self.path.stem}
         if self.task == "classify":
-            self.info["input_shape"] = tuple(json.loads(attrs["input_shape"]))
-            self.info["num_classes"] = int(attrs["num_classes"])
+            shape = self._json_attr("input_shape")
+            classes = attrs.get("num_classes")
+            if not (isinstance(shape, list) and shape and all(type(n) is int and n > 0 for n in shape)):
+                raise UsageError(f"{self.path}: attribute input_shape must be a list of positive sizes; got {shape!r}")
+            if not (isinstance(classes, (int, np.integer)) and classes >= 1):
+                raise UsageError(f"{self.path}: attribute num_classes must be a positive integer; got {classes!r}")
+            self.info["input_shape"], self.info["num_classes"] = tuple(shape), int(classes)
+            for split, arr in x.items():
+                if math.prod(arr.shape[1:]) != math.prod(shape):
+                    raise UsageError(f"{self.path}: rows of x_{split} {tuple(arr.shape[1:])} do not hold input_shape {tuple(shape)}")
+                y = h5[f"y_{split}"]
+                if y.shape != (arr.shape[0],) or y.dtype.kind not in "iu":
+                    raise UsageError(f"{self.path}: y_{split} must be one integer label per row of x_{split}; "
+                                     f"got {y.dtype} {y.shape} for {arr.shape[0]} rows")
+                # one value a row: read whole, so that a bad label cannot stop a run at its step
+                _check_range(y[...], classes, f"{self.path}: y_{split} has labels (num_classes {classes})")
         else:
-            self.info["vocab"] = json.loads(attrs["vocab"])
-            self.info["vocab_size"] = len(self.info["vocab"])
-            self.info["seq_len"] = self._h5["x_train"].shape[1] - 1
-        self.n_train = self._h5["x_train"].shape[0]
-        self.n_test = self._h5["x_test"].shape[0]
-        self.name = self.path.name
+            vocab = self._json_attr("vocab")
+            if not (isinstance(vocab, list) and vocab and all(isinstance(c, str) for c in vocab)):
+                raise UsageError(f"{self.path}: attribute vocab must be a list of strings")
+            for split, arr in x.items():
+                if arr.ndim != 2 or arr.shape[1] < 2 or arr.shape[1] != x["train"].shape[1]:
+                    raise UsageError(f"{self.path}: x_{split} must be rows of seq_len + 1 >= 2 token ids, "
+                                     f"as long as x_train's; got shape {arr.shape}")
+            self.info.update(vocab=vocab, vocab_size=len(vocab), seq_len=x["train"].shape[1] - 1)
+
+    def _json_attr(self, key: str):
+        text = self._h5.attrs.get(key)
+        try:
+            return json.loads(text)
+        except (TypeError, ValueError):
+            raise UsageError(f"{self.path}: attribute {key} is not JSON: {text!r}") from None
 
     def rows(self, split: str, indices: np.ndarray):
         """(x, y) for the given row indices of `split`, in the order given."""
         unique, inverse = np.unique(indices, return_inverse=True)  # h5py reads increasing rows only
-        x = self._h5[f"x_{split}"][unique][inverse]
+        with self._reading(f"reading x_{split}"):
+            x = self._h5[f"x_{split}"][unique][inverse]
+            if self.task == "classify":
+                y = self._h5[f"y_{split}"][unique][inverse]
         if self.task == "lm":
             x = x.astype(np.int64)
+            _check_range(x, self.info["vocab_size"], f"{self.path}: x_{split} has token ids (vocab size {self.info['vocab_size']})")
             return x[:, :-1], x[:, 1:]
-        y = self._h5[f"y_{split}"][unique][inverse]
         return x.astype(np.float32).reshape((-1,) + self.info["input_shape"]), y.astype(np.int64)
 
     def close(self):
@@ -100,7 +152,21 @@ class Dataset:
 def _check_info(info, where: str) -> dict:
     if not isinstance(info, dict) or info.get("task") not in ("classify", "lm"):
         raise UsageError(f"{where}: info must be a dict with task 'classify' or 'lm'")
+    def positive(n):
+        return isinstance(n, (int, np.integer)) and n >= 1
+    sizes = ["num_classes"] if info["task"] == "classify" else ["vocab_size", "seq_len"]
+    bad = [key for key in sizes if key in info and not positive(info[key])]
+    if "input_shape" in info and not (isinstance(info["input_shape"], (list, tuple)) and all(map(positive, info["input_shape"]))):
+        bad.append("input_shape")
+    if bad:
+        raise UsageError(f"{where}: info's {', '.join(bad)} must be positive integers; got {info}")
     return {"name": where, **info}
+
+
+def _check_range(values: np.ndarray, limit: int, what: str):
+    """Labels or token ids a model can take: 0..limit-1 (a bad one would stop the run at its step)."""
+    if values.size and (values.min() < 0 or values.max() >= limit):
+        raise UsageError(f"{what} outside 0..{limit - 1}")
 
 
 class ArrayData:
@@ -122,6 +188,11 @@ class ArrayData:
             for split in ("train", "test"):
                 if len(self._y[split]) != len(self._x[split]):
                     raise UsageError(f"{name}: x_{split} and y_{split} must have one label per row")
+                if "num_classes" in self.info:
+                    _check_range(self._y[split], self.info["num_classes"], f"{name}: y_{split} has labels")
+        elif "vocab_size" in self.info:
+            for split in ("train", "test"):
+                _check_range(self._x[split], self.info["vocab_size"], f"{name}: x_{split} has token ids")
         if not lm:
             self.info.setdefault("input_shape", tuple(self._x["train"].shape[1:]))
         self.n_train, self.n_test = len(self._x["train"]), len(self._x["test"])
@@ -147,6 +218,8 @@ class TorchData:
         items = [self._sets[split][int(i)] for i in indices]
         x = np.stack([np.asarray(item[0], dtype=np.float32) for item in items])
         y = np.array([int(item[1]) for item in items], dtype=np.int64)
+        if "num_classes" in self.info:  # one line and exit 2 from the rank that met it, not a traceback
+            _check_range(y, self.info["num_classes"], f"{self.name}: {split} items {indices[:8].tolist()}... have labels")
         return x, y
 
 

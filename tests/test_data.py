@@ -1,8 +1,15 @@
-"""Sharding and reading of the bundled HDF5 datasets."""
+"""Sharding and reading of the bundled HDF5 datasets; damaged and inconsistent data files."""
+import json
+import shutil
+import sys
+
+import h5py
 import numpy as np
 import pytest
 
-from mpitrain.data import Dataset, ShardedBatches, locate
+from helpers import WORKERS, run, trainer
+from mpitrain.config import UsageError
+from mpitrain.data import ArrayData, Dataset, ShardedBatches, locate
 
 
 @pytest.mark.parametrize("size", [1, 2, 3, 4])
@@ -46,3 +53,87 @@ def test_bundled_files_are_small_real_and_split(name):
     assert path.stat().st_size <= 10 * 2**20
     ds = Dataset(path)
     assert ds.n_train > ds.n_test > 0
+
+
+def replace(f, key, data):
+    del f[key]
+    f[key] = data
+
+
+EDITS = [  # (bundled file, an edit, what the one line must say)
+    ("digits", lambda f: f.attrs.__setitem__("input_shape", "[1, 8"), "input_shape is not JSON"),
+    ("digits", lambda f: f.attrs.__setitem__("input_shape", "[1, 9, 9]"), "do not hold input_shape (1, 9, 9)"),
+    ("digits", lambda f: f.attrs.__setitem__("input_shape", "[0, 8, 8]"), "list of positive sizes"),
+    ("digits", lambda f: f.attrs.__setitem__("num_classes", 5), "y_train has labels (num_classes 5) outside 0..4"),
+    ("digits", lambda f: f.attrs.__setitem__("num_classes", -1), "num_classes must be a positive integer"),
+    ("digits", lambda f: replace(f, "x_train", np.array([b"abc"] * 4)), "x_train must be rows of numbers"),
+    ("digits", lambda f: replace(f, "y_test", np.zeros(3, np.uint8)), "y_test must be one integer label per row"),
+    ("digits", lambda f: replace(f, "y_test", f["y_test"][...].astype(np.float32)), "one integer label per row"),
+    ("digits", lambda f: replace(f, "x_train", np.zeros((0, 8, 8), np.float32)), "x_train has no rows"),
+    ("digits", lambda f: f.__delitem__("y_train"), "missing ['y_train']"),
+    ("shakespeare", lambda f: f.attrs.__setitem__("vocab", '"abc"'), "vocab must be a list of strings"),
+    ("shakespeare", lambda f: replace(f, "x_test", f["x_test"][:, :10]), "as long as x_train's"),
+    ("shakespeare", lambda f: replace(f, "x_test", f["x_test"][...].astype(np.float32)), "rows of token ids"),
+]
+
+
+@pytest.mark.parametrize("name,edit,mention", EDITS, ids=[e[2] for e in EDITS])
+def test_an_inconsistent_data_file_is_refused_when_opened(tmp_path, name, edit, mention):
+    path = tmp_path / "edited.h5"
+    shutil.copy(locate(name), path)
+    with h5py.File(path, "r+") as f:
+        edit(f)
+    with pytest.raises(UsageError) as refused:
+        Dataset(path)
+    assert mention in str(refused.value) and str(path) in str(refused.value)
+
+
+def test_token_ids_outside_the_vocab_are_refused_when_read(tmp_path):
+    path = tmp_path / "edited.h5"
+    shutil.copy(locate("shakespeare"), path)
+    with h5py.File(path, "r+") as f:
+        size = len(json.loads(f.attrs["vocab"]))
+        x = f["x_train"][...]
+        x[5, 3] = size
+        replace(f, "x_train", x)
+    ds = Dataset(path)  # token ids are checked batch by batch: reading a large corpus whole would be slow
+    ds.rows("train", np.array([0, 4, 6]))
+    with pytest.raises(UsageError, match=f"token ids \\(vocab size {size}\\) outside 0..{size - 1}"):
+        ds.rows("train", np.array([0, 5]))
+
+
+def test_arrays_with_labels_outside_num_classes_are_refused():
+    x, y = np.zeros((4, 3), np.float32), np.array([0, 1, 2, 3])
+    ArrayData({"task": "classify", "num_classes": 4}, x, y)
+    with pytest.raises(UsageError, match="y_train has labels outside 0..2"):
+        ArrayData({"task": "classify", "num_classes": 3}, x, y)
+    with pytest.raises(UsageError, match="num_classes must be positive"):
+        ArrayData({"task": "classify", "num_classes": 0}, x, y)
+
+
+def test_a_damaged_data_file_is_one_line_never_a_traceback(tmp_path):
+    # every 53rd byte of digits.h5 inverted, each in its own copy, opened and read whole
+    r = run([sys.executable, WORKERS / "fuzz_data.py", "digits", tmp_path, "53"], timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines() if "offset" in x]
+    assert len(rows) == -(-locate("digits").stat().st_size // 53)
+    assert not [row for row in rows if "escaped" in row], [row["escaped"] for row in rows if "escaped" in row][0]
+    refused = [row["usage"] for row in rows if "usage" in row]
+    assert all(str(tmp_path / "damaged.h5") in line for line in refused)  # each names the file
+    assert sum("is damaged (reading x_" in line for line in refused) > len(rows) // 2  # the compressed rows
+    assert any("(reading" not in line for line in refused)  # and some of the headers, found on opening
+
+
+def test_a_damaged_row_found_mid_run_ends_the_job_with_one_line_and_exit_2(tmp_path):
+    path = tmp_path / "digits.h5"
+    shutil.copy(locate("digits"), path)
+    with h5py.File(path, "r") as f:
+        x = f["x_train"].id
+        chunk = x.get_chunk_info(x.get_num_chunks() - 1)
+    data = bytearray(path.read_bytes())
+    data[chunk.byte_offset + chunk.size // 2] ^= 0xFF  # deflate's checksum fails when the rows are read
+    path.write_bytes(data)
+    r = trainer(2, "--dataset", path, "--steps", 20, "--run-dir", tmp_path / "run")
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    assert "mpitrain: error: rank " in r.stderr and f"data file {path} is damaged (reading x_train)" in r.stderr
