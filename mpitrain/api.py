@@ -51,7 +51,7 @@ def init(stall_timeout: float = Config.stall_timeout, abort_on_exception: bool =
     from .comm import World
     world = World(stall_timeout=stall_timeout)
     if abort_on_exception:
-        world.abort_on_exception(mistakes=(UsageError,))
+        world.abort_on_exception()
     if stop_signals:
         catch_stop_signals()
     return world

@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import threading
 from datetime import datetime, timezone
 from pathlib import Path
@@ -155,6 +156,39 @@ def ef_policy(cfg, compressor) -> str:
     return cfg.ef_resume
 
 
+class CannotWrite(RuntimeError):
+    """A checkpoint could not be written (no space, no permission, an I/O error): one line, exit 1;
+    the checkpoints already written are left as they were."""
+
+    exit_code = 1
+
+
+def on_disk_bytes(*values) -> int:
+    """About what arrays and texts (nested in dicts) take in a checkpoint: their bytes, plus HDF5's
+    headers and chunk index and the checksums, generously."""
+    total, datasets, todo = 0, 0, list(values)
+    while todo:
+        value = todo.pop()
+        if isinstance(value, dict):
+            todo.extend(value.values())
+        elif value is not None:
+            arr = value[0] if isinstance(value, tuple) else value
+            total += len(arr.encode()) if isinstance(arr, str) else np.asarray(arr).nbytes
+            datasets += 1
+    return int(total * 1.01) + 8192 * datasets + 2**16  # measured: ~4 kB a dataset
+
+
+def require_space(ckpt_dir: Path, need: int, path: Path):
+    """Refuse before HDF5 writes anything: on a full disk it fails while closing the file, and
+    the process can crash (a segfault, seen with h5py 3.16) instead of raising."""
+    free = shutil.disk_usage(ckpt_dir).free
+    if free < need:
+        last = (ckpt_dir / "latest").read_text().strip() if (ckpt_dir / "latest").is_file() else None
+        raise CannotWrite(f"no space for checkpoint {path.name} in {ckpt_dir}: it needs about {need / 1e6:.1f} MB, "
+                          f"{free / 1e6:.1f} MB are free; " + (f"the last checkpoint, {last}, is intact" if last
+                                                               else "no checkpoint was written before"))
+
+
 class Writer:
     """Rank 0's checkpoint writer: one write at a time, in a background thread, from a snapshot held
     in host buffers that are reused from one checkpoint to the next."""
@@ -191,6 +225,10 @@ class Writer:
             self._thread = None
         if self._error is not None:
             error, self._error = self._error, None
+            if isinstance(error, CannotWrite):
+                raise error
+            if isinstance(error, OSError):  # the file system's answer, not a bug: one line
+                raise CannotWrite(f"writing a checkpoint failed: {why(error)}") from None
             raise RuntimeError(f"writing a checkpoint failed: {type(error).__name__}: {error}") from error
 
 
@@ -286,6 +324,8 @@ def save(run, world, step: int, epoch: int = 0, wire_bytes_total: int = 0, extra
         _atomic(ckpt_dir / "latest", lambda tmp: tmp.write_text(path.name + "\n"))
         prune(ckpt_dir, cfg.keep_last, keep=path)
 
+    stored = residual if residual is not None and policy != "reset" else None
+    require_space(ckpt_dir, on_disk_bytes(model, state, shared, user, averaged, stored, rng, texts, user_json), path)
     if background:
         WRITER.submit(write)
     else:

@@ -83,7 +83,7 @@ def main(argv=None) -> int:
     # MPI starts, and the flags are checked, before torch is imported: on many ranks reading it
     # from a shared filesystem, a mistyped flag would otherwise take a minute or more to report
     world = World(stall_timeout=0.0)  # the watchdog's timeout comes with the configuration
-    world.abort_on_exception(mistakes=(UsageError,))
+    world.abort_on_exception()
     if argv[:1] == ["bench"]:
         from . import api, bench
         api.catch_stop_signals()

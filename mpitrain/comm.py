@@ -160,14 +160,16 @@ class World:
     def barrier(self):
         self._run("Barrier", self._comm.Ibarrier, self._comm.Barrier)
 
-    def abort_on_exception(self, mistakes: tuple = ()):
+    def abort_on_exception(self):
         """An uncaught exception on one rank ends the job, naming the rank and where it was, instead
-        of leaving the other ranks waiting forever: with a traceback and exit 1, or for one of
-        `mistakes` (a user's or a file's, found by one rank mid-run) one line and exit 2."""
+        of leaving the other ranks waiting forever: with a traceback and exit 1, or, for an
+        exception whose class sets `exit_code` (a user's mistake, a damaged file, a full disk), one
+        line and that code."""
         def hook(etype, value, tb):
-            if issubclass(etype, mistakes):
+            code = getattr(etype, "exit_code", None)
+            if code is not None:
                 sys.stderr.write(f"mpitrain: error: rank {self.rank}, {self.where}: {value}\n")
-                return self.abort(2)
+                return self.abort(code)
             sys.stderr.write(f"mpitrain: rank {self.rank}, {self.where}: {etype.__name__}: {value}\n")
             traceback.print_exception(etype, value, tb)
             self.abort(1)

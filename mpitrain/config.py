@@ -22,6 +22,8 @@ ENV_PREFIX = "MPITRAIN_"
 class UsageError(Exception):
     """A mistake in what the user asked for: reported as one line, exit code 2."""
 
+    exit_code = 2  # also when one rank meets it mid-run (see comm.World.abort_on_exception)
+
 
 class Parser(argparse.ArgumentParser):
     """argparse that reports mistakes as UsageError and prints help on one rank only."""

@@ -190,3 +190,19 @@ def test_sigkill_during_checkpoint_writes_never_breaks_latest(tmp_path):
                 "--lr", 0.001, *COMMON, timeout=180)
     assert r.returncode == 0, r.stderr
     assert f"at step {steps_before}" in r.stdout
+
+
+def test_a_full_disk_ends_the_job_with_one_line_and_leaves_the_last_checkpoint_to_resume(tmp_path):
+    # a disk with room for two checkpoints of the default MLP (0.76 MB each) and the run's logs
+    flags = ["--steps", 300, "--checkpoint-every", 50, "--run-dir", tmp_path]
+    r = mpi(2, [WORKERS / "small_disk.py", 2_400_000, *flags])
+    assert r.returncode == 1, r.stderr
+    lines = [x for x in r.stderr.splitlines() if x.startswith("mpitrain:")]
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert lines[0].startswith("mpitrain: error: rank 0, step 150: no space for checkpoint ckpt-000000150.h5")
+    assert "the last checkpoint, ckpt-000000100.h5, is intact" in lines[0]
+    ckpts = tmp_path / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["ckpt-000000050.h5", "ckpt-000000100.h5", "latest"]
+    r = trainer(2, *flags, "--resume", "auto")  # room again
+    assert r.returncode == 0, r.stderr
+    assert f"resumed from {ckpts / 'ckpt-000000100.h5'} at step 100" in r.stdout and "done: 300 steps" in r.stdout
