@@ -157,8 +157,8 @@ def ef_policy(cfg, compressor) -> str:
 
 
 class CannotWrite(RuntimeError):
-    """A checkpoint could not be written (no space, no permission, an I/O error): one line, exit 1;
-    the checkpoints already written are left as they were."""
+    """A checkpoint could not be written (no space, no permission, an I/O error, parameters that
+    are not finite): one line, exit 1; the checkpoints already written are left as they were."""
 
     exit_code = 1
 
@@ -246,8 +246,12 @@ def save(run, world, step: int, epoch: int = 0, wire_bytes_total: int = 0, extra
     if bad:
         raise ValueError(f"extra array names must be non-empty text without '/': {bad[:3]}")
     user_json = None if extra_json is None else json.dumps(extra_json)
-    if not all_finite(run.layout.params):
-        raise RuntimeError(f"refusing to write a checkpoint at step {step}: the parameters hold NaN or Inf")
+    diverged = world.first_rank_where(not all_finite(run.layout.params))
+    if diverged is not None:  # that rank says so and ends the job; the others wait for the end
+        if diverged == world.rank:
+            raise CannotWrite(f"refusing to write a checkpoint at step {step}: the parameters hold NaN or Inf "
+                              "(the run diverged; the checkpoints before it are intact)")
+        world.barrier()
     policy = ef_policy(cfg, run.compressor)
     comp_state = run.compressor.state_dict(copy=False)  # views: gathered or snapshotted below
     residual = comp_state.get("local", {}).get("residual")
@@ -280,7 +284,10 @@ def save(run, world, step: int, epoch: int = 0, wire_bytes_total: int = 0, extra
     texts = {"config": cfg.to_json(), "param_groups": json.dumps(opt["param_groups"]),
              "param_names": json.dumps([name for name, _ in run.model.named_parameters()])}
     ckpt_dir = folder(cfg.run_dir)
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CannotWrite(f"cannot make the checkpoint folder {ckpt_dir}: {e.strerror or e}") from None
     for stale in ckpt_dir.glob("*.tmp-*"):  # left by a writer that was killed; never a complete file
         stale.unlink(missing_ok=True)
     path = ckpt_dir / file_name(step)

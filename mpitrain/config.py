@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import importlib
 import json
+import math
 import os
 import re
 import tomllib
@@ -200,8 +201,8 @@ def _coerce(name: str, value, source: str):
         raise UsageError(f"{where}: must be one of {', '.join(map(str, meta['choices']))}; got {value!r}")
     if meta["minimum"] is not None and value < meta["minimum"]:
         raise UsageError(f"{where}: must be >= {meta['minimum']}; got {value!r}")
-    if kind is float and value != value:
-        raise UsageError(f"{where}: NaN is not a value")
+    if kind is float and not math.isfinite(value):
+        raise UsageError(f"{where}: must be a finite number; got {value!r}")
     return value
 
 
@@ -217,6 +218,8 @@ def from_file(path: str) -> dict:
         raise UsageError(f"config file not found: {path}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise UsageError(f"config file {path} is not valid TOML: {e}") from None
+    except OSError as e:  # a folder, no permission, an I/O error
+        raise UsageError(f"cannot read config file {path}: {e.strerror or e}") from None
     out = {}
     for raw, value in data.items():
         key = _key(raw)

@@ -2,8 +2,10 @@
 and a tqdm progress bar on a terminal or plain lines otherwise.
 
 metrics.jsonl holds one JSON object per line, each with a `kind`:
-  train    step (steps completed), loss (mean over ranks), lr, wire_bytes, dense_bytes, step_time_s,
-           elapsed_s (since this run started), wire_bytes_total, skipped_steps, rebroadcasts, + compressor stats
+  train    step (steps completed), loss (mean over ranks; 0.0 on a skipped step), skipped (this step's
+           loss or gradients were non-finite on some rank: no optimizer step), lr, wire_bytes, dense_bytes,
+           step_time_s, elapsed_s (since this run started), wire_bytes_total, skipped_steps (so far),
+           rebroadcasts, + compressor stats
   eval     step, eval_loss, eval_accuracy (classifiers) or eval_bpc (character LM), elapsed_s, and
            wire_bytes_total (this rank's training bytes so far, for plots against bytes)
   round    (--average-every > 1) step, round, wire_bytes (this round's: the report and the compressed
@@ -29,6 +31,19 @@ from tqdm import tqdm
 
 from .config import UsageError
 from .data import DEFAULT_BATCH
+
+
+def check_run_dir(run_dir: str):
+    """The run directory must be a folder that exists or can be made, and be writable: checked
+    before anything is written (a file in its place, a read-only file system)."""
+    path = os.path.abspath(run_dir)
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UsageError(f"run dir {run_dir}: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"run dir {run_dir}: cannot write in {existing}")
 
 
 def require_tensorboard():
@@ -86,8 +101,11 @@ class RunLog:
             return
         self._write({"kind": "train", **record})
         ratio = record["dense_bytes"] / max(record["wire_bytes"], 1)
-        text = f"loss {record['loss']:.4f} lr {record['lr']:.3g} wire {record['wire_bytes'] / 1e3:.1f} kB " \
-               f"({ratio:.1f}x) {record['step_time_s'] * 1e3:.1f} ms"
+        # a skipped step's loss is recorded as 0.0: printed, it would read as a perfect fit
+        loss = "skipped (non-finite)" if record["skipped"] else f"{record['loss']:.4f}"
+        text = f"loss {loss} lr {record['lr']:.3g} wire {record['wire_bytes'] / 1e3:.1f} kB " \
+               f"({ratio:.1f}x) {record['step_time_s'] * 1e3:.1f} ms" + \
+               (f", {record['skipped_steps']} steps skipped" if record["skipped_steps"] else "")
         if self.bar is not None:
             self.bar.update(record["step"] - self.bar.n)
             self.bar.set_postfix_str(text, refresh=False)
@@ -119,5 +137,6 @@ class RunLog:
         print(f"done: {record['steps']} steps on {record['world_size']} ranks in {record['wall_time_s']:.1f} s; " +
               "  ".join(f"{k} {v:.4f}" for k, v in metric.items()) +
               f"; sent per rank {record['wire_bytes_per_rank'] / 1e6:.2f} MB "
-              f"(dense {record['dense_bytes_per_rank'] / 1e6:.2f} MB, {ratio:.2f}x); run dir {record['run_dir']}",
-              flush=True)
+              f"(dense {record['dense_bytes_per_rank'] / 1e6:.2f} MB, {ratio:.2f}x); run dir {record['run_dir']}" +
+              (f"; {record['skipped_steps']} of {record['steps_run']} steps skipped (non-finite loss or gradients)"
+               if record["skipped_steps"] else ""), flush=True)

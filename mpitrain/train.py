@@ -11,7 +11,7 @@ import torch
 from . import api, models
 from .config import Config, UsageError
 from .data import ShardedBatches, batch_for, open_dataset
-from .metrics import RunLog, require_tensorboard
+from .metrics import RunLog, check_run_dir, require_tensorboard
 
 REQUEUE = 75  # EX_TEMPFAIL: "checkpointed, please requeue"
 
@@ -51,6 +51,7 @@ def set_threads(cfg: Config, world) -> int:
 
 def prepare(cfg: Config, world) -> Run:
     """Everything that can fail on a user's mistake; makes no collective call."""
+    check_run_dir(cfg.run_dir)
     if cfg.tensorboard:
         require_tensorboard()
     dataset = open_dataset(cfg.dataset, cfg.data_dir)
@@ -161,8 +162,9 @@ def train(run: Run, world) -> dict:
         wire = world.take_sent_bytes()
         wire_total += wire
         if done % cfg.log_every == 0 or done == cfg.steps or averaged.nonfinite or "contraction" in averaged.stats:
-            log.train({"step": done, "loss": averaged.loss, "lr": lr, "wire_bytes": wire,
-                       "dense_bytes": exchange.layout.dense_bytes, "step_time_s": time.perf_counter() - t0,
+            log.train({"step": done, "loss": averaged.loss, "skipped": averaged.nonfinite, "lr": lr,
+                       "wire_bytes": wire, "dense_bytes": exchange.layout.dense_bytes,
+                       "step_time_s": time.perf_counter() - t0,
                        "elapsed_s": time.perf_counter() - started, "wire_bytes_total": wire_total,
                        "skipped_steps": skipped, "rebroadcasts": rebroadcasts, **averaged.stats})
         if done == cfg.steps or (cfg.eval_every and done % cfg.eval_every == 0):

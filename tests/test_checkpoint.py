@@ -87,7 +87,22 @@ def test_non_finite_gradients_are_skipped_on_every_rank(tmp_path):
     assert r.returncode == 0, r.stderr
     lines = [json.loads(x) for x in open(tmp_path / "metrics.jsonl") if '"train"' in x]
     assert [x["skipped_steps"] for x in lines] == [0, 0, 1, 1, 1, 1, 1, 1]
+    assert [x["skipped"] for x in lines] == [False, False, True] + [False] * 5
     assert not checkpoint.verify(tmp_path / "checkpoints" / "ckpt-000000008.h5")
+    # the printed lines do not show a skipped step's recorded 0.0 as its loss
+    assert "step 3/8 loss skipped (non-finite)" in r.stdout and "1 of 8 steps skipped" in r.stdout
+
+
+@pytest.mark.parametrize("bad", [0, 1])
+def test_parameters_gone_non_finite_end_the_job_at_the_checkpoint_with_one_line(tmp_path, bad):
+    # a huge learning rate can overflow the parameters with finite gradients: no gradient check sees it
+    r = mpi(2, [WORKERS / "save_diverged.py", tmp_path, bad], timeout=60)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    lines = [x for x in r.stderr.splitlines() if x.startswith("mpitrain:")]
+    assert lines == [f"mpitrain: error: rank {bad}, step 7: refusing to write a checkpoint at step 7: the parameters "
+                     "hold NaN or Inf (the run diverged; the checkpoints before it are intact)"]
+    assert not list(tmp_path.rglob("*.h5*"))
+    assert mpi(2, [WORKERS / "save_diverged.py", tmp_path, -1], timeout=60).stdout.count("saved") == 2
 
 
 def test_non_finite_gradients_abort_when_asked(tmp_path):

@@ -59,6 +59,8 @@ BAD = [
     ([], {}, "steps = 2.5\n", "expected int"),
     ([], {}, "steps = [\n", "not valid TOML"),
     (["--config", "does/not/exist.toml"], {}, None, "not found"),
+    (["--config", "tests"], {}, None, "cannot read config file tests: Is a directory"),
+    (["--lr", "inf"], {}, None, "must be a finite number"),
 ]
 
 
@@ -73,6 +75,15 @@ def test_a_users_mistake_is_one_line_and_exit_2(tmp_path, flags, environ, text, 
     assert len(lines) == 1 and lines[0].startswith("mpitrain: error: "), r.stderr
     assert mention in lines[0]
     assert not (tmp_path / "run").exists()  # nothing written
+
+
+def test_a_run_dir_where_a_file_is_is_refused_with_one_line(tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    for run_dir in (notes, notes / "run"):
+        r = trainer(0, "--run-dir", run_dir)
+        assert r.returncode == 2 and r.stderr.strip() == f"mpitrain: error: run dir {run_dir}: {notes} is not a folder"
+    assert notes.read_text() == "mine"
 
 
 def test_a_mistake_under_mpiexec_exits_2_on_every_rank_with_one_line(tmp_path):
