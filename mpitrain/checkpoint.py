@@ -293,7 +293,7 @@ def save(run, world, step: int, epoch: int = 0, wire_bytes_total: int = 0, extra
     path = ckpt_dir / file_name(step)
 
     def write_file(tmp):
-        with h5py.File(tmp, "w") as f:
+        with h5py.File(tmp, "w", locking=False) as f:  # a file no one else opens; NFS and Lustre may refuse locks
             f.attrs.update(attrs)
             _dataset(f, "config", texts["config"])
             group = f.create_group("model")
