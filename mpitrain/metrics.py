@@ -33,17 +33,16 @@ from .config import UsageError
 from .data import DEFAULT_BATCH
 
 
-def check_run_dir(run_dir: str):
-    """The run directory must be a folder that exists or can be made, and be writable: checked
-    before anything is written (a file in its place, a read-only file system)."""
-    path = os.path.abspath(run_dir)
-    existing = path
+def check_folder(folder: str, what: str = "run dir"):
+    """A folder to write into must exist or be makeable, and be writable: checked before anything
+    is written (a file in its place, a read-only file system)."""
+    existing = os.path.abspath(folder)
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
-        raise UsageError(f"run dir {run_dir}: {existing} is not a folder")
+        raise UsageError(f"{what} {folder}: {existing} is not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(f"run dir {run_dir}: cannot write in {existing}")
+        raise UsageError(f"{what} {folder}: cannot write in {existing}")
 
 
 def require_tensorboard():

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from .config import UsageError
+from .metrics import check_folder
 
 AXES = (("step", "steps"), ("elapsed_s", "wall time (s)"), ("wire_bytes_total", "wire bytes per rank"))
 
@@ -33,7 +34,7 @@ def read_run(run_dir: Path) -> dict:
     if not isinstance(config, dict) or not all(isinstance(x, dict) for x in lines):
         raise UsageError(f"{run_dir}: metrics.jsonl or config.json is not what mpitrain writes")
     return {"label": str(config.get("compressor", "?")), "dir": run_dir,
-            "train": [x for x in lines if x.get("kind") == "train"],
+            "train": [x for x in lines if x.get("kind") == "train" and not x.get("skipped")],  # loss 0.0 recorded
             "eval": [x for x in lines if x.get("kind") == "eval"]}
 
 
@@ -72,6 +73,7 @@ def plot(run_dirs: list[Path], out: Path) -> list[Path]:
         raise UsageError("plots need matplotlib: pip install 'mpitrain[plot]'") from None
     runs = [read_run(Path(d)) for d in run_dirs]
     _labels(runs)
+    check_folder(str(out), "plot folder")
     out.mkdir(parents=True, exist_ok=True)
     written = []
     if any(r["train"] for r in runs):

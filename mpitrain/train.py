@@ -11,7 +11,7 @@ import torch
 from . import api, models
 from .config import Config, UsageError
 from .data import ShardedBatches, batch_for, open_dataset
-from .metrics import RunLog, check_run_dir, require_tensorboard
+from .metrics import RunLog, check_folder, require_tensorboard
 
 REQUEUE = 75  # EX_TEMPFAIL: "checkpointed, please requeue"
 
@@ -51,7 +51,7 @@ def set_threads(cfg: Config, world) -> int:
 
 def prepare(cfg: Config, world) -> Run:
     """Everything that can fail on a user's mistake; makes no collective call."""
-    check_run_dir(cfg.run_dir)
+    check_folder(cfg.run_dir)
     if cfg.tensorboard:
         require_tensorboard()
     dataset = open_dataset(cfg.dataset, cfg.data_dir)

@@ -75,6 +75,9 @@ def test_plot_draws_two_runs_and_says_so_in_one_line_without_matplotlib(tmp_path
         r = trainer(2, "--compressor", name, "--steps", 60, "--eval-every", 20, "--run-dir", tmp_path / name)
         assert r.returncode == 0, r.stderr
     r = run([sys.executable, "-m", "mpitrain", "plot", tmp_path / "dense", tmp_path / "greedylore", "--out",
+             tmp_path / "dense" / "config.json"])  # a file where the folder would go: one line
+    assert r.returncode == 2 and r.stderr.strip().endswith("config.json is not a folder"), r.stderr
+    r = run([sys.executable, "-m", "mpitrain", "plot", tmp_path / "dense", tmp_path / "greedylore", "--out",
              tmp_path / "plots"])
     assert r.returncode == 0, r.stderr
     for name in ("loss.png", "eval.png", "step_time.png"):

@@ -79,3 +79,7 @@ def test_bench_overlap_measures_each_named_compressor(tmp_path):
         assert row["buckets"] > 1 and 0 < row["backward_s"] and 0 < row["overlapped_step_s"]
     r = mpi(1, ["-m", "mpitrain", "bench", "overlap", "--compressors", "randk", "--out", tmp_path])
     assert r.returncode == 2 and "unknown compressor randk" in r.stderr
+    for flags, words in ((["--repeats", 0], "--repeats must be >= 1; got 0"),
+                         (["--out", tmp_path / "overlap-n2.json"], "overlap-n2.json is not a folder")):
+        r = mpi(2, ["-m", "mpitrain", "bench", "overlap", *flags])
+        assert r.returncode == 2 and r.stderr.count("mpitrain: error:") == 1 and words in r.stderr, r.stderr

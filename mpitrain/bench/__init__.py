@@ -47,6 +47,7 @@ import os
 import torch
 
 from ..config import Parser
+from ..metrics import check_folder
 from .convergence import AVERAGING_ARMS, CONVERGENCE_ARMS, CONVERGENCE_JOBS
 from .overlap import OVERLAPPING
 from .common import write_tables
@@ -82,6 +83,11 @@ def parse(argv, world):
     args = parser.parse_args(argv)
     if not args.list and not args.what:
         parser.error("name a benchmark (mpitrain bench --list shows them)")
+    for flag, least in (("repeats", 1), ("rank", 1), ("steps", 0)):
+        if getattr(args, flag) < least:
+            parser.error(f"--{flag} must be >= {least}; got {getattr(args, flag)}")
+    if not args.list:
+        check_folder(args.out, "--out")
     args.jobs = _choose(parser, "job", args.jobs, CONVERGENCE_JOBS, ["digits-mlp", "shakespeare-transformer-600"])
     args.arms = _choose(parser, "arm", args.arms.replace("averaging", ",".join(AVERAGING_ARMS)), CONVERGENCE_ARMS,
                         [arm for arm in CONVERGENCE_ARMS if "-h" not in arm])
