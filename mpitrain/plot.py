@@ -34,8 +34,27 @@ def read_run(run_dir: Path) -> dict:
     if not isinstance(config, dict) or not all(isinstance(x, dict) for x in lines):
         raise UsageError(f"{run_dir}: metrics.jsonl or config.json is not what mpitrain writes")
     return {"label": str(config.get("compressor", "?")), "dir": run_dir,
-            "train": [x for x in lines if x.get("kind") == "train" and not x.get("skipped")],  # loss 0.0 recorded
-            "eval": [x for x in lines if x.get("kind") == "eval"]}
+            "train": stitched([x for x in lines if x.get("kind") == "train" and not x.get("skipped")]),  # loss 0.0
+            "eval": stitched([x for x in lines if x.get("kind") == "eval"])}
+
+
+def stitched(records: list[dict]) -> list[dict]:
+    """One curve through the runs that appended to a metrics file: a run resumed from a checkpoint
+    before the last logged step replaces the records from its first step on, and its clock
+    (elapsed_s, from 0 at each start) continues from the last record kept before it."""
+    kept, offset, clock = [], 0.0, 0.0
+    for x in records:
+        if not isinstance(x.get("step"), int):
+            continue
+        while kept and kept[-1]["step"] >= x["step"]:
+            kept.pop()
+        x, t = dict(x), x.get("elapsed_s")
+        if isinstance(t, (int, float)):
+            if t < clock:  # a new run's clock
+                offset = kept[-1].get("elapsed_s", 0.0) if kept else 0.0
+            clock, x["elapsed_s"] = t, t + offset
+        kept.append(x)
+    return kept
 
 
 def _labels(runs: list[dict]):

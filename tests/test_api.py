@@ -91,6 +91,26 @@ def test_plot_draws_two_runs_and_says_so_in_one_line_without_matplotlib(tmp_path
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "pip install 'mpitrain[plot]'" in r.stderr, r.stderr
 
 
+def test_plot_draws_a_resumed_run_as_one_curve(tmp_path):
+    from mpitrain.plot import read_run, stitched
+    # a run to step 45 with a checkpoint at 30, resumed from that checkpoint to step 60
+    r = trainer(2, "--steps", 45, "--checkpoint-every", 30, "--eval-every", 15, "--run-dir", tmp_path)
+    assert r.returncode == 0, r.stderr
+    r = trainer(2, "--steps", 60, "--eval-every", 15, "--run-dir", tmp_path,
+                "--resume", tmp_path / "checkpoints" / "ckpt-000000030.h5")
+    assert r.returncode == 0, r.stderr
+    run = read_run(tmp_path)
+    assert [x["step"] for x in run["train"]] == [10, 20, 30, 40, 50, 60]
+    assert [x["step"] for x in run["eval"]] == [15, 30, 45, 60]
+    times = [x["elapsed_s"] for x in run["train"]]
+    assert times == sorted(times)
+    # each run's clock starts at 0; a resumed one continues from the last record kept before it
+    records = [{"step": s, "elapsed_s": t} for s, t in [(10, 1.0), (20, 2.0), (30, 3.0), (40, 4.0), (31, 0.5),
+                                                        (40, 1.5), (50, 2.5), (51, 0.2), (60, 1.2)]]
+    assert [(x["step"], x["elapsed_s"]) for x in stitched(records)] == \
+        [(10, 1.0), (20, 2.0), (30, 3.0), (31, 3.5), (40, 4.5), (50, 5.5), (51, 5.7), (60, 6.7)]
+
+
 def test_tensorboard_events_or_a_clear_line_when_the_extra_is_missing(tmp_path):
     r = trainer(2, "--steps", 20, "--tensorboard", "--run-dir", tmp_path)
     try:
