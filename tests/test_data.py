@@ -9,7 +9,7 @@ import pytest
 
 from helpers import WORKERS, run, trainer
 from mpitrain.config import UsageError
-from mpitrain.data import ArrayData, Dataset, ShardedBatches, locate
+from mpitrain.data import ArrayData, Dataset, ShardedBatches, TorchData, locate
 
 
 @pytest.mark.parametrize("size", [1, 2, 3, 4])
@@ -102,13 +102,17 @@ def test_token_ids_outside_the_vocab_are_refused_when_read(tmp_path):
         ds.rows("train", np.array([0, 5]))
 
 
-def test_arrays_with_labels_outside_num_classes_are_refused():
+def test_arrays_and_torch_datasets_with_labels_outside_num_classes_are_refused():
     x, y = np.zeros((4, 3), np.float32), np.array([0, 1, 2, 3])
     ArrayData({"task": "classify", "num_classes": 4}, x, y)
     with pytest.raises(UsageError, match="y_train has labels outside 0..2"):
         ArrayData({"task": "classify", "num_classes": 3}, x, y)
     with pytest.raises(UsageError, match="num_classes must be positive"):
         ArrayData({"task": "classify", "num_classes": 0}, x, y)
+    items = TorchData({"task": "classify", "num_classes": 3}, list(zip(x, y)), name="mine")
+    items.rows("train", np.array([0, 2]))  # a torch Dataset is checked as it is read
+    with pytest.raises(UsageError, match="mine: train labels outside 0..2"):
+        items.rows("train", np.array([1, 3]))
 
 
 def test_a_damaged_data_file_is_one_line_never_a_traceback(tmp_path):
