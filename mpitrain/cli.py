@@ -27,7 +27,7 @@ def train_main(argv, world) -> int:
 
     parser = Parser(prog="mpitrain", description="MPI data-parallel training with gradient compression. "
                     "Run under mpiexec/srun: mpiexec -n 4 python -m mpitrain [flags]. Also: "
-                    "`mpitrain bench {allreduce,compress,convergence,checkpoint,bytes-to-target,guard}` and "
+                    "`mpitrain bench WHAT` (`mpitrain bench --list` names them), "
                     "`mpitrain inspect CHECKPOINT` and `mpitrain plot RUN_DIR...` (no MPI).")
     parser.quiet = world.rank != 0
     add_arguments(parser, compress.names())
