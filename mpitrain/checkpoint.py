@@ -39,7 +39,7 @@ import h5py
 import numpy as np
 import torch
 
-from .config import UsageError
+from .config import CannotWrite, UsageError
 from .layout import all_finite
 from .schema import (DAMAGE, FORMAT, FORMAT_VERSION, ROOT_ATTRS, SCALAR, check_isolated, deadline_s, open_checkpoint,
                      why)
@@ -154,13 +154,6 @@ def ef_policy(cfg, compressor) -> str:
     if cfg.ef_resume == "auto":
         return "mean" if compressor.linear else "gather"
     return cfg.ef_resume
-
-
-class CannotWrite(RuntimeError):
-    """A checkpoint could not be written (no space, no permission, an I/O error, parameters that
-    are not finite): one line, exit 1; the checkpoints already written are left as they were."""
-
-    exit_code = 1
 
 
 def on_disk_bytes(*values) -> int:

@@ -26,6 +26,13 @@ class UsageError(Exception):
     exit_code = 2  # also when one rank meets it mid-run (see comm.World.abort_on_exception)
 
 
+class CannotWrite(RuntimeError):
+    """What the run writes could not be written (no space, no permission, an I/O error, parameters
+    that are not finite): one line, exit 1; what was written before is left as it was."""
+
+    exit_code = 1
+
+
 class Parser(argparse.ArgumentParser):
     """argparse that reports mistakes as UsageError and prints help on one rank only."""
 

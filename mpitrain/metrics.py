@@ -22,6 +22,7 @@ the compression ratio, whatever the compressor.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
@@ -29,7 +30,7 @@ import sys
 
 from tqdm import tqdm
 
-from .config import UsageError
+from .config import CannotWrite, UsageError
 from .data import DEFAULT_BATCH
 
 
@@ -60,10 +61,11 @@ class RunLog:
         self.bar = None
         if not self.active:
             return
-        os.makedirs(cfg.run_dir, exist_ok=True)
-        with open(os.path.join(cfg.run_dir, "config.json"), "w") as fh:
-            fh.write(cfg.to_json() + "\n")
-        self._fh = open(os.path.join(cfg.run_dir, "metrics.jsonl"), "a")
+        with self._writing("config.json"):
+            os.makedirs(cfg.run_dir, exist_ok=True)
+            with open(os.path.join(cfg.run_dir, "config.json"), "w") as fh:
+                fh.write(cfg.to_json() + "\n")
+            self._fh = open(os.path.join(cfg.run_dir, "metrics.jsonl"), "a")
         self._tb = None
         if cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -84,9 +86,18 @@ class RunLog:
         if cfg.progress == "always" or (cfg.progress == "auto" and sys.stdout.isatty()):
             self.bar = tqdm(total=self.total, initial=first_step, unit="step", dynamic_ncols=True, file=sys.stdout)
 
+    @contextlib.contextmanager
+    def _writing(self, name: str):
+        """A full disk or a lost mount is one line (CannotWrite), not a traceback."""
+        try:
+            yield
+        except OSError as e:
+            raise CannotWrite(f"cannot write {os.path.join(self.cfg.run_dir, name)}: {e.strerror or e}") from None
+
     def _write(self, record: dict):
-        self._fh.write(json.dumps(record) + "\n")
-        self._fh.flush()
+        with self._writing("metrics.jsonl"):
+            self._fh.write(json.dumps(record) + "\n")
+            self._fh.flush()
         if self._tb is not None and record["kind"] in ("train", "eval", "round"):
             for key, value in record.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":

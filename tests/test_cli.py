@@ -86,6 +86,15 @@ def test_a_run_dir_where_a_file_is_is_refused_with_one_line(tmp_path):
     assert notes.read_text() == "mine"
 
 
+def test_a_full_disk_under_the_metrics_is_one_line_and_exit_1(tmp_path):
+    (tmp_path / "metrics.jsonl").symlink_to("/dev/full")  # every write fails with ENOSPC, as on a full disk
+    r = trainer(2, "--steps", 20, "--run-dir", tmp_path)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    lines = [x for x in r.stderr.splitlines() if x.startswith("mpitrain:")]
+    assert lines == [f"mpitrain: error: rank 0, step 10: cannot write {tmp_path / 'metrics.jsonl'}: "
+                     "No space left on device"]
+
+
 def test_a_mistake_under_mpiexec_exits_2_on_every_rank_with_one_line(tmp_path):
     r = trainer(4, "--dataset", "nosuchset", "--run-dir", tmp_path / "run")
     assert r.returncode == 2, r.stderr
