@@ -7,6 +7,7 @@ so a user's mistake becomes one clear line (`UsageError`), never a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib
 import json
@@ -31,6 +32,16 @@ class CannotWrite(RuntimeError):
     that are not finite): one line, exit 1; what was written before is left as it was."""
 
     exit_code = 1
+
+
+@contextlib.contextmanager
+def one_line(caught, error, say):
+    """An exception of the types `caught` raised inside becomes `error(say(it))`: one line from the
+    abort hook or the command, never a traceback."""
+    try:
+        yield
+    except caught as e:
+        raise error(say(e)) from None
 
 
 class Parser(argparse.ArgumentParser):

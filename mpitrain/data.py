@@ -13,7 +13,6 @@ Each rank reads only its own rows of an epoch, in one sorted HDF5 read.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -23,7 +22,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .config import UsageError, user_function
+from .config import UsageError, one_line, user_function
 from .schema import DAMAGE, why
 
 BUNDLED = ("digits", "breast_cancer", "mnist1d", "shakespeare")
@@ -73,13 +72,9 @@ class Dataset:
         with self._reading("open"):
             self._check()
 
-    @contextlib.contextmanager
     def _reading(self, what: str):
         """h5py's errors on a damaged file (OSError, KeyError, ValueError, ...) as one line."""
-        try:
-            yield
-        except DAMAGE as e:
-            raise UsageError(f"data file {self.path} is damaged ({what}): {why(e)}") from None
+        return one_line(DAMAGE, UsageError, lambda e: f"data file {self.path} is damaged ({what}): {why(e)}")
 
     def _check(self):
         h5, attrs = self._h5, self._h5.attrs

@@ -22,7 +22,6 @@ the compression ratio, whatever the compressor.
 """
 from __future__ import annotations
 
-import contextlib
 import importlib
 import json
 import os
@@ -30,7 +29,7 @@ import sys
 
 from tqdm import tqdm
 
-from .config import CannotWrite, UsageError
+from .config import CannotWrite, UsageError, one_line
 from .data import DEFAULT_BATCH
 
 
@@ -86,13 +85,10 @@ class RunLog:
         if cfg.progress == "always" or (cfg.progress == "auto" and sys.stdout.isatty()):
             self.bar = tqdm(total=self.total, initial=first_step, unit="step", dynamic_ncols=True, file=sys.stdout)
 
-    @contextlib.contextmanager
     def _writing(self, name: str):
         """A full disk or a lost mount is one line (CannotWrite), not a traceback."""
-        try:
-            yield
-        except OSError as e:
-            raise CannotWrite(f"cannot write {os.path.join(self.cfg.run_dir, name)}: {e.strerror or e}") from None
+        path = os.path.join(self.cfg.run_dir, name)
+        return one_line(OSError, CannotWrite, lambda e: f"cannot write {path}: {e.strerror or e}")
 
     def _write(self, record: dict):
         with self._writing("metrics.jsonl"):
