@@ -39,7 +39,7 @@ import h5py
 import numpy as np
 import torch
 
-from .config import CannotWrite, UsageError
+from .config import CannotWrite, UsageError, one_line
 from .layout import all_finite
 from .schema import (DAMAGE, FORMAT, FORMAT_VERSION, ROOT_ATTRS, SCALAR, check_isolated, deadline_s, open_checkpoint,
                      why)
@@ -277,10 +277,8 @@ def save(run, world, step: int, epoch: int = 0, wire_bytes_total: int = 0, extra
     texts = {"config": cfg.to_json(), "param_groups": json.dumps(opt["param_groups"]),
              "param_names": json.dumps([name for name, _ in run.model.named_parameters()])}
     ckpt_dir = folder(cfg.run_dir)
-    try:
+    with one_line(OSError, CannotWrite, lambda e: f"cannot make the checkpoint folder {ckpt_dir}: {e.strerror or e}"):
         ckpt_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise CannotWrite(f"cannot make the checkpoint folder {ckpt_dir}: {e.strerror or e}") from None
     for stale in ckpt_dir.glob("*.tmp-*"):  # left by a writer that was killed; never a complete file
         stale.unlink(missing_ok=True)
     path = ckpt_dir / file_name(step)
