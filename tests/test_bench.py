@@ -4,6 +4,7 @@ import json
 import sys
 
 from helpers import mpi, run
+from mpitrain import checkpoint
 
 
 def test_bench_allreduce_writes_its_table(tmp_path):
@@ -22,6 +23,17 @@ def test_bench_guard_writes_its_table(tmp_path):
     assert [(row["stall_timeout_s"], row["sync_check_every"]) for row in rows] == [(0, 0), (300, 0), (300, 200),
                                                                                  (300, 1)]
     assert rows[0]["overhead_vs_off"] == 0 and all(row["median_wall_s"] > 0 for row in rows)
+
+
+def test_bench_checkpoint_trains_saves_in_line_and_behind_training_and_loads(tmp_path):
+    r = mpi(1, ["-m", "mpitrain", "bench", "checkpoint", "--repeats", 1, "--out", tmp_path], timeout=300)
+    assert r.returncode == 0, r.stderr
+    [row] = json.loads((tmp_path / "checkpoint-n1.json").read_text())["tables"]["checkpoint"]
+    # the file holds the weights, their momentum and the compressor's residual: at least three copies
+    assert row["params"] > 24e6 and row["file_mb"] > 3 * row["model_mb"] > 3 * 97
+    assert all(row[key] > 0 for key in ("save_s", "load_s", "step_s", "background_snapshot_s", "background_write_s"))
+    [saved] = (tmp_path / "checkpoint-run" / "checkpoints").glob("ckpt-*.h5")  # --keep-last 1
+    assert checkpoint.verify(saved) == []
 
 
 def test_bench_rejects_an_unknown_benchmark(tmp_path):
