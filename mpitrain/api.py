@@ -136,7 +136,9 @@ class Exchange:
         after a plain `loss.backward()` pass the loss (or None) and the gradients are scaled here.
         With parameter averaging (average_every > 1) the gradients stay this rank's own and only
         the control words (mean loss, non-finite flag, stop request) cross the network, in one
-        tiny Allreduce; `average_parameters` is where the ranks meet."""
+        tiny Allreduce; `average_parameters` is where the ranks meet. On rank 0, a background
+        checkpoint write that failed raises its CannotWrite here, at the next step, not the next save."""
+        checkpoint.WRITER.raise_failure()
         grads, size, local = self.layout.grads, self.world.size, self.averaging is not None
         share = self._share
         if share is None:

@@ -27,7 +27,10 @@ readers without MPI.
 """
 from __future__ import annotations
 
+import errno
+import io
 import json
+import math
 import os
 import platform
 import shutil
@@ -72,6 +75,16 @@ def as_array(value) -> tuple[np.ndarray, str]:
     return np.asarray(arr), dtype_name
 
 
+def chunks_of(shape: tuple, itemsize: int, target: int = 2**20) -> tuple:
+    """Chunks of about `target` bytes that split the leading axis evenly (h5py's own choice for a
+    100 MB array was 48 kB: 8192 chunks, each a write through `Sink` and a checksum)."""
+    inner = math.prod(shape[1:]) * itemsize
+    if inner > target:
+        return (1, *chunks_of(shape[1:], itemsize, target))
+    pieces = -(-shape[0] * inner // target)
+    return (-(-shape[0] // pieces), *shape[1:])
+
+
 def _dataset(group: h5py.Group, name: str, value):
     """One array (a tensor, an array, or an (array, dtype name) snapshot) or JSON text as a chunked,
     checksummed dataset."""
@@ -85,7 +98,7 @@ def _dataset(group: h5py.Group, name: str, value):
     if arr.size == 0:
         ds = group.create_dataset(name, data=arr)
     else:
-        ds = group.create_dataset(name, data=arr, chunks=True, fletcher32=True)
+        ds = group.create_dataset(name, data=arr, chunks=chunks_of(arr.shape, arr.itemsize), fletcher32=True)
     ds.attrs["dtype"] = dtype_name
     ds.attrs["shape"] = np.array(shape, dtype=np.int64)
     if scalar:
@@ -171,15 +184,85 @@ def on_disk_bytes(*values) -> int:
     return int(total * 1.01) + 8192 * datasets + 2**16  # measured: ~4 kB a dataset
 
 
+def intact(ckpt_dir: Path) -> str:
+    """What is left to resume from, for a message about a checkpoint that was not written."""
+    last = (ckpt_dir / "latest").read_text().strip() if (ckpt_dir / "latest").is_file() else None
+    return f"the last checkpoint, {last}, is intact" if last else "no checkpoint was written before"
+
+
 def require_space(ckpt_dir: Path, need: int, path: Path):
-    """Refuse before HDF5 writes anything: on a full disk it fails while closing the file, and
-    the process can crash (a segfault, seen with h5py 3.16) instead of raising."""
+    """Refuse before HDF5 writes anything when the disk visibly lacks room (a quota it does not
+    show is caught by `Sink`)."""
     free = shutil.disk_usage(ckpt_dir).free
     if free < need:
-        last = (ckpt_dir / "latest").read_text().strip() if (ckpt_dir / "latest").is_file() else None
         raise CannotWrite(f"no space for checkpoint {path.name} in {ckpt_dir}: it needs about {need / 1e6:.1f} MB, "
-                          f"{free / 1e6:.1f} MB are free; " + (f"the last checkpoint, {last}, is intact" if last
-                                                               else "no checkpoint was written before"))
+                          f"{free / 1e6:.1f} MB are free; {intact(ckpt_dir)}")
+
+
+class Sink(io.RawIOBase):
+    """The file HDF5 writes a checkpoint through. The first failed write (a full disk, a quota, a
+    file size limit) is kept and what follows is dropped, so HDF5 itself never sees a failure: on
+    one it could crash while closing the file (a segfault, seen with h5py 3.16), and its error
+    surfaced in the training thread's next HDF5 call (a data read) as a multi-line OSError.
+    `failure` is the kept error; the file is worthless once there is one."""
+
+    def __init__(self, path: Path):
+        super().__init__()
+        self.fd, self.at, self.failure = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600), 0, None
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        self.at = offset + (self.at if whence == io.SEEK_CUR else os.fstat(self.fd).st_size if whence == io.SEEK_END else 0)
+        return self.at
+
+    def tell(self) -> int:
+        return self.at
+
+    def readinto(self, buffer) -> int:
+        data = os.pread(self.fd, len(buffer), self.at)
+        buffer[:len(data)] = data
+        self.at += len(data)
+        return len(data)
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        done = 0
+        while self.failure is None and done < len(view):
+            try:
+                wrote = os.pwrite(self.fd, view[done:], self.at + done)
+            except OSError as e:
+                self.failure = e
+                break
+            if not wrote:
+                self.failure = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            done += wrote
+        self.at += len(view)
+        return len(view)
+
+    def truncate(self, size: int | None = None) -> int:
+        size = self.at if size is None else size
+        if self.failure is None:
+            try:
+                os.ftruncate(self.fd, size)
+            except OSError as e:
+                self.failure = e
+        return size
+
+    def flush(self) -> None:
+        pass  # `_atomic` fsyncs the finished file
+
+    def close(self) -> None:
+        if not self.closed:
+            os.close(self.fd)
+        super().close()
 
 
 class Writer:
@@ -210,6 +293,12 @@ class Writer:
 
     def busy(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
+
+    def raise_failure(self):
+        """If the last write has ended in a failure, raise it now (without waiting for a write in
+        flight): a job whose checkpoints cannot be written should not train on until the next one."""
+        if self._thread is not None and not self._thread.is_alive():
+            self.wait()
 
     def wait(self):
         """Until the write in flight (if any) is on disk and `latest` names it; re-raises its failure."""
@@ -284,7 +373,7 @@ def save(run, world, step: int, epoch: int = 0, wire_bytes_total: int = 0, extra
     path = ckpt_dir / file_name(step)
 
     def write_file(tmp):
-        with h5py.File(tmp, "w", locking=False) as f:  # a file no one else opens; NFS and Lustre may refuse locks
+        with Sink(tmp) as sink, h5py.File(sink, "w") as f:
             f.attrs.update(attrs)
             _dataset(f, "config", texts["config"])
             group = f.create_group("model")
@@ -316,10 +405,14 @@ def save(run, world, step: int, epoch: int = 0, wire_bytes_total: int = 0, extra
                     _dataset(group, key, value)
             if user_json is not None:
                 _dataset(f, "user_json", user_json)
+        if sink.failure is not None:
+            raise sink.failure
 
     def write():
-        _atomic(path, write_file)
-        _atomic(ckpt_dir / "latest", lambda tmp: tmp.write_text(path.name + "\n"))
+        with one_line(OSError, CannotWrite,
+                      lambda e: f"cannot write checkpoint {path.name} in {ckpt_dir}: {e.strerror or e}; {intact(ckpt_dir)}"):
+            _atomic(path, write_file)
+            _atomic(ckpt_dir / "latest", lambda tmp: tmp.write_text(path.name + "\n"))
         prune(ckpt_dir, cfg.keep_last, keep=path)
 
     stored = residual if residual is not None and policy != "reset" else None

@@ -207,6 +207,27 @@ def test_sigkill_during_checkpoint_writes_never_breaks_latest(tmp_path):
     assert f"at step {steps_before}" in r.stdout
 
 
+def test_a_quota_that_free_space_does_not_show_ends_the_job_at_once_with_one_line(tmp_path):
+    # from the checkpoint at step 150 on, no file may pass 300 kB (each is ~0.75 MB): the disk shows
+    # free space, HDF5's write fails mid-file (before: a multi-line OSError raised in a data read on
+    # the training thread, or a segfault while HDF5 closed the file)
+    flags = ["--steps", 300, "--checkpoint-every", 50, "--run-dir", tmp_path]
+    r = mpi(2, [WORKERS / "file_size_limit.py", 300_000, 150, *flags])
+    assert r.returncode == 1, r.stderr
+    lines = [x for x in r.stderr.splitlines() if x.startswith("mpitrain:")]
+    assert len(lines) == 1 and "Traceback" not in r.stderr and "HDF5" not in r.stderr, r.stderr
+    head, _, message = lines[0].partition(": cannot write checkpoint ")
+    assert head.startswith("mpitrain: error: rank 0, step ")
+    assert 150 < int(head.rsplit(" ", 1)[1]) < 200, lines[0]  # the next step's average raised it, not the next save
+    assert message == (f"ckpt-000000150.h5 in {tmp_path / 'checkpoints'}: File too large; "
+                       "the last checkpoint, ckpt-000000100.h5, is intact"), lines[0]
+    ckpts = tmp_path / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["ckpt-000000050.h5", "ckpt-000000100.h5", "latest"]
+    r = trainer(2, *flags, "--resume", "auto")
+    assert r.returncode == 0, r.stderr
+    assert f"resumed from {ckpts / 'ckpt-000000100.h5'} at step 100" in r.stdout and "done: 300 steps" in r.stdout
+
+
 def test_a_full_disk_ends_the_job_with_one_line_and_leaves_the_last_checkpoint_to_resume(tmp_path):
     # a disk with room for two checkpoints of the default MLP (0.76 MB each) and the run's logs
     flags = ["--steps", 300, "--checkpoint-every", 50, "--run-dir", tmp_path]
