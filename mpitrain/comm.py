@@ -131,10 +131,15 @@ class World:
         spec = [recv, counts, displs, MPI.BYTE]
         self._run("Allgatherv", lambda: self._comm.Iallgatherv(mine, spec), lambda: self._comm.Allgatherv(mine, spec))
 
-    def gather(self, arr: np.ndarray, root: int = 0) -> np.ndarray | None:
-        """Stack every rank's equal-shaped array on `root` (None elsewhere)."""
+    def gather(self, arr: np.ndarray, root: int = 0, out: np.ndarray | None = None) -> np.ndarray | None:
+        """Stack every rank's equal-shaped array on `root` (None elsewhere), into `out` if given."""
         arr = np.ascontiguousarray(arr)
-        out = np.empty((self.size,) + arr.shape, dtype=arr.dtype) if self.rank == root else None
+        if self.rank != root:
+            out = None
+        elif out is None:
+            out = np.empty((self.size,) + arr.shape, dtype=arr.dtype)
+        elif out.shape != (self.size,) + arr.shape or out.dtype != arr.dtype or not out.flags.c_contiguous:
+            raise ValueError(f"gather into {out.shape} {out.dtype}: needs contiguous {(self.size,) + arr.shape} {arr.dtype}")
         self.sent_bytes += arr.nbytes
         flat = arr.reshape(-1)
         step = max(1, self.max_message_bytes // max(1, self.size * arr.itemsize))
