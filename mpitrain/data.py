@@ -23,6 +23,7 @@ import h5py
 import numpy as np
 
 from .config import UsageError, one_line, user_function
+from . import schema
 from .schema import DAMAGE, why
 
 BUNDLED = ("digits", "breast_cancer", "mnist1d", "shakespeare")
@@ -63,8 +64,12 @@ class Dataset:
     its layout, attributes, shapes, types and labels are checked when it is opened, every read
     after that is checked too, and anything wrong is one line naming the file (UsageError)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, isolated: bool = True):
         self.path, self.name = Path(path), Path(path).name
+        if isolated:  # HDF5 reads the file first in a child process with a deadline (`check_file`)
+            faults = schema.isolated(__name__, self.path, schema.DEADLINE_S)
+            if faults:
+                raise UsageError(faults[0] if str(self.path) in faults[0] else f"data file {self.path}: {faults[0]}")
         try:
             self._h5 = h5py.File(self.path, "r", locking=False)  # many ranks read it; NFS and Lustre may refuse locks
         except OSError as e:
@@ -144,6 +149,33 @@ class Dataset:
 
     def close(self):
         self._h5.close()
+
+
+def check_file(path) -> list[str]:
+    """What `Dataset` finds wrong with the file (at most one line), after HDF5 has also walked what
+    later reads need: every chunk index entry of x_train and x_test, and their first and last rows
+    (a contiguous array's rows are plain reads at known offsets). Run in a child process with a
+    deadline (`schema.isolated`), so that a damaged file which sends HDF5 into a loop costs a
+    fault line, not a hung job: the parent then reads only what the child finished reading."""
+    try:
+        data = Dataset(Path(path), isolated=False)
+    except UsageError as e:
+        return [str(e)]
+    try:
+        with data._reading("its chunk index"):
+            for split in ("train", "test"):
+                x = data._h5[f"x_{split}"]
+                if x.chunks is not None:
+                    for i in range(x.id.get_num_chunks()):
+                        x.id.get_chunk_info(i)
+                n = data.n_train if split == "train" else data.n_test
+                if n:
+                    data.rows(split, np.array([0, n - 1]))
+    except UsageError as e:
+        return [str(e)]
+    finally:
+        data.close()
+    return []
 
 
 def _check_info(info, where: str) -> dict:
@@ -352,3 +384,7 @@ def build_shakespeare(out: Path, test_chars: int = 64_000):
 
 BUILDERS = {"digits": build_digits, "breast_cancer": build_breast_cancer,
             "mnist1d": build_mnist1d, "shakespeare": build_shakespeare}
+
+
+if __name__ == "__main__":
+    print(json.dumps(check_file(sys.argv[-1])))

@@ -277,6 +277,22 @@ def deadline_s(size: int, full: bool = True) -> float:
     return DEADLINE_S + (size / 20e6 if full else 0)
 
 
+def isolated(module: str, path, deadline: float, *flags: str) -> list[str]:
+    """The faults `python -m module [flags] path` prints as JSON, run in a child process that is
+    killed past `deadline` seconds (a fault then, as is a crash of the child): for a file HDF5
+    must read before the parent dares to."""
+    cmd = [sys.executable, "-m", module, *flags, str(path)]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=deadline, stdin=subprocess.DEVNULL)
+        how = f"signal {-done.returncode}" if done.returncode < 0 else f"exit {done.returncode}"
+        last = (done.stderr.strip().splitlines() or ["no message"])[-1][:160]
+        return json.loads(done.stdout) if done.returncode == 0 else [f"reading it ended the checker with {how} ({last})"]
+    except subprocess.TimeoutExpired:
+        return [f"reading it did not finish in {deadline:.0f} s (a damaged file can send HDF5 into a loop)"]
+    except ValueError:
+        return ["the checker's answer did not parse"]
+
+
 def check_isolated(path, full: bool = True) -> list[str]:
     """`check` in a child process with a deadline (DEADLINE_S, plus 1 s per 20 MB when reading the data)."""
     try:
@@ -286,18 +302,7 @@ def check_isolated(path, full: bool = True) -> list[str]:
     key = (os.path.realpath(path), st.st_ino, st.st_size, st.st_mtime_ns)
     if (key, True) in _CHECKED or (key, full) in _CHECKED:
         return _CHECKED.get((key, full), _CHECKED.get((key, True)))
-    deadline = deadline_s(st.st_size, full)
-    cmd = [sys.executable, "-m", "mpitrain.schema"] + (["--full"] if full else []) + [str(path)]
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=deadline)
-        how = f"signal {-done.returncode}" if done.returncode < 0 else f"exit {done.returncode}"
-        last = (done.stderr.strip().splitlines() or ["no message"])[-1][:160]
-        faults = json.loads(done.stdout) if done.returncode == 0 else \
-            [f"reading it ended the checker with {how} ({last})"]
-    except subprocess.TimeoutExpired:
-        faults = [f"reading it did not finish in {deadline:.0f} s (a damaged file can send HDF5 into a loop)"]
-    except ValueError:
-        faults = ["the checker's answer did not parse"]
+    faults = isolated("mpitrain.schema", path, deadline_s(st.st_size, full), *(["--full"] if full else []))
     _CHECKED[(key, full)] = faults
     return faults
 

@@ -1,7 +1,9 @@
 """Sharding and reading of the bundled HDF5 datasets; damaged and inconsistent data files."""
 import json
+import os
 import shutil
 import sys
+import time
 
 import h5py
 import numpy as np
@@ -9,7 +11,8 @@ import pytest
 
 from helpers import WORKERS, run, trainer
 from mpitrain.config import UsageError
-from mpitrain.data import ArrayData, Dataset, ShardedBatches, TorchData, locate
+from mpitrain import schema
+from mpitrain.data import ArrayData, Dataset, ShardedBatches, TorchData, check_file, locate
 
 
 @pytest.mark.parametrize("size", [1, 2, 3, 4])
@@ -128,12 +131,44 @@ def test_a_damaged_data_file_is_one_line_never_a_traceback(tmp_path):
     assert any("(reading" not in line for line in refused)  # and some of the headers, found on opening
 
 
+def test_a_data_file_that_hdf5_cannot_finish_opening_is_a_fault_line_at_the_deadline(tmp_path, monkeypatch):
+    # a damaged file can send HDF5 into a loop no signal interrupts; a named pipe with no writer
+    # blocks its open the same way, and before the child-process check it hung the caller for good
+    pipe = tmp_path / "pipe.h5"
+    os.mkfifo(pipe)
+    monkeypatch.setattr(schema, "DEADLINE_S", 3.0)
+    started = time.monotonic()
+    with pytest.raises(UsageError) as refused:
+        Dataset(pipe)
+    assert str(refused.value) == (f"data file {pipe}: reading it did not finish in 3 s "
+                                  "(a damaged file can send HDF5 into a loop)")
+    assert time.monotonic() - started < 30
+
+
+def test_the_child_check_walks_the_chunk_index_and_reads_the_first_and_last_rows(tmp_path):
+    assert check_file(locate("digits")) == []
+    path = tmp_path / "digits.h5"
+    shutil.copy(locate("digits"), path)
+    with h5py.File(path, "r") as f:
+        x = f["x_test"].id
+        chunk = x.get_chunk_info(x.get_num_chunks() - 1)
+    data = bytearray(path.read_bytes())
+    data[chunk.byte_offset + chunk.size // 2] ^= 0xFF  # in the chunk that holds x_test's last rows
+    path.write_bytes(data)
+    Dataset(path, isolated=False)  # the open alone reads no rows of x_test
+    [fault] = check_file(path)
+    assert fault.startswith(f"data file {path} is damaged (reading x_test): "), fault
+    with pytest.raises(UsageError, match=f"data file {path} is damaged \\(reading x_test\\)"):
+        Dataset(path)
+
+
 def test_a_damaged_row_found_mid_run_ends_the_job_with_one_line_and_exit_2(tmp_path):
     path = tmp_path / "digits.h5"
     shutil.copy(locate("digits"), path)
     with h5py.File(path, "r") as f:
         x = f["x_train"].id
-        chunk = x.get_chunk_info(x.get_num_chunks() - 1)
+        assert x.get_num_chunks() >= 3
+        chunk = x.get_chunk_info(x.get_num_chunks() // 2)  # neither the first rows nor the last: opening reads those
     data = bytearray(path.read_bytes())
     data[chunk.byte_offset + chunk.size // 2] ^= 0xFF  # deflate's checksum fails when the rows are read
     path.write_bytes(data)
