@@ -36,6 +36,10 @@ _STALL_TAG = 7
 _LOOK_S = 0.05  # how often a waiting rank checks its deadline and listens for stall notices
 
 
+def _same_memory(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.shape == b.shape and a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
+
+
 class World:
     """Rank, size, node-local rank/size and counted collectives over MPI.COMM_WORLD."""
 
@@ -132,7 +136,8 @@ class World:
         self._run("Allgatherv", lambda: self._comm.Iallgatherv(mine, spec), lambda: self._comm.Allgatherv(mine, spec))
 
     def gather(self, arr: np.ndarray, root: int = 0, out: np.ndarray | None = None) -> np.ndarray | None:
-        """Stack every rank's equal-shaped array on `root` (None elsewhere), into `out` if given."""
+        """Stack every rank's equal-shaped array on `root` (None elsewhere), into `out` if given. On
+        `root`, an `arr` that is `out[root]` itself is left where it is (MPI's in-place gather)."""
         arr = np.ascontiguousarray(arr)
         if self.rank != root:
             out = None
@@ -144,8 +149,9 @@ class World:
         flat = arr.reshape(-1)
         step = max(1, self.max_message_bytes // max(1, self.size * arr.itemsize))
         if flat.size <= step:  # one call, straight into the result
-            self._run("Gather", lambda: self._comm.Igather(flat, out, root=root),
-                      lambda: self._comm.Gather(flat, out, root=root))
+            send = MPI.IN_PLACE if out is not None and _same_memory(arr, out[root]) else flat
+            self._run("Gather", lambda: self._comm.Igather(send, out, root=root),
+                      lambda: self._comm.Gather(send, out, root=root))
             return out
         for lo in range(0, flat.size, step):
             piece = flat[lo:lo + step]

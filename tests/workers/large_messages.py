@@ -1,5 +1,6 @@
-"""Allgatherv, Allreduce, Bcast and Gather with the per-call limit lowered to a few hundred bytes, so
-that payloads go in pieces and rounds, compared with the same calls made whole.
+"""Allgatherv, Allreduce, Bcast and Gather (also with the root's part in place) with the per-call
+limit lowered to a few hundred bytes, so that payloads go in pieces and rounds, compared with the
+same calls made whole.
 
     mpiexec -n N python large_messages.py OUT     (rank 0 writes OUT/report.json)
 """
@@ -23,17 +24,30 @@ summed_whole = world.allreduce_(floats.copy())
 shared_whole = world.bcast_(floats.copy() if world.rank == 0 else np.zeros_like(floats))
 stacked_whole = world.gather(floats[:900].copy())
 
+
+def gathered_in_place():
+    """Rank 0's part already where it goes: MPI's in-place gather (whole) or pieces that read it there."""
+    if world.rank != 0:
+        return world.gather(floats[:900].copy())
+    out = np.full((world.size, 900), np.nan, dtype=np.float32)
+    out[0] = floats[:900]
+    return world.gather(out[0], out=out)
+
+
+in_place_whole = gathered_in_place()
+
 world.max_message_bytes = 256
 gathered = [world.allgatherv(p) for p in payloads]
 calls_in_pieces = world.calls - calls
 summed = world.allreduce_(floats.copy())
 shared = world.bcast_(floats.copy() if world.rank == 0 else np.zeros_like(floats))
 stacked = world.gather(floats[:900].copy())
+in_place = gathered_in_place()
 
 equal = all(np.array_equal(a, b) for whole, part in zip(gathered_whole, gathered) for a, b in zip(whole, part))
 equal &= all(len(whole) == world.size for whole in gathered)
 equal &= np.array_equal(summed_whole, summed) and np.array_equal(shared_whole, shared)
-equal &= world.rank != 0 or np.array_equal(stacked_whole, stacked)
+equal &= world.rank != 0 or all(np.array_equal(stacked_whole, x) for x in (stacked, in_place_whole, in_place))
 # one size exchange + one Allgatherv per payload whole; in pieces, the largest payload alone takes
 # ceil(max size / (256 // N)) rounds
 largest = 1000 + 337 * (world.size - 1)
