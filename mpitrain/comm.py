@@ -20,6 +20,7 @@ Large messages. MPI counts are C ints; no single call here moves more than `max_
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -47,10 +48,9 @@ class World:
         self._comm = MPI.COMM_WORLD
         self.rank = self._comm.Get_rank()
         self.size = self._comm.Get_size()
-        node = self._comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
-        self.local_rank = node.Get_rank()
-        self.local_size = node.Get_size()
-        node.Free()
+        self._node = self._comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
+        self.local_rank = self._node.Get_rank()
+        self.local_size = self._node.Get_size()
         self._side = self._comm.Dup()  # stall notices only; never carries data
         self.sent_bytes = 0
         self.calls = 0  # collective calls made (a piece of a large message is a call)
@@ -161,6 +161,25 @@ class World:
             if out is not None:
                 out.reshape(self.size, -1)[:, lo:lo + step] = got
         return out
+
+    def node_first(self, fn):
+        """fn() on this node's first rank only; its result (JSON-able) is every rank's on the node, as
+        if each had called fn. For work that one process per node can do for all of them (a file check
+        that starts a process). The other ranks wait without the stall deadline: fn bounds its own time,
+        and an exception in it ends the job."""
+        if self.local_size == 1:
+            return fn()
+        text = np.frombuffer(json.dumps(fn()).encode(), dtype=np.uint8) if self.local_rank == 0 else None
+        size = np.array([0 if text is None else text.size], dtype=np.int64)
+        request = self._node.Ibcast(size, root=0)
+        while not request.Test():  # asleep: ranks spinning in a blocking Bcast starved the first one's check
+            time.sleep(0.005)
+        if text is None:
+            text = np.empty(int(size[0]), dtype=np.uint8)
+        self._node.Bcast(text, root=0)
+        self.calls += 2
+        self.sent_bytes += size.nbytes + text.nbytes if self.local_rank == 0 else 0
+        return json.loads(text.tobytes().decode())
 
     def first_rank_where(self, flag: bool) -> int | None:
         """The lowest rank whose `flag` is true, or None when it is false everywhere (a collective)."""

@@ -64,10 +64,12 @@ class Dataset:
     its layout, attributes, shapes, types and labels are checked when it is opened, every read
     after that is checked too, and anything wrong is one line naming the file (UsageError)."""
 
-    def __init__(self, path: Path, isolated: bool = True):
+    def __init__(self, path: Path, isolated: bool = True, check=None):
+        """`isolated`: HDF5 reads the file first in a child process with a deadline (`check_isolated`),
+        or through `check` (a path's faults), which may run that child once for several ranks."""
         self.path, self.name = Path(path), Path(path).name
-        if isolated:  # HDF5 reads the file first in a child process with a deadline (`check_file`)
-            faults = schema.isolated(__name__, self.path, schema.DEADLINE_S)
+        if isolated:
+            faults = (check or check_isolated)(self.path)
             if faults:
                 raise UsageError(faults[0] if str(self.path) in faults[0] else f"data file {self.path}: {faults[0]}")
         try:
@@ -149,6 +151,11 @@ class Dataset:
 
     def close(self):
         self._h5.close()
+
+
+def check_isolated(path) -> list[str]:
+    """`check_file` in a child process that is killed past `schema.DEADLINE_S` seconds."""
+    return schema.isolated(__name__, path, schema.DEADLINE_S)
 
 
 def check_file(path) -> list[str]:
@@ -253,12 +260,12 @@ class TorchData:
         return x, y
 
 
-def open_dataset(name: str, data_dir: str = ""):
-    """The dataset --dataset names: bundled, an .h5 path, or a user's package.module:function that
-    returns (data, info), data being a dict of arrays (x_train, y_train, x_test, y_test), a
-    map-style torch Dataset, or a (train, test) pair of them."""
+def open_dataset(name: str, data_dir: str = "", check=None):
+    """The dataset --dataset names: bundled, an .h5 path (checked by `check`, as `Dataset` says), or
+    a user's package.module:function that returns (data, info), data being a dict of arrays (x_train,
+    y_train, x_test, y_test), a map-style torch Dataset, or a (train, test) pair of them."""
     if ":" not in name or name.endswith(".h5") or os.sep in name:
-        return Dataset(locate(name, data_dir))
+        return Dataset(locate(name, data_dir), check=check)
     result = user_function(name, "dataset")()
     if not (isinstance(result, tuple) and len(result) == 2):
         raise UsageError(f"{name} must return (data, info); it returned {type(result).__name__}")

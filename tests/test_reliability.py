@@ -163,3 +163,13 @@ def test_a_hostile_checkpoint_is_one_line_exit_2_and_auto_falls_back(tmp_path, e
     r = trainer(2, "--run-dir", tmp_path, "--steps", 6, *COMMON)
     assert r.returncode == 0, r.stderr
     assert "ckpt-000000004.h5 failed verification" in r.stdout and "at step 2" in r.stdout
+
+
+def test_a_nodes_ranks_share_one_run_of_node_first_and_its_result(tmp_path):
+    # every rank of a start-up used to spawn its own data-check process: 64 on one node took 6-7 s
+    r = mpi(3, [WORKERS / "node_first.py", tmp_path], timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in tmp_path.glob("called-*")) == ["called-0"]
+    results = [json.loads((tmp_path / f"result-{rank}.json").read_text()) for rank in range(3)]
+    assert [x["local_rank"] for x in results] == [0, 1, 2]  # one node here
+    assert all(x["got"] == {"checked_by": 0, "faults": ["a fault line from the first rank"]} for x in results)
