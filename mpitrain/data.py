@@ -22,8 +22,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .config import UsageError, one_line, user_function
 from . import schema
+from .config import UsageError, one_line, user_function
 from .schema import DAMAGE, why
 
 BUNDLED = ("digits", "breast_cancer", "mnist1d", "shakespeare")
