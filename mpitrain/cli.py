@@ -28,6 +28,7 @@ def train_main(argv, world) -> int:
     parser = Parser(prog="mpitrain", description="MPI data-parallel training with gradient compression. "
                     "Run under mpiexec/srun: mpiexec -n 4 python -m mpitrain [flags]. Also: "
                     "`mpitrain bench WHAT` (`mpitrain bench --list` names them), "
+                    "`mpitrain emulate --nodes N --link RATE -- [flags]` (an emulated cluster; root), "
                     "`mpitrain inspect CHECKPOINT` and `mpitrain plot RUN_DIR...` (no MPI).")
     parser.quiet = world.rank != 0
     add_arguments(parser, compress.names())
@@ -78,6 +79,9 @@ def main(argv=None) -> int:
     if argv[:1] == ["plot"]:  # nor does drawing runs
         from .plot import main as plot_main
         return plot_main(argv[1:])
+    if argv[:1] == ["emulate"]:  # the launcher of an emulated cluster is no rank of it
+        from .emulate import main as emulate_main
+        return emulate_main(argv[1:])
     from .comm import World
 
     # MPI starts, and the flags are checked, before torch is imported: on many ranks reading it

@@ -25,6 +25,7 @@ import os
 import sys
 import time
 import traceback
+import zlib
 
 import numpy as np
 
@@ -34,7 +35,8 @@ from mpi4py import MPI
 _OPS = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}
 STALLED = 3  # exit code of a job ended by the stall watchdog
 _STALL_TAG = 7
-_LOOK_S = 0.05  # how often a waiting rank checks its deadline and listens for stall notices
+_LOOK_S = 0.05
+NODE_ENV = "MPITRAIN_NODE"  # set by `mpitrain emulate`: the emulated node this rank is on  # how often a waiting rank checks its deadline and listens for stall notices
 
 
 def _same_memory(a: np.ndarray, b: np.ndarray) -> bool:
@@ -42,13 +44,21 @@ def _same_memory(a: np.ndarray, b: np.ndarray) -> bool:
 
 
 class World:
-    """Rank, size, node-local rank/size and counted collectives over MPI.COMM_WORLD."""
+    """Rank, size, node-local rank/size and counted collectives over MPI.COMM_WORLD. A node is what
+    MPI calls one (the ranks that share memory), or under `mpitrain emulate` the emulated node that
+    MPITRAIN_NODE names; `host_size` counts the ranks sharing this machine's cores either way."""
 
     def __init__(self, stall_timeout: float = 0.0):
         self._comm = MPI.COMM_WORLD
         self.rank = self._comm.Get_rank()
         self.size = self._comm.Get_size()
-        self._node = self._comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
+        # An emulated cluster (`mpitrain emulate`) names each rank's node. Its nodes share this host's
+        # cores, and MPI, told not to use shared memory between them, sees each rank as a host of its own
+        emulated, host = os.environ.get(NODE_ENV, ""), MPI.Get_processor_name()
+        self._host = self._split(host) if emulated else self._comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
+        self.host_size = self._host.Get_size()
+        self.node_name = emulated or host
+        self._node = self._split(emulated) if emulated else self._host
         self.local_rank = self._node.Get_rank()
         self.local_size = self._node.Get_size()
         self._side = self._comm.Dup()  # stall notices only; never carries data
@@ -58,11 +68,18 @@ class World:
         self.where = "start-up"  # named in a stall message; the training loop sets "step N"
         self.max_message_bytes = 2**31 - 2**20
 
+    def _split(self, name: str):
+        return self._comm.Split(zlib.crc32(name.encode()) & 0x7FFFFFFF, key=self.rank)
+
     def cores_per_rank(self) -> int:
         """The cores this rank may use: those the launcher bound it to, else the node's divided
         among the ranks on it."""
         bound = len(os.sched_getaffinity(0))
-        return bound if bound < (os.cpu_count() or bound) else max(1, bound // self.local_size)
+        return bound if bound < (os.cpu_count() or bound) else max(1, bound // self.host_size)
+
+    def node_names(self) -> list[str]:
+        """Every rank's node name, in rank order (a collective)."""
+        return [bytes(b).decode() for b in self.allgatherv(np.frombuffer(self.node_name.encode(), dtype=np.uint8))]
 
     # -- counters -------------------------------------------------------------------------
     def take_sent_bytes(self) -> int:

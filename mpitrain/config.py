@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 ENV_PREFIX = "MPITRAIN_"
+NOT_SETTINGS = {"MPITRAIN_NODE"}  # set by `mpitrain emulate` for comm.World, not a configuration field
 
 
 class UsageError(Exception):
@@ -250,7 +251,7 @@ def from_file(path: str) -> dict:
 def from_env(environ) -> dict:
     out = {}
     for var, value in environ.items():
-        if not var.startswith(ENV_PREFIX):
+        if not var.startswith(ENV_PREFIX) or var in NOT_SETTINGS:
             continue
         key = _key(var[len(ENV_PREFIX):])
         if key not in FIELDS:

@@ -53,6 +53,15 @@ def require_tensorboard():
         raise UsageError("--tensorboard needs the tensorboard package: pip install 'mpitrain[tensorboard]'") from None
 
 
+def on_nodes(nodes: list[str], shown: int = 8) -> str:
+    """' on 2 nodes (a, b)' from every rank's node name; long lists end in how many more."""
+    unique = list(dict.fromkeys(nodes))
+    if not unique:
+        return ""
+    names = ", ".join(unique[:shown]) + (f", ... {len(unique) - shown} more" if len(unique) > shown else "")
+    return f" on {len(unique)} node{'s' if len(unique) > 1 else ''} ({names})"
+
+
 class RunLog:
     def __init__(self, cfg, world, total_steps: int):
         self.active = world.rank == 0
@@ -70,7 +79,7 @@ class RunLog:
             from torch.utils.tensorboard import SummaryWriter
             self._tb = SummaryWriter(os.path.join(cfg.run_dir, "tensorboard"))
 
-    def start(self, size: int, batches, chosen: bool, first_step: int = 0):
+    def start(self, size: int, batches, chosen: bool, first_step: int = 0, nodes: list[str] = ()):
         """The start-up line: what is trained, on how many ranks, with what batch; then the bar."""
         if not self.active:
             return
@@ -79,7 +88,7 @@ class RunLog:
             f" on parameter deltas every {cfg.average_every} steps (outer step {cfg.outer_optimizer})"
         how = f" (the default {DEFAULT_BATCH} per rank would not fit the training rows)" \
             if chosen and batches.batch < DEFAULT_BATCH else ""
-        print(f"mpitrain: {cfg.model} on {cfg.dataset} ({rows} training rows), {size} ranks x {batches.batch} "
+        print(f"mpitrain: {cfg.model} on {cfg.dataset} ({rows} training rows), {size} ranks{on_nodes(nodes)} x {batches.batch} "
               f"samples per rank = global batch {size * batches.batch}{how}, {batches.steps_per_epoch} steps per "
               f"epoch; compressor {cfg.compressor}{averaging}, {cfg.steps} steps, run dir {cfg.run_dir}", flush=True)
         if cfg.progress == "always" or (cfg.progress == "auto" and sys.stdout.isatty()):

@@ -110,7 +110,7 @@ def main(args, world) -> int:
             for name, mod in known.items():
                 print(f"{name:16} {mod.ABOUT}")
         return 0
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world.local_size))
+    torch.set_num_threads(world.cores_per_rank())
     os.makedirs(args.out, exist_ok=True)
     module = known[args.what]
     tables = module.run(world, args)
