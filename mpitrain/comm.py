@@ -269,7 +269,10 @@ class World:
                 present.add(int(heard[0]))
             time.sleep(0.01)
         missing = sorted(set(range(self.size)) - present)
-        if self.rank != min(present):
+        # A cut link splits the ranks: the side that is not the larger (at a tie, the one without rank 0)
+        # is the one cut off, and waits, so that the line names the ranks behind the cut
+        cut_off = 2 * len(present) < self.size or (2 * len(present) == self.size and 0 not in present)
+        if self.rank != min(present) or cut_off:
             # the lowest present rank is ending the job; if it cannot (a busy rank 0 may not run its
             # Python for seconds), this one does, with the same line
             time.sleep(3 * grace_s)
