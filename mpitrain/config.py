@@ -78,7 +78,7 @@ def _f(default, help, choices=None, minimum=None):
 @dataclass
 class Config:
     # what to train
-    model: str = _f("mlp", "model: mlp, cnn, resnet, transformer, or package.module:function")
+    model: str = _f("mlp", "model: mlp, wide-mlp, cnn, resnet, transformer, or package.module:function")
     dataset: str = _f("digits", "bundled dataset (digits, breast_cancer, mnist1d, shakespeare), a path to an .h5 "
                                 "file, or package.module:function returning (arrays or a torch Dataset, info)")
     data_dir: str = _f("", "folder of the bundled datasets (default: the project's data/)")
@@ -95,7 +95,9 @@ class Config:
     lr_schedule: str = _f("cosine", "after warm-up: constant, or cosine decay to 10%", choices=("constant", "cosine"))
     seed: int = _f(0, "seed for initialisation, data order and every shared random draw", minimum=0)
     # exchange
-    compressor: str = _f("dense", "gradient compressor (see --help for the list)")
+    compressor: str = _f("dense", "gradient compressor (see --help for the list); auto: dense or greedylore, "
+                                  "whichever this job's first steps measure to be faster (with --average-every > 1: "
+                                  "dense)")
     error_feedback: str = _f("auto", "keep what compression left out and add it to the next step (EF14): "
                                      "auto (on for biased compressors), on, off", choices=("auto", "on", "off"))
     bucket_mb: float = _f(25.0, "overlap the exchange with backward: gradients go in buckets of this many MB, each "
@@ -300,7 +302,7 @@ def resolve(args: argparse.Namespace, environ=None, compressors=()) -> Config:
 
 def _finish(cfg: Config) -> Config:
     """Checks that span fields, and the default run dir."""
-    if not re.fullmatch(r"[\w.]+(:[\w.]+)?", cfg.model):
+    if not re.fullmatch(r"[\w.-]+(:[\w.]+)?", cfg.model):
         raise UsageError(f"model {cfg.model!r} is neither a zoo name nor package.module:function")
     if cfg.uncompressed:
         try:
@@ -311,6 +313,8 @@ def _finish(cfg: Config) -> Config:
         raise UsageError(f"alpha: must be in (0, 1); got {cfg.alpha}")
     if cfg.ratio > 1:
         raise UsageError(f"ratio: must be in (0, 1]; got {cfg.ratio}")
+    if cfg.compressor == "auto" and cfg.average_every > 1:
+        cfg.compressor = "dense"  # auto chooses how gradients travel; parameter averaging's stays the user's to name
     if not cfg.run_dir:
         cfg.run_dir = os.path.join("runs", datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ"))
     return cfg

@@ -14,6 +14,9 @@ metrics.jsonl holds one JSON object per line, each with a `kind`:
            mean), sent_delta_norm (the mean delta after compression, what the outer step used),
            disagreement (estimate of mean_i ||params_i - mean params||^2 before the average),
            + compressor stats
+  compressor_choice  (--compressor auto) step, choice (dense or greedylore), dense_step_s, dense_exchange_s,
+           greedylore_step_s, greedylore_exchange_s (the slowest rank's medians), dense_bytes, achieved_gbps
+           (a dense Allreduce's bytes on the wire over its time)
   summary  the numbers printed at the end
 Byte convention: `wire_bytes` is what this rank handed to every collective in the step, as counted
 by comm.py (a whole buffer for Allreduce, its own payload for Allgatherv); `dense_bytes` is what
@@ -126,6 +129,17 @@ class RunLog:
             self.bar.set_postfix_str(text, refresh=False)
         else:
             print(f"step {record['step']}/{self.total} {text}", flush=True)
+
+    def choice(self, record: dict):
+        """--compressor auto's decision, and the measured step times behind it."""
+        if not self.active:
+            return
+        self._write({"kind": "compressor_choice", **record})
+        rate = f", the network moving {record['achieved_gbps']:.3g} Gbit/s" if record["achieved_gbps"] else ""
+        self._say(f"mpitrain: --compressor auto chose {record['choice']} at step {record['step']}: a dense step "
+                  f"{record['dense_step_s'] * 1e3:.1f} ms (exchange {record['dense_exchange_s'] * 1e3:.1f} ms{rate}), "
+                  f"a greedylore step {record['greedylore_step_s'] * 1e3:.1f} ms "
+                  f"(exchange {record['greedylore_exchange_s'] * 1e3:.1f} ms)")
 
     def round(self, record: dict):
         if self.active:

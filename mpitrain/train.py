@@ -142,6 +142,8 @@ def train(run: Run, world) -> dict:
         if averaged.nonfinite and cfg.nan_policy == "abort":
             raise TrainingStopped(1, f"non-finite gradients at step {done} (--nan-policy abort); no checkpoint written")
         skipped += averaged.nonfinite
+        if "compressor_choice" in averaged.stats:
+            log.choice(averaged.stats.pop("compressor_choice"))
         lr = lr_at(cfg, step)
         if not averaged.nonfinite:
             for group in optimizer.param_groups:

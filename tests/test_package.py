@@ -52,7 +52,7 @@ def test_only_comm_imports_mpi4py():
 
 def test_the_compressor_table_names_every_registered_compressor_and_its_module():
     from mpitrain import compress
-    from mpitrain.compress import base, dense, lowrank, quantize  # noqa: F401  (each registers its classes)
+    from mpitrain.compress import auto, base, dense, lowrank, quantize  # noqa: F401  (each registers its classes)
     assert sorted(base.REGISTRY) == compress.names()
     for name in compress.names():
         assert compress.compressor_class(name).__module__ == f"mpitrain.compress.{compress.FAMILY[name]}"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 
-FAMILY = {"dense": "dense", "powersgd": "lowrank", "greedylore": "lowrank", "greedylore-paper": "lowrank",
+FAMILY = {"dense": "dense", "auto": "auto", "powersgd": "lowrank", "greedylore": "lowrank", "greedylore-paper": "lowrank",
           **dict.fromkeys(["sparse-dither", "qsgd", "natural", "topk", "randk", "spherical"], "quantize")}
 
 
