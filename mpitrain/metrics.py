@@ -4,7 +4,7 @@ and a tqdm progress bar on a terminal or plain lines otherwise.
 metrics.jsonl holds one JSON object per line, each with a `kind`:
   train    step (steps completed), loss (mean over ranks; 0.0 on a skipped step), skipped (this step's
            loss or gradients were non-finite on some rank: no optimizer step), lr, wire_bytes, dense_bytes,
-           step_time_s, elapsed_s (since this run started), wire_bytes_total, skipped_steps (so far),
+           step_time_s, exchange_s (of it, the time spent in the exchange after backward), elapsed_s (since this run started), wire_bytes_total, skipped_steps (so far),
            rebroadcasts, + compressor stats
   eval     step, eval_loss, eval_accuracy (classifiers) or eval_bpc (character LM), elapsed_s, and
            wire_bytes_total (this rank's training bytes so far, for plots against bytes)

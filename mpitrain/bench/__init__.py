@@ -31,6 +31,12 @@
               against our dense, powersgd and greedylore, at N = 2 and 4 (run it without mpiexec:
               it launches both) or at the launched N: median step time, final accuracy.
 
+  network     time to accuracy on an emulated cluster (root; run without mpiexec): 4 nodes x 1 rank
+              at 0.1, 1 and 10 Gbit/s links and on shared memory, for the wide MLP and the 600-step
+              LM: our dense, powersgd, greedylore, parameter averaging, auto, and torch DDP with and
+              without PowerSGD's hook: wall time to the dense arm's final metric, step time, bytes,
+              the alpha-beta model's prediction beside the measured step; network.png.
+
   project     an alpha-beta model of step time at 8..1024 ranks and 1..400 Gb/s for the default
               models and 125M / 1.3B transformer shapes, from this machine's measured compute,
               compression time, bytes and collectives per step: tables and a PNG of speedup over
@@ -47,12 +53,15 @@ import os
 import torch
 
 from ..config import Parser
+from ..emulate import parse_rate
 from ..metrics import check_folder
 from .convergence import AVERAGING_ARMS, CONVERGENCE_ARMS, CONVERGENCE_JOBS
+from .network import LINKS, NETWORK_ARMS, NETWORK_JOBS
 from .overlap import OVERLAPPING
 from .common import write_tables
 
-MODULES = ("allreduce", "compress", "convergence", "checkpoint", "target", "guard", "peer", "project", "overlap")
+MODULES = ("allreduce", "compress", "convergence", "checkpoint", "target", "guard", "peer", "project", "overlap",
+           "network")
 
 
 def benchmarks() -> dict:
@@ -78,6 +87,8 @@ def parse(argv, world):
     parser.add_argument("--rank", type=int, default=4, help="convergence: --rank of every low-rank arm")
     parser.add_argument("--steps", type=int, default=0, help="convergence, peer: steps per job (0: the job's own; "
                         "fewer for a quick look, not for figures)")
+    parser.add_argument("--links", default=",".join(LINKS), help="network: comma-separated link rates of the "
+                        "emulated clusters (default " + ",".join(LINKS) + ")")
     parser.add_argument("--compressors", default="dense", help="overlap: comma-separated compressors whose "
                         "exchange (dense), first round (powersgd, greedylore) or encoding (quantizers) overlaps backward")
     args = parser.parse_args(argv)
@@ -88,9 +99,16 @@ def parse(argv, world):
             parser.error(f"--{flag} must be >= {least}; got {getattr(args, flag)}")
     if not args.list:
         check_folder(args.out, "--out")
-    args.jobs = _choose(parser, "job", args.jobs, CONVERGENCE_JOBS, ["digits-mlp", "shakespeare-transformer-600"])
-    args.arms = _choose(parser, "arm", args.arms.replace("averaging", ",".join(AVERAGING_ARMS)), CONVERGENCE_ARMS,
-                        [arm for arm in CONVERGENCE_ARMS if "-h" not in arm])
+    if args.what == "network":
+        args.jobs = _choose(parser, "job", args.jobs, NETWORK_JOBS, list(NETWORK_JOBS))
+        args.arms = _choose(parser, "arm", args.arms, NETWORK_ARMS, list(NETWORK_ARMS))
+        args.links = [x for x in args.links.split(",") if x]
+        for link in args.links:
+            parse_rate(link)
+    else:
+        args.jobs = _choose(parser, "job", args.jobs, CONVERGENCE_JOBS, ["digits-mlp", "shakespeare-transformer-600"])
+        args.arms = _choose(parser, "arm", args.arms.replace("averaging", ",".join(AVERAGING_ARMS)),
+                            CONVERGENCE_ARMS, [arm for arm in CONVERGENCE_ARMS if "-h" not in arm])
     args.compressors = _choose(parser, "compressor", args.compressors, dict.fromkeys(OVERLAPPING), ["dense"])
     return args
 
