@@ -11,13 +11,16 @@ step times up to the first evaluation at the dense arm's final metric, within 0.
 bpc; evaluations are not counted), median step time and the share of it spent waiting on the exchange,
 bytes sent per rank, the final metric, the step against the same arm's on shared memory, and the
 step `bench project`'s alpha-beta model predicts from the shared-memory step and the bytes.
-network.png: the metric against wall time, one panel per job and link.
+network.png: the metric against wall time, one panel per job and link. A run that finished into
+--out before is used again (a long bench can be run a link or a job at a time); delete its folder
+under --out/network to measure it again.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -130,9 +133,26 @@ def _launch(cluster: Cluster | None, argv: list[str], timeout: float = 1800):
         raise RuntimeError(f"bench network: {' '.join(argv[:6])}... failed: {done.stderr.strip()[-2000:]}")
 
 
+def _finished(run_dir: str) -> list[dict] | None:
+    """The metrics of a run that ended (ours write a summary, DDP's arm its file at the end), else None."""
+    try:
+        with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
+            lines = [json.loads(x) for x in fh]
+    except (OSError, ValueError):
+        return None
+    return lines if lines and lines[-1]["kind"] in ("summary", "eval") else None
+
+
 def run_arm(cluster: Cluster | None, job: str, arm: str, out: str, steps: int) -> dict:
     where = "shm" if cluster is None else f"{cluster.link_bps / 1e9:g}gbit"
     run_dir = os.path.join(out, "network", f"{job}-{where}-{arm}")
+    lines = _finished(run_dir)
+    if lines is not None and (steps or job_config(job, arm, run_dir).steps) == \
+            sum(x["kind"] == "train" for x in lines):
+        print(f"bench network: {job} {where} {arm}: the finished run in {run_dir} is used again (delete it "
+              "to measure again)", flush=True)
+        return {"job": job, "arm": arm, "link": where, "run_dir": run_dir, "lines": lines}
+    shutil.rmtree(run_dir, ignore_errors=True)  # a run cut short: its metrics would be appended to
     if arm.startswith("ddp"):
         spec = json.dumps({"job": job, "arm": arm, "run_dir": run_dir, "steps": steps})
         _launch(cluster, ["-m", "mpitrain.bench.network", spec])
@@ -160,11 +180,15 @@ def summarize(runs: list[dict], achieved: dict) -> list[dict]:
                      "wall_s": float(elapsed[-1]), "median_step_ms": step * 1e3,
                      "exchange_share": float(np.median(waits[20:])) / step if waits else None,
                      "mb_per_rank": summary.get("wire_bytes_per_rank", 0) / 1e6 if summary else None,
-                     "metric": metric, "final": evals[-1][metric], "choice": choice, "steps": len(train_lines),
+                     "median_step_bytes": float(np.median([x["wire_bytes"] for x in train_lines[20:]]))
+                     if "wire_bytes" in train_lines[-1] else None, "metric": metric, "final": evals[-1][metric], "choice": choice, "steps": len(train_lines),
                      "run_dir": r["run_dir"], "curve": curve(r["lines"])})
     for row in rows:
         same = {r["arm"]: r for r in rows if r["job"] == row["job"] and r["link"] == row["link"]}
         shm = next((r for r in rows if r["job"] == row["job"] and r["link"] == "shm" and r["arm"] == row["arm"]), None)
+        # auto's prediction starts from the shared-memory step of the arm it chose on this link
+        base = next((r for r in rows if r["job"] == row["job"] and r["link"] == "shm" and r["arm"] == row["choice"]),
+                    shm) if row["choice"] else shm
         dense, psgd = same.get("dense"), same.get("powersgd")
         target = dense["final"] + (TOLERANCE[row["metric"]] if row["metric"] == "eval_bpc"
                                    else -TOLERANCE[row["metric"]]) if dense else None
@@ -172,10 +196,10 @@ def summarize(runs: list[dict], achieved: dict) -> list[dict]:
         row["to_target_s"] = _first(row["curve"], target, row["metric"])
         row["to_powersgd_final_s"] = _first(row["curve"], psgd["final"], row["metric"]) if psgd else None
         row["step_over_shm"] = row["median_step_ms"] / shm["median_step_ms"] if shm else None
-        if shm and row["link"] != "shm" and row["mb_per_rank"] is not None:
+        if shm and row["link"] != "shm" and row["median_step_bytes"] is not None:
             gbps = achieved.get(row["link"]) or float(row["link"].replace("gbit", ""))
-            per_step = row["mb_per_rank"] * 1e6 / row["steps"]
-            predicted = shm["median_step_ms"] / 1e3 + allreduce_s(per_step, NODES, gbps)
+            per_step = row["median_step_bytes"]  # a compressed step's (or a local step's), not the mean
+            predicted = base["median_step_ms"] / 1e3 + allreduce_s(per_step, NODES, gbps)
             row["predicted_step_ms"] = predicted * 1e3
             row["prediction_error"] = predicted * 1e3 / row["median_step_ms"] - 1
     for row in rows:
