@@ -40,7 +40,7 @@ NODE_ENV = "MPITRAIN_NODE"  # the emulated node a rank is on (comm.World splits 
 RANK_ENV = {"MPIR_CVAR_NOLOCAL": "1", "MPIR_CVAR_CH4_NETMOD": "ofi", "FI_PROVIDER": "tcp", "FI_TCP_IFACE": "eth0",
             "GLOO_SOCKET_IFNAME": "eth0"}
 PROBE_PORT = 5201
-PROBE_S = 0.5
+PROBE_S = 1.0
 
 
 class SetupError(Exception):
@@ -125,7 +125,7 @@ def check_host():
 def mpiexec_path() -> str:
     found = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which("mpiexec")
     if not found:
-        raise SetupError("emulate: no mpiexec beside this python or on PATH (pip install mpich)")
+        raise SetupError("no mpiexec beside this python or on PATH (pip install mpich)")
     return found
 
 
@@ -302,14 +302,16 @@ def _probe(role: str, *args: str):
             s.listen(1)
             s.settimeout(20)
             conn, _ = s.accept()
-            with conn:
-                first = conn.recv(1 << 16)
-                t0, got, last = time.perf_counter(), 0, time.perf_counter()
-                while first:
-                    first = conn.recv(1 << 16)
-                    got += len(first)
-                    last = time.perf_counter() if first else last
-        print(json.dumps({"bps": got * 8 / max(last - t0, 1e-9)}), flush=True)
+            with conn:  # the rate after the first 0.2 s: past tbf's initial burst and the sender's start
+                got, start, mark, last = 0, None, None, None
+                while chunk := conn.recv(1 << 16):
+                    now = time.perf_counter()
+                    start = start or now
+                    if mark is None and now - start >= 0.2:
+                        mark = (now, got)
+                    got, last = got + len(chunk), now
+        rate = (got - mark[1]) * 8 / max(last - mark[0], 1e-9) if mark else 0.0
+        print(json.dumps({"bps": rate}), flush=True)
         return
     address, seconds = args[0], float(args[1])
     chunk = bytes(1 << 16)
@@ -359,7 +361,12 @@ def rank_argv(rest: list[str]) -> list[str]:
     return ["-m", "mpitrain", *rest]
 
 
+def _stop(signum, frame):
+    raise SystemExit(128 + signum)  # unwinds through the cluster's `with`: what was made is removed
+
+
 def main(argv: list[str]) -> int:
+    signal.signal(signal.SIGTERM, _stop)  # while the cluster is made and measured; its ranks get it forwarded
     try:
         args, rest = parse(argv)
         check_host()
@@ -377,3 +384,5 @@ def main(argv: list[str]) -> int:
     except (UsageError, SetupError) as e:
         print(f"mpitrain: error: {e}", file=sys.stderr, flush=True)
         return 2
+    except KeyboardInterrupt:
+        return 128 + signal.SIGINT

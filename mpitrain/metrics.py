@@ -57,12 +57,12 @@ def require_tensorboard():
 
 
 def on_nodes(nodes: list[str], shown: int = 8) -> str:
-    """' on 2 nodes (a, b)' from every rank's node name; long lists end in how many more."""
+    """', on 2 nodes (a, b)' from every rank's node name; long lists end in how many more."""
     unique = list(dict.fromkeys(nodes))
     if not unique:
         return ""
     names = ", ".join(unique[:shown]) + (f", ... {len(unique) - shown} more" if len(unique) > shown else "")
-    return f" on {len(unique)} node{'s' if len(unique) > 1 else ''} ({names})"
+    return f", on {len(unique)} node{'s' if len(unique) > 1 else ''} ({names})"
 
 
 class RunLog:
@@ -91,9 +91,10 @@ class RunLog:
             f" on parameter deltas every {cfg.average_every} steps (outer step {cfg.outer_optimizer})"
         how = f" (the default {DEFAULT_BATCH} per rank would not fit the training rows)" \
             if chosen and batches.batch < DEFAULT_BATCH else ""
-        print(f"mpitrain: {cfg.model} on {cfg.dataset} ({rows} training rows), {size} ranks{on_nodes(nodes)} x {batches.batch} "
+        print(f"mpitrain: {cfg.model} on {cfg.dataset} ({rows} training rows), {size} ranks x {batches.batch} "
               f"samples per rank = global batch {size * batches.batch}{how}, {batches.steps_per_epoch} steps per "
-              f"epoch; compressor {cfg.compressor}{averaging}, {cfg.steps} steps, run dir {cfg.run_dir}", flush=True)
+              f"epoch{on_nodes(nodes)}; compressor {cfg.compressor}{averaging}, {cfg.steps} steps, run dir "
+              f"{cfg.run_dir}", flush=True)
         if cfg.progress == "always" or (cfg.progress == "auto" and sys.stdout.isatty()):
             self.bar = tqdm(total=self.total, initial=first_step, unit="step", dynamic_ncols=True, file=sys.stdout)
 

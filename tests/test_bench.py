@@ -52,7 +52,8 @@ def test_bench_list_names_every_benchmark_and_each_writes_csv_and_png(tmp_path):
     r = mpi(1, ["-m", "mpitrain", "bench", "--list"])
     assert r.returncode == 0, r.stderr
     names = [line.split()[0] for line in r.stdout.splitlines()]
-    assert names == ["allreduce", "compress", "convergence", "checkpoint", "bytes-to-target", "guard", "peer", "project", "overlap"]
+    assert names == ["allreduce", "compress", "convergence", "checkpoint", "bytes-to-target", "guard", "peer", "project",
+                     "overlap", "network"]
     r = mpi(2, ["-m", "mpitrain", "bench", "allreduce", "--repeats", 2, "--out", tmp_path])
     assert r.returncode == 0, r.stderr
     rows = (tmp_path / "allreduce-n2.csv").read_text().splitlines()

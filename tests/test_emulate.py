@@ -87,7 +87,7 @@ def test_greedylore_over_200mbit_links_ends_bit_for_bit_as_on_shared_memory(tmp_
         assert job.returncode == 0, err
         assert root_links() == links  # both ends of every link live inside the cluster's namespaces
         assert len(ours()) >= 3
-    assert "2 ranks on 2 nodes (mpitrain-" in out, out  # the start-up line names the emulated nodes
+    assert "2 ranks x 32 samples per rank" in out and "on 2 nodes (mpitrain-" in out, out  # the start-up line names the emulated nodes
     for rank in range(2):
         assert np.array_equal(np.load(tmp_path / "shm" / f"params-{rank}.npy"),
                               np.load(tmp_path / "net" / f"params-{rank}.npy"))
@@ -96,21 +96,22 @@ def test_greedylore_over_200mbit_links_ends_bit_for_bit_as_on_shared_memory(tmp_
 
 @needs_root
 def test_nothing_is_left_after_an_exit_a_sigterm_and_a_sigkill_then_the_next_start(tmp_path):
+    emulate.clean_stale()  # what an earlier, killed run left
     before = ours()
     links = root_links()
     quick = launcher("--nodes", 2, "--link", "1gbit", "--", "--steps", 2, "--run-dir", tmp_path / "a", *COMMON)
     out, err = quick.communicate(timeout=120)
     assert quick.returncode == 0, err
     assert "achieved n0" in out and ours() == before and root_links() == links
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        long = launcher("--nodes", 2, "--link", "1gbit", "--", "--steps", 100000, "--run-dir", tmp_path / sig.name,
-                        *COMMON)
+    for sig, wait in ((signal.SIGTERM, 0), (signal.SIGTERM, 3), (signal.SIGKILL, 3)):  # measuring, then running
+        long = launcher("--nodes", 2, "--link", "1gbit", "--", "--steps", 100000, "--run-dir",
+                        tmp_path / f"{sig.name}-{wait}", *COMMON)
         deadline = time.monotonic() + 60
         while len(ours() - before) < 3 and time.monotonic() < deadline:
             time.sleep(0.2)
         made = ours() - before
         assert len(made) == 3, made  # two nodes and the switch
-        time.sleep(1)
+        time.sleep(wait)
         long.send_signal(sig)
         long.communicate(timeout=60)
         if sig == signal.SIGKILL:
@@ -164,3 +165,28 @@ def _wait_for_checkpoint(run_dir, job, limit=120):
     while not (run_dir / "checkpoints" / "latest").exists():
         assert job.poll() is None and time.monotonic() < deadline, job.communicate()[1] if job.poll() is not None else ""
         time.sleep(0.1)
+
+
+@needs_root
+def test_bench_network_measures_time_to_target_beside_ddp_and_reuses_finished_runs(tmp_path):
+    argv = [sys.executable, "-m", "mpitrain", "bench", "network", "--jobs", "wide-mlp", "--links", "200mbit",
+            "--arms", "dense,greedylore,auto,ddp-powersgd", "--steps", "30", "--out", str(tmp_path)]
+    r = subprocess.run(argv, env=env(), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads((tmp_path / "network-n1.json").read_text())["tables"]["network"]
+    assert [(x["link"], x["arm"]) for x in rows] == [(link, arm) for link in ("shm", "0.2gbit")
+                                                     for arm in ("dense", "greedylore", "auto", "ddp-powersgd")]
+    by = {(x["link"], x["arm"]): x for x in rows}
+    assert 0.16 <= by["0.2gbit", "dense"]["achieved_gbps"] <= 0.24
+    dense = by["0.2gbit", "dense"]
+    # a 4.5 MB dense exchange over 200 Mbit/s links: the step waits on it most of the time, and the
+    # alpha-beta prediction from the shared-memory step and the bytes is near what was measured
+    assert dense["exchange_share"] > 0.8 and dense["step_over_shm"] > 3, dense
+    assert abs(dense["prediction_error"]) < 0.5, dense
+    assert dense["target"] == dense["final"] - 0.01 and dense["to_target_s"] is not None
+    assert by["0.2gbit", "greedylore"]["median_step_ms"] < 0.5 * dense["median_step_ms"]
+    assert by["0.2gbit", "auto"]["choice"] == "greedylore" and by["shm", "auto"]["choice"] == "dense"
+    assert by["0.2gbit", "ddp-powersgd"]["final"] > 0.5
+    assert (tmp_path / "network-n1.png").stat().st_size > 10000 and not ours()
+    again = subprocess.run(argv, env=env(), cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and again.stdout.count("is used again") == 8, again.stderr

@@ -21,6 +21,14 @@ def layout_of(model_name: str, dataset: str, seed: int = 0) -> GradLayout:
     return GradLayout(models.build(model_name, Dataset(locate(dataset)).info))
 
 
+def launch_env() -> dict:
+    """This process's environment for the ranks a benchmark launches itself: without the MPI job's own
+    variables (this process may be a rank of a world of one), nor mpitrain's settings, and one thread
+    per rank (the launched ranks share the cores)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "MPIR_", "HYDRA_", "MPITRAIN_"))}
+    return {**env, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+
+
 def median_max(world, samples: np.ndarray) -> float:
     """Median over repeats of the slowest rank's time (a collective is as slow as its slowest rank)."""
     world.allreduce_(samples, op="max")

@@ -23,18 +23,16 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from types import SimpleNamespace
 
 import numpy as np
-import torch
 
-from .. import api, models, train
+from .. import api
 from ..config import Config
-from ..data import ShardedBatches, batch_for, open_dataset
 from ..emulate import Cluster, mpiexec_path, parse_rate
-from .common import pyplot
+from .common import launch_env, pyplot
 from .convergence import CONVERGENCE_ARMS, LM
+from .peer import ddp_train
 from .project import allreduce_s
 
 NAME = "network"
@@ -72,47 +70,11 @@ def flags(cfg: Config) -> list[str]:
 # -- one arm, on the ranks ----------------------------------------------------------------------
 
 def ddp_worker(spec: dict):
-    """torch DDP (gloo) over the same links, evaluated as our loop is; rank 0 writes metrics.jsonl."""
-    import torch.distributed as dist
-    from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook
-    from torch.nn.parallel import DistributedDataParallel
-
-    from .peer import _rendezvous
+    """An arm of torch DDP over the same links, on the ranks; rank 0 writes its metrics.jsonl."""
     world = api.init()
     cfg = job_config(spec["job"], spec["arm"], spec["run_dir"], spec["steps"])
     api.set_threads(world, cfg.threads)
-    dist.init_process_group("gloo", init_method=_rendezvous(world), rank=world.rank, world_size=world.size)
-    dataset = open_dataset(cfg.dataset, cfg.data_dir)
-    torch.manual_seed(cfg.seed)
-    module = models.build(cfg.model, dataset.info)
-    powersgd = spec["arm"] == "ddp-powersgd"
-    # PowerSGD's hook on gloo hung with two buckets (each bucket's callback waits on its own all_reduce,
-    # in another order on each rank): its arm exchanges one bucket, after backward
-    size_mb = sum(p.numel() for p in module.parameters()) * 4 / 2**20
-    model = DistributedDataParallel(module, **({"bucket_cap_mb": 2 * size_mb + 1} if powersgd else {}))
-    if powersgd:
-        state = powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=cfg.rank,
-                                            start_powerSGD_iter=cfg.start_compress_step, use_error_feedback=True,
-                                            warm_start=True)
-        model.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
-    optimizer = train.make_optimizer(cfg, model.parameters())
-    batches = ShardedBatches(dataset, batch_for(dataset.n_train, world.size, cfg.batch_size), world.rank,
-                             world.size, cfg.seed)
-    evaluate = train.Evaluator(SimpleNamespace(model=model.module, dataset=dataset), world)
-    lines = []
-    for step in range(cfg.steps):
-        t0 = time.perf_counter()
-        x, y = batches.batch_at(step)
-        optimizer.zero_grad()
-        loss, _ = models.loss_and_metric(model(torch.from_numpy(x)), torch.from_numpy(y), dataset.info["task"])
-        loss.backward()  # DDP averages the gradients (through the hook) during backward
-        for group in optimizer.param_groups:
-            group["lr"] = train.lr_at(cfg, step)
-        optimizer.step()
-        lines.append({"kind": "train", "step": step + 1, "step_time_s": time.perf_counter() - t0})
-        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
-            lines.append({"kind": "eval", "step": step + 1, **evaluate()})
-    dist.barrier()
+    lines = ddp_train(world, cfg, spec["arm"] == "ddp-powersgd")
     if world.rank == 0:
         os.makedirs(cfg.run_dir, exist_ok=True)
         with open(os.path.join(cfg.run_dir, "metrics.jsonl"), "w") as fh:
@@ -120,8 +82,7 @@ def ddp_worker(spec: dict):
 
 
 def _launch(cluster: Cluster | None, argv: list[str], timeout: float = 1800):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "MPIR_", "HYDRA_", "MPITRAIN_"))}
-    env.update(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+    env = launch_env()
     if cluster is None:
         done = subprocess.run([mpiexec_path(), "-n", str(NODES), sys.executable, *argv], env=env,
                               capture_output=True, text=True, timeout=timeout)

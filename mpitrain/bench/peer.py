@@ -16,12 +16,12 @@ import dataclasses
 import fcntl
 import json
 import os
-import shutil
 import socket
 import struct
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -29,6 +29,8 @@ import torch
 from .. import api, models, train
 from ..config import Config
 from ..data import ShardedBatches, batch_for, open_dataset
+from ..emulate import mpiexec_path
+from .common import launch_env
 
 NAME = "peer"
 ABOUT = "torch DDP (gloo) +/- powerSGD_hook against our dense, powersgd and greedylore: step time, accuracy"
@@ -69,7 +71,9 @@ def _rendezvous(world) -> str:
     return message.tobytes().rstrip(b"\0").decode()
 
 
-def _ddp(world, cfg: Config, powersgd: bool) -> tuple[list[float], float]:
+def ddp_train(world, cfg: Config, powersgd: bool) -> list[dict]:
+    """The job through torch DDP on gloo (with PowerSGD's hook when asked), evaluated as our loop is,
+    every cfg.eval_every steps and at the end: its train lines (step times) and eval lines."""
     import torch.distributed as dist
     from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook
     from torch.nn.parallel import DistributedDataParallel
@@ -78,7 +82,11 @@ def _ddp(world, cfg: Config, powersgd: bool) -> tuple[list[float], float]:
         dist.init_process_group("gloo", init_method=_rendezvous(world), rank=world.rank, world_size=world.size)
     dataset = open_dataset(cfg.dataset, cfg.data_dir)
     torch.manual_seed(cfg.seed)  # the same initial weights as our arms (rank 0's, broadcast by DDP)
-    model = DistributedDataParallel(models.build(cfg.model, dataset.info))
+    module = models.build(cfg.model, dataset.info)
+    # PowerSGD's hook on gloo hung with two buckets (each bucket's callback waits on its own all_reduce,
+    # in another order on each rank): its arm exchanges one bucket, after backward
+    size_mb = sum(p.numel() for p in module.parameters()) * 4 / 2**20
+    model = DistributedDataParallel(module, **({"bucket_cap_mb": 2 * size_mb + 1} if powersgd else {}))
     if powersgd:
         state = powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=cfg.rank,
                                             start_powerSGD_iter=cfg.start_compress_step, use_error_feedback=True,
@@ -87,7 +95,8 @@ def _ddp(world, cfg: Config, powersgd: bool) -> tuple[list[float], float]:
     optimizer = train.make_optimizer(cfg, model.parameters())
     batches = ShardedBatches(dataset, batch_for(dataset.n_train, world.size, cfg.batch_size), world.rank,
                              world.size, cfg.seed)
-    times = []
+    evaluate = train.Evaluator(SimpleNamespace(model=model.module, dataset=dataset), world)
+    lines = []
     for step in range(cfg.steps):
         t0 = time.perf_counter()
         x, y = batches.batch_at(step)
@@ -97,13 +106,11 @@ def _ddp(world, cfg: Config, powersgd: bool) -> tuple[list[float], float]:
         for group in optimizer.param_groups:
             group["lr"] = train.lr_at(cfg, step)
         optimizer.step()
-        times.append(time.perf_counter() - t0)
-    x, y = dataset.rows("test", np.arange(dataset.n_test))
-    with torch.no_grad():
-        _, correct = models.loss_and_metric(model.module(torch.from_numpy(x)), torch.from_numpy(y),
-                                            dataset.info["task"])
+        lines.append({"kind": "train", "step": step + 1, "step_time_s": time.perf_counter() - t0})
+        if step + 1 == cfg.steps or (cfg.eval_every and (step + 1) % cfg.eval_every == 0):
+            lines.append({"kind": "eval", "step": step + 1, **evaluate()})
     dist.barrier()  # every rank done with gloo before any goes back to MPI
-    return times, float(correct) / dataset.n_test
+    return lines
 
 
 def bench_peer(world, out: str, steps: int = 0) -> list[dict]:
@@ -115,7 +122,11 @@ def bench_peer(world, out: str, steps: int = 0) -> list[dict]:
                                   steps=steps or Config.steps)
         api.set_threads(world, cfg.threads)
         t0 = time.perf_counter()
-        times, accuracy = _ddp(world, cfg, arm == "ddp-powersgd") if arm.startswith("ddp") else _ours(world, cfg)
+        if arm.startswith("ddp"):
+            lines = ddp_train(world, cfg, arm == "ddp-powersgd")
+            times, accuracy = [x["step_time_s"] for x in lines if x["kind"] == "train"], lines[-1]["eval_accuracy"]
+        else:
+            times, accuracy = _ours(world, cfg)
         wall = time.perf_counter() - t0
         step = np.array([np.median(times[WARM:])])
         world.allreduce_(step, op="max")
@@ -130,11 +141,7 @@ def bench_peer(world, out: str, steps: int = 0) -> list[dict]:
 
 def _launch(out: str, steps: int) -> list[dict]:
     """Rank 0 alone: run this module under mpiexec -n N for each N, collect the rows."""
-    mpiexec = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which("mpiexec")
-    if not mpiexec:
-        raise RuntimeError("bench peer: no mpiexec beside this python or on PATH")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "MPIR_", "HYDRA_", "MPITRAIN_"))}
-    rows = []
+    mpiexec, env, rows = mpiexec_path(), launch_env(), []
     for n in SIZES:
         path = os.path.join(out, f"peer-rows-n{n}.json")
         done = subprocess.run([mpiexec, "-n", str(n), sys.executable, "-m", "mpitrain.bench.peer", out, path, str(steps)],
