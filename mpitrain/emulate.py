@@ -62,10 +62,8 @@ def rate_text(bps: float) -> str:
 
 
 def _lock_dir() -> Path:
-    for base in ("/run", tempfile.gettempdir()):
-        if os.access(base, os.W_OK):
-            return Path(base) / "mpitrain-emulate"
-    return Path(tempfile.gettempdir()) / "mpitrain-emulate"
+    """Where live clusters hold their locks: /run (emptied at boot, as namespaces are), else the temp dir."""
+    return Path("/run" if os.access("/run", os.W_OK) else tempfile.gettempdir()) / "mpitrain-emulate"
 
 
 def _sh(*cmd: str) -> subprocess.CompletedProcess:
