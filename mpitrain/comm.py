@@ -35,8 +35,8 @@ from mpi4py import MPI
 _OPS = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}
 STALLED = 3  # exit code of a job ended by the stall watchdog
 _STALL_TAG = 7
-_LOOK_S = 0.05
-NODE_ENV = "MPITRAIN_NODE"  # set by `mpitrain emulate`: the emulated node this rank is on  # how often a waiting rank checks its deadline and listens for stall notices
+_LOOK_S = 0.05  # how often a waiting rank checks its deadline and listens for stall notices
+NODE_ENV = "MPITRAIN_NODE"  # set by `mpitrain emulate`: the emulated node this rank is on
 
 
 def _same_memory(a: np.ndarray, b: np.ndarray) -> bool:
@@ -72,7 +72,7 @@ class World:
         return self._comm.Split(zlib.crc32(name.encode()) & 0x7FFFFFFF, key=self.rank)
 
     def cores_per_rank(self) -> int:
-        """The cores this rank may use: those the launcher bound it to, else the node's divided
+        """The cores this rank may use: those the launcher bound it to, else the host's divided
         among the ranks on it."""
         bound = len(os.sched_getaffinity(0))
         return bound if bound < (os.cpu_count() or bound) else max(1, bound // self.host_size)

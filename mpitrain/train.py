@@ -138,9 +138,9 @@ def train(run: Run, world) -> dict:
         world.where = f"step {done}"
         t0 = time.perf_counter()
         backward(run, step)
-        waited = time.perf_counter()
+        exchanging = time.perf_counter()
         averaged = exchange.average(step)
-        waited = time.perf_counter() - waited
+        exchange_s = time.perf_counter() - exchanging
         if averaged.nonfinite and cfg.nan_policy == "abort":
             raise TrainingStopped(1, f"non-finite gradients at step {done} (--nan-policy abort); no checkpoint written")
         skipped += averaged.nonfinite
@@ -169,7 +169,7 @@ def train(run: Run, world) -> dict:
         if done % cfg.log_every == 0 or done == cfg.steps or averaged.nonfinite or "contraction" in averaged.stats:
             log.train({"step": done, "loss": averaged.loss, "skipped": averaged.nonfinite, "lr": lr,
                        "wire_bytes": wire, "dense_bytes": exchange.layout.dense_bytes,
-                       "step_time_s": time.perf_counter() - t0, "exchange_s": waited,
+                       "step_time_s": time.perf_counter() - t0, "exchange_s": exchange_s,
                        "elapsed_s": time.perf_counter() - started, "wire_bytes_total": wire_total,
                        "skipped_steps": skipped, "rebroadcasts": rebroadcasts, **averaged.stats})
         if done == cfg.steps or (cfg.eval_every and done % cfg.eval_every == 0):
