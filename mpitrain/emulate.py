@@ -147,7 +147,6 @@ class Cluster:
         self.tag = f"{PREFIX}{os.getpid()}-{Cluster.made}"
         self.switch = f"{self.tag}-sw"
         self.names = [f"{self.tag}-n{i}" for i in range(nodes)]
-        self.achieved: list[float] = []
         self._lock = None
         self._made: list[str] = []
 
@@ -155,10 +154,6 @@ class Cluster:
     def address(i: int) -> str:
         host = i + 1
         return f"198.{18 + (host >> 16)}.{(host >> 8) & 255}.{host & 255}"
-
-    @property
-    def size(self) -> int:
-        return self.nodes * self.ranks_per_node
 
     # -- making and unmaking --------------------------------------------------------------
     def __enter__(self) -> "Cluster":
@@ -246,7 +241,6 @@ class Cluster:
             rates[(i - 1) % self.nodes] = json.loads(out or '{"bps": 0}')["bps"]
         for client in clients:
             client.wait(timeout=30)
-        self.achieved = rates
         return rates
 
     # -- running ranks --------------------------------------------------------------------
