@@ -35,7 +35,7 @@ from . import checkpoint, compress
 from .checkpoint import optimizer_tensors
 from .config import Config, UsageError, checked
 from .averaging import ParameterAveraging, Round
-from .layout import GradLayout, all_finite
+from .layout import GradLayout, all_finite, global_norm
 
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 _STOP = {"requested": False}  # set by the signal handler; the ranks agree on it in the next exchange
@@ -84,6 +84,7 @@ class Averaged:
     stop: bool         # some rank was asked to stop (SIGUSR1/SIGTERM or `request_stop`)
     wire_bytes: int    # bytes this rank handed to the network in this exchange
     stats: dict = field(default_factory=dict)  # the compressor's report (captured energy, ranks, ...)
+    grad_norm: float | None = None  # with grad_clip: the agreed gradient's 2-norm before clipping
 
 
 class Exchange:
@@ -92,7 +93,11 @@ class Exchange:
     Building it moves the model's trainable parameters and gradients into flat buffers (the
     Parameter objects stay the same, so an optimizer may be built before or after). Zero gradients
     with `zero_grad()` (never set them to None). Options are the command's flags by their field
-    names (`rank=4`, `error_feedback="on"`, ...); `cfg` passes a whole Config instead."""
+    names (`rank=4`, `error_feedback="on"`, ...); `cfg` passes a whole Config instead.
+
+    `accumulate=K`: call `backward` once per micro-batch, K times a step, then `average` once: the
+    exchange (and its overlap with backward) happens on the K-th. `grad_clip=NORM`: `average` clips
+    the agreed gradient to that 2-norm (every rank alike) and reports the norm it had."""
 
     def __init__(self, model: torch.nn.Module, world, compressor: str = "dense", cfg: Config | None = None,
                  **options):
@@ -110,7 +115,7 @@ class Exchange:
             self.layout, world, self.compressor, self.cfg.average_every, self.cfg.outer_optimizer,
             self.cfg.outer_lr, self.cfg.outer_momentum, self.cfg.seed)
         self.wire_bytes_total = 0
-        self._share = None
+        self._share, self._micro = None, 0  # this step's loss share so far, and backward calls
         self._overlapping = False  # buckets in flight since `backward`
         if self.compressor.overlaps and self.averaging is None:
             for slot, p in zip(self.layout.slots, self.layout.tensors):
@@ -119,17 +124,23 @@ class Exchange:
 
     def zero_grad(self):
         self.layout.zero_grad()
+        self._share, self._micro = None, 0
 
     def backward(self, loss: torch.Tensor):
         """Backward of this rank's share of the global mean loss (loss / world size): the gradients
         come out already scaled, so the exchange needs no averaging pass over memory. With parameter
-        averaging the gradients stay this rank's own (backward of the loss itself)."""
-        share = loss / self.world.size if self.averaging is None else loss
-        self._overlapping = self.compressor.overlaps and self.averaging is None
+        averaging the gradients stay this rank's own (backward of the loss itself). With accumulate=K
+        each call adds a K-th of that; the K-th call starts the exchange."""
+        self._micro += 1
+        if self._micro > self.cfg.accumulate:
+            raise UsageError(f"backward called {self._micro} times since the last average or zero_grad; "
+                             f"accumulate={self.cfg.accumulate} allows that many")
+        share = loss / (self.cfg.accumulate * (self.world.size if self.averaging is None else 1))
+        self._overlapping = self._micro == self.cfg.accumulate and self.compressor.overlaps and self.averaging is None
         if self._overlapping:
             self.compressor.begin()  # the hooks start each bucket's exchange as backward finishes it
         share.backward()
-        self._share = share.detach()
+        self._share = share.detach() if self._share is None else self._share + share.detach()
 
     def average(self, step: int, loss: torch.Tensor | None = None) -> Averaged:
         """Replace every rank's gradients with the global mean. After `backward` no loss is needed;
@@ -139,6 +150,9 @@ class Exchange:
         tiny Allreduce; `average_parameters` is where the ranks meet. On rank 0, a background
         checkpoint write that failed raises its CannotWrite here, at the next step, not the next save."""
         checkpoint.WRITER.raise_failure()
+        if self._micro not in (0, self.cfg.accumulate):
+            raise UsageError(f"average after {self._micro} backward calls; accumulate={self.cfg.accumulate} "
+                             "needs that many, one per micro-batch")
         grads, size, local = self.layout.grads, self.world.size, self.averaging is not None
         share = self._share
         if share is None:
@@ -162,11 +176,17 @@ class Exchange:
         if self._overlapping and not all_finite(grads):
             grads.zero_()  # a rank's non-finite share reached every rank: every rank skips alike
             self.layout.control[1] = 1.0
-        self._share, self._overlapping = None, False
+        self._share, self._micro, self._overlapping = None, 0, False
         loss_sum, nonfinite, stop = self.layout.control.tolist()
+        norm = None
+        if self.cfg.grad_clip and not nonfinite:  # after the exchange: what error feedback kept is what was sent
+            norm = global_norm(grads)
+            if norm > self.cfg.grad_clip:  # the same rule, and so the same bits, on every rank
+                grads.mul_(self.cfg.grad_clip / (norm + 1e-6))
         sent = self.world.sent_bytes - before
         self.wire_bytes_total += sent
-        return Averaged(loss_sum, bool(nonfinite), bool(stop), sent, {} if local else dict(self.compressor.stats))
+        return Averaged(loss_sum, bool(nonfinite), bool(stop), sent, {} if local else dict(self.compressor.stats),
+                        norm)
 
     def average_parameters(self, step: int, last: bool = False) -> Round | None:
         """After the optimizer step of step `step` (numbered from 0): with average_every = H > 1, at

@@ -93,6 +93,11 @@ class Config:
     weight_decay: float = _f(0.0, "weight decay", minimum=0.0)
     warmup_steps: int = _f(20, "linear learning-rate warm-up steps", minimum=0)
     lr_schedule: str = _f("cosine", "after warm-up: constant, or cosine decay to 10%", choices=("constant", "cosine"))
+    grad_clip: float = _f(0.0, "clip the agreed gradient to this global 2-norm, after the exchange, so every rank clips "
+                               "alike (with --average-every > 1: each rank its own); error feedback keeps what was "
+                               "sent, not what was clipped; 0: off", minimum=0.0)
+    accumulate: int = _f(1, "micro-batches of --batch-size per optimizer step: gradients are accumulated and "
+                            "exchanged once a step, on the last micro-batch's backward", minimum=1)
     seed: int = _f(0, "seed for initialisation, data order and every shared random draw", minimum=0)
     # exchange
     compressor: str = _f("dense", "gradient compressor (see --help for the list); auto: dense or greedylore, "

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 CONTROL = ("loss", "nonfinite", "stop")
@@ -25,6 +26,19 @@ def all_finite(t: torch.Tensor) -> bool:
     anywhere makes both ends of aminmax NaN and an infinity is one of its ends. (A float64 sum took
     270 ms on 125M values, two threads; isfinite().all() writes a mask as large as t.)"""
     return t.numel() == 0 or bool(torch.isfinite(torch.stack(torch.aminmax(t))).all())
+
+
+NORM_BLOCK = 4096
+
+
+def global_norm(t: torch.Tensor) -> float:
+    """The 2-norm of t in float64, the same bits at any thread count (ranks must agree on it to clip
+    alike): a norm per block of NORM_BLOCK values, then their squares summed in order by numpy.
+    (torch's fp32 norm of 10M normal values was off by 5e-4.)"""
+    whole = t.numel() - t.numel() % NORM_BLOCK
+    blocks = torch.linalg.vector_norm(t[:whole].view(-1, NORM_BLOCK), dim=1, dtype=torch.float64)
+    rest = torch.linalg.vector_norm(t[whole:], dtype=torch.float64).reshape(1)
+    return math.sqrt(float(np.sum(np.square(torch.cat([blocks, rest]).numpy()))))
 
 
 @dataclass(frozen=True)

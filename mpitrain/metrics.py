@@ -89,10 +89,12 @@ class RunLog:
         cfg, rows = self.cfg, batches.dataset.n_train
         averaging = "" if cfg.average_every == 1 else \
             f" on parameter deltas every {cfg.average_every} steps (outer step {cfg.outer_optimizer})"
+        micro = batches.batch // cfg.accumulate
         how = f" (the default {DEFAULT_BATCH} per rank would not fit the training rows)" \
-            if chosen and batches.batch < DEFAULT_BATCH else ""
-        print(f"mpitrain: {cfg.model} on {cfg.dataset} ({rows} training rows), {size} ranks x {batches.batch} "
-              f"samples per rank = global batch {size * batches.batch}{how}, {batches.steps_per_epoch} steps per "
+            if chosen and micro < DEFAULT_BATCH else ""
+        each = f"{micro} samples per rank" + (f" x {cfg.accumulate} micro-batches" if cfg.accumulate > 1 else "")
+        print(f"mpitrain: {cfg.model} on {cfg.dataset} ({rows} training rows), {size} ranks x {each} "
+              f"= global batch {size * batches.batch}{how}, {batches.steps_per_epoch} steps per "
               f"epoch{on_nodes(nodes)}; compressor {cfg.compressor}{averaging}, {cfg.steps} steps, run dir "
               f"{cfg.run_dir}", flush=True)
         if cfg.progress == "always" or (cfg.progress == "auto" and sys.stdout.isatty()):

@@ -59,8 +59,9 @@ def prepare(cfg: Config, world) -> Run:
     torch.manual_seed(cfg.seed)
     model = models.build(cfg.model, dataset.info)
     batch_chosen = cfg.batch_size == 0
-    cfg.batch_size = batch_for(dataset.n_train, world.size, cfg.batch_size)  # config.json records the batch used
-    batches = ShardedBatches(dataset, cfg.batch_size, world.rank, world.size, cfg.seed)
+    cfg.batch_size = batch_for(dataset.n_train, world.size * cfg.accumulate, cfg.batch_size)  # recorded as used
+    # a step's K micro-batches are the rows one batch K times as large would hold: the same samples, the same order
+    batches = ShardedBatches(dataset, cfg.batch_size * cfg.accumulate, world.rank, world.size, cfg.seed)
     exchange = api.Exchange(model, world, cfg.compressor, cfg=cfg)
     if cfg.ef_resume == "mean" and not exchange.compressor.reshardable:
         raise UsageError(f"--ef-resume mean needs a linear compressor; {cfg.compressor} is not "
@@ -117,11 +118,15 @@ class Evaluator:
 
 
 def backward(run: Run, step: int):
-    """This rank's share of the step's gradient (the control words ride on the exchange)."""
+    """This rank's share of the step's gradient, micro-batch by micro-batch (the control words ride
+    on the exchange)."""
     x, y = run.batches.batch_at(step)
     run.exchange.zero_grad()
-    loss, _ = models.loss_and_metric(run.model(torch.from_numpy(x)), torch.from_numpy(y), run.dataset.info["task"])
-    run.exchange.backward(loss)
+    micro = run.cfg.batch_size
+    for at in range(0, len(x), micro):
+        loss, _ = models.loss_and_metric(run.model(torch.from_numpy(x[at:at + micro])),
+                                         torch.from_numpy(y[at:at + micro]), run.dataset.info["task"])
+        run.exchange.backward(loss)
 
 
 def train(run: Run, world) -> dict:
@@ -170,6 +175,7 @@ def train(run: Run, world) -> dict:
             log.train({"step": done, "loss": averaged.loss, "skipped": averaged.nonfinite, "lr": lr,
                        "wire_bytes": wire, "dense_bytes": exchange.layout.dense_bytes,
                        "step_time_s": time.perf_counter() - t0, "exchange_s": exchange_s,
+                       **({} if averaged.grad_norm is None else {"grad_norm": averaged.grad_norm}),
                        "elapsed_s": time.perf_counter() - started, "wire_bytes_total": wire_total,
                        "skipped_steps": skipped, "rebroadcasts": rebroadcasts, **averaged.stats})
         if done == cfg.steps or (cfg.eval_every and done % cfg.eval_every == 0):

@@ -1,6 +1,7 @@
 """Flat buffers: gradients land in them, matrices are viewed as n x m."""
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -50,3 +51,20 @@ def test_all_finite_finds_a_nonfinite_value_wherever_it_is(size):
     m = torch.zeros(37, 53)
     m[36, 0] = math.nan
     assert not all_finite(m.t()) and all_finite(m[:36])  # views: transposed, and a slice before the NaN
+
+
+def test_global_norm_is_exact_and_the_same_bits_at_any_thread_count():
+    from mpitrain.layout import NORM_BLOCK, global_norm
+    x = torch.randn(3 * NORM_BLOCK + 123, generator=torch.Generator().manual_seed(0)) * 1e3
+    threads = torch.get_num_threads()
+    try:
+        norms = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            norms.append(global_norm(x))
+    finally:
+        torch.set_num_threads(threads)
+    assert norms[0] == norms[1] == norms[2]  # every rank clips alike, whatever its thread count
+    exact = float(np.sqrt(np.sum(x.numpy().astype(np.float64) ** 2)))
+    assert abs(norms[0] - exact) <= 1e-12 * exact
+    assert global_norm(torch.zeros(0)) == 0.0
