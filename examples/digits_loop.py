@@ -41,13 +41,14 @@ def accuracy(model, x, y, world) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run-dir", required=True)
+    parser.add_argument("--run-dir", default="", help="output folder (default: runs/<UTC time>, as the command)")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--checkpoint-every", type=int, default=100)
     parser.add_argument("--compressor", default="greedylore")
     args = parser.parse_args()
 
     world = mpitrain.init()  # MPI starts here; an exception on any rank now ends the whole job
+    run_dir = args.run_dir or mpitrain.default_run_dir(world)
     mpitrain.set_threads(world)
     with h5py.File(DIGITS, "r") as f:
         arrays = {key: f[key][()] for key in ("x_train", "y_train", "x_test", "y_test")}
@@ -59,7 +60,7 @@ def main() -> int:
                           nn.Linear(256, 10))
     exchange = mpitrain.Exchange(model, world, compressor=args.compressor, rank=4)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    resumed = mpitrain.load_checkpoint(exchange, optimizer, run_dir=args.run_dir)  # or rank 0's initial weights
+    resumed = mpitrain.load_checkpoint(exchange, optimizer, run_dir=run_dir)  # or rank 0's initial weights
 
     for step in range(resumed.step if resumed else 0, args.steps):
         x, y = batches.batch_at(step)
@@ -72,7 +73,7 @@ def main() -> int:
             optimizer.step()
         done = step + 1
         if averaged.stop or done == args.steps or done % args.checkpoint_every == 0:
-            mpitrain.save_checkpoint(args.run_dir, done, exchange, optimizer, epoch=batches.epoch_of(done),
+            mpitrain.save_checkpoint(run_dir, done, exchange, optimizer, epoch=batches.epoch_of(done),
                                      extra_json={"example": "digits_loop", "loss": averaged.loss})
         if averaged.stop:  # SIGUSR1/SIGTERM reached some rank: checkpointed, ask to be requeued
             mpitrain.wait_for_checkpoints()  # rank 0 writes in the background

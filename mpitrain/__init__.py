@@ -3,7 +3,7 @@
 The command is `python -m mpitrain`; the library for your own training loop is
 
     init, Exchange, Averaged, save_checkpoint, load_checkpoint, Resumed, request_stop, set_threads,
-    wait_for_checkpoints
+    wait_for_checkpoints, default_run_dir
     ShardedBatches, ArrayData, TorchData, batch_for
 
 (see mpitrain/api.py). `import mpitrain` loads none of them, nor torch or mpi4py, until one is used;
@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {**{name: "api" for name in ("init", "Exchange", "Averaged", "Diverged", "save_checkpoint",
                                         "load_checkpoint", "Resumed", "request_stop", "set_threads",
-                                        "wait_for_checkpoints")},
+                                        "wait_for_checkpoints", "default_run_dir")},
             **{name: "data" for name in ("ShardedBatches", "ArrayData", "TorchData", "batch_for")}}
 __all__ = sorted(_EXPORTS)
 

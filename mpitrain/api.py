@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import checkpoint, compress
+from . import checkpoint, compress, config
 from .checkpoint import optimizer_tensors
 from .config import Config, UsageError, checked
 from .averaging import ParameterAveraging, Round
@@ -55,6 +55,11 @@ def init(stall_timeout: float = Config.stall_timeout, abort_on_exception: bool =
     if stop_signals:
         catch_stop_signals()
     return world
+
+
+def default_run_dir(world) -> str:
+    """runs/<UTC time of rank 0's start>: the folder the command uses when none is given, the same on every rank."""
+    return config.default_run_dir(world.started)
 
 
 def catch_stop_signals():
@@ -104,6 +109,7 @@ class Exchange:
         if compressor not in compress.names():
             raise UsageError(f"unknown compressor {compressor!r}; choose one of {', '.join(compress.names())}")
         options.setdefault("model", type(model).__name__)
+        options.setdefault("run_dir", default_run_dir(world))
         self.cfg = cfg or checked(compressor=compressor, **options)
         try:
             self.layout = GradLayout(model)

@@ -25,17 +25,19 @@ def train_main(argv, world) -> int:
     from . import compress  # the names only: torch is imported after the flags are known to be good
     from .config import add_arguments, resolve
 
-    parser = Parser(prog="mpitrain", description="MPI data-parallel training with gradient compression. "
-                    "Run under mpiexec/srun: mpiexec -n 4 python -m mpitrain [flags]. Also: "
-                    "`mpitrain bench WHAT` (`mpitrain bench --list` names them), "
-                    "`mpitrain emulate --nodes N --link RATE -- [flags]` (an emulated cluster; root), "
-                    "`mpitrain inspect CHECKPOINT` and `mpitrain plot RUN_DIR...` (no MPI).")
+    everything = "--help-all" in argv
+    argv = ["--help" if a == "--help-all" else a for a in argv]
+    parser = Parser(prog="mpitrain", usage="mpiexec -n N python -m mpitrain [flags]",
+                    description="MPI data-parallel training with gradient compression. Also: mpitrain bench WHAT, "
+                    "mpitrain emulate (an emulated cluster), mpitrain inspect CHECKPOINT, mpitrain plot RUN_DIR.",
+                    epilog=None if everything else "These are the main flags; every flag: mpitrain --help-all. "
+                    "Any flag can also be set in a TOML file (--config) or as MPITRAIN_<NAME>.")
     parser.quiet = world.rank != 0
-    add_arguments(parser, compress.names())
+    add_arguments(parser, compress.names(), everything)
     error, args, cfg = None, None, None
     try:
         args = parser.parse_args(argv)
-        cfg = resolve(args, compressors=compress.names())
+        cfg = resolve(args, compressors=compress.names(), now=world.started)
     except UsageError as e:
         error = str(e)
     if agree_on_error(world, error):
@@ -82,7 +84,11 @@ def main(argv=None) -> int:
     if argv[:1] == ["emulate"]:  # the launcher of an emulated cluster is no rank of it
         from .emulate import main as emulate_main
         return emulate_main(argv[1:])
-    from .comm import World
+    try:
+        from .comm import World
+    except ImportError as e:  # comm.NoMPI: no MPI on this machine
+        print(f"mpitrain: {e}", file=sys.stderr)
+        return 1
 
     # MPI starts, and the flags are checked, before torch is imported: on many ranks reading it
     # from a shared filesystem, a mistyped flag would otherwise take a minute or more to report

@@ -29,7 +29,18 @@ import zlib
 
 import numpy as np
 
-from mpi4py import MPI
+
+
+class NoMPI(ImportError):
+    """mpi4py or the MPI library it loads is missing: one line that says how to get one."""
+
+
+try:
+    from mpi4py import MPI
+except (ImportError, RuntimeError) as e:  # mpi4py's wheel loads libmpi at import: RuntimeError when there is none
+    raise NoMPI(f"no MPI found ({str(e).splitlines()[0]}); install one with pip install 'mpitrain[mpich]' "
+                "(or pip install mpich), or load your cluster's MPI (e.g. module load openmpi) and reinstall mpi4py "
+                "against it: pip install --no-binary mpi4py --force-reinstall mpi4py") from None
 
 
 _OPS = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}
@@ -67,6 +78,10 @@ class World:
         self.stall_timeout = stall_timeout  # seconds; 0: wait forever (blocking calls)
         self.where = "start-up"  # named in a stall message; the training loop sets "step N"
         self.max_message_bytes = 2**31 - 2**20
+        # rank 0's clock: ranks that start in different seconds still name one default run dir
+        started = np.array([time.time()])
+        self._comm.Bcast(started, root=0)
+        self.started = float(started[0])
 
     def _split(self, name: str):
         return self._comm.Split(zlib.crc32(name.encode()) & 0x7FFFFFFF, key=self.rank)

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import re
+import time
 import tomllib
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -83,9 +84,8 @@ class Config:
                                 "file, or package.module:function returning (arrays or a torch Dataset, info)")
     data_dir: str = _f("", "folder of the bundled datasets (default: the project's data/)")
     steps: int = _f(300, "optimizer steps to run", minimum=1)
-    batch_size: int = _f(0, "samples per rank per step (0: 32, or fewer when the world is so large that one global "
-                            "batch of 32 per rank would not fit in the training rows; the start-up line says which)",
-                         minimum=0)
+    batch_size: int = _f(0, "samples per rank per (micro-)batch (0: 32, or fewer when the data holds less than one "
+                            "global batch; the start-up line says which)", minimum=0)
     # optimizer
     optimizer: str = _f("sgd", "optimizer", choices=("sgd", "adam", "adamw"))
     lr: float = _f(0.05, "peak learning rate", minimum=0.0)
@@ -93,14 +93,13 @@ class Config:
     weight_decay: float = _f(0.0, "weight decay", minimum=0.0)
     warmup_steps: int = _f(20, "linear learning-rate warm-up steps", minimum=0)
     lr_schedule: str = _f("cosine", "after warm-up: constant, or cosine decay to 10%", choices=("constant", "cosine"))
-    grad_clip: float = _f(0.0, "clip the agreed gradient to this global 2-norm, after the exchange, so every rank clips "
-                               "alike (with --average-every > 1: each rank its own); error feedback keeps what was "
-                               "sent, not what was clipped; 0: off", minimum=0.0)
+    grad_clip: float = _f(0.0, "clip the agreed gradient to this 2-norm after the exchange, every rank alike "
+                               "(error feedback keeps what was sent); 0: off", minimum=0.0)
     accumulate: int = _f(1, "micro-batches of --batch-size per optimizer step: gradients are accumulated and "
                             "exchanged once a step, on the last micro-batch's backward", minimum=1)
     seed: int = _f(0, "seed for initialisation, data order and every shared random draw", minimum=0)
     # exchange
-    compressor: str = _f("dense", "gradient compressor (see --help for the list); auto: dense or greedylore, "
+    compressor: str = _f("dense", "gradient compressor; auto: dense or greedylore, "
                                   "whichever this job's first steps measure to be faster (with --average-every > 1: "
                                   "dense)")
     error_feedback: str = _f("auto", "keep what compression left out and add it to the next step (EF14): "
@@ -155,7 +154,7 @@ class Config:
     warm_start: bool = _f(True, "powersgd: start each power iteration from the last Q")
     orthogonalization_epsilon: float = _f(1e-8, "powersgd: Gram-Schmidt guard for all-zero columns", minimum=0.0)
     # outputs
-    run_dir: str = _f("", "output folder (default runs/<UTC timestamp>)")
+    run_dir: str = _f("", "output folder ('': runs/<UTC timestamp>)")
     log_every: int = _f(10, "write a train metrics line every N steps", minimum=1)
     eval_every: int = _f(100, "evaluate every N steps (0: only at the end)", minimum=0)
     progress: str = _f("auto", "progress bar on rank 0: auto (when stdout is a terminal), always, never",
@@ -267,12 +266,21 @@ def from_env(environ) -> dict:
     return out
 
 
-def add_arguments(parser: argparse.ArgumentParser, compressors: list[str]):
+# what `--help` shows: the knobs most runs turn; `--help-all` lists every flag
+MAIN_FLAGS = ("model", "dataset", "steps", "batch_size", "accumulate", "optimizer", "lr", "grad_clip", "compressor",
+              "rank", "run_dir", "checkpoint_every", "resume")
+
+
+def add_arguments(parser: argparse.ArgumentParser, compressors: list[str], everything: bool = True):
+    """Every setting as a flag; with `everything` False, --help describes only MAIN_FLAGS."""
     parser.add_argument("--config", metavar="FILE", help="TOML file of settings (CLI > env > file > defaults)")
-    parser.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved configuration and exit" if everything else argparse.SUPPRESS)
     for name, f in FIELDS.items():
         flag = "--" + name.replace("_", "-")
         help = f.metadata["help"].replace("%", "%%") + f" (default: {f.default!r})"
+        if not everything and name not in MAIN_FLAGS:
+            help = argparse.SUPPRESS
         if name == "compressor":
             help += "; one of: " + ", ".join(compressors)
         if f.type in (bool, "bool"):
@@ -289,7 +297,12 @@ def checked(**values) -> Config:
     return _finish(Config(**{k: _coerce(k, v, "argument") for k, v in values.items()}))
 
 
-def resolve(args: argparse.Namespace, environ=None, compressors=()) -> Config:
+def default_run_dir(now: float) -> str:
+    """runs/<UTC time>, from a time every rank agrees on (`World.started`)."""
+    return os.path.join("runs", datetime.fromtimestamp(now, timezone.utc).strftime("%Y%m%dT%H%M%SZ"))
+
+
+def resolve(args: argparse.Namespace, environ=None, compressors=(), now: float | None = None) -> Config:
     """Defaults < --config file < MPITRAIN_* env < CLI flags, every value checked."""
     values = {}
     if args.config:
@@ -302,10 +315,10 @@ def resolve(args: argparse.Namespace, environ=None, compressors=()) -> Config:
     cfg = Config(**values)
     if compressors and cfg.compressor not in compressors:
         raise UsageError(f"unknown compressor {cfg.compressor!r}; choose one of {', '.join(compressors)}")
-    return _finish(cfg)
+    return _finish(cfg, now)
 
 
-def _finish(cfg: Config) -> Config:
+def _finish(cfg: Config, now: float | None = None) -> Config:
     """Checks that span fields, and the default run dir."""
     if not re.fullmatch(r"[\w.-]+(:[\w.]+)?", cfg.model):
         raise UsageError(f"model {cfg.model!r} is neither a zoo name nor package.module:function")
@@ -321,5 +334,5 @@ def _finish(cfg: Config) -> Config:
     if cfg.compressor == "auto" and cfg.average_every > 1:
         cfg.compressor = "dense"  # auto chooses how gradients travel; parameter averaging's stays the user's to name
     if not cfg.run_dir:
-        cfg.run_dir = os.path.join("runs", datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ"))
+        cfg.run_dir = default_run_dir(time.time() if now is None else now)
     return cfg

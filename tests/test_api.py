@@ -7,7 +7,7 @@ import h5py
 import numpy as np
 import pytest
 
-from helpers import ROOT, mpi, run, trainer
+from helpers import MPIEXEC, ROOT, mpi, run, trainer
 
 EXAMPLE = ROOT / "examples" / "digits_loop.py"
 
@@ -21,6 +21,13 @@ def example(n, run_dir, *flags):
     r = mpi(n, [EXAMPLE, "--run-dir", run_dir, *flags], timeout=180)
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_the_example_loop_runs_without_arguments_into_a_default_run_dir(tmp_path):
+    r = run([MPIEXEC, "-n", "2", sys.executable, EXAMPLE, "--steps", "20"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    made = list((tmp_path / "runs").iterdir())  # one folder, named by rank 0's clock on every rank
+    assert len(made) == 1 and (made[0] / "checkpoints" / "ckpt-000000020.h5").is_file()
 
 
 def test_the_example_loop_trains_like_the_command_and_resumes_exactly(tmp_path):

@@ -1,11 +1,13 @@
 """The command line contract: config precedence, outputs, exit codes, one-line errors, aborts."""
 import json
 import os
+import re
 import time
 
 import pytest
 
 from helpers import ROOT, trainer
+from mpitrain.config import FIELDS
 from mpitrain.layout import CONTROL
 
 
@@ -137,7 +139,16 @@ def test_an_exception_on_one_rank_aborts_the_whole_job(tmp_path):
     assert "mpitrain: rank 1, step 3: RuntimeError: deliberate failure" in r.stderr
 
 
-def test_help_is_printed_once_under_mpiexec():
-    r = trainer(2, "--help")
+def test_help_is_printed_once_under_mpiexec_fits_a_screen_and_help_all_lists_every_flag():
+    r = trainer(2, "--help", COLUMNS="80")
     assert r.returncode == 0
-    assert r.stdout.count("usage: mpitrain") == 1 and "--batch-size" in r.stdout
+    assert r.stdout.count("usage: mpiexec -n N python -m mpitrain") == 1 and "--batch-size" in r.stdout
+    assert len(r.stdout.splitlines()) <= 52 and "--help-all" in r.stdout and "--bucket-mb" not in r.stdout
+    everything = trainer(0, "--help-all").stdout
+    assert all(re.search(f"--{name.replace('_', '-')}[ ,\n]", everything) for name in FIELDS)
+
+
+def test_no_mpi_library_is_one_line_saying_how_to_get_one():
+    r = trainer(0, "--steps", 1, MPI4PY_LIBMPI="/nonexistent/libmpi.so")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.count("\n") == 1 and "no MPI found" in r.stderr and "pip install 'mpitrain[mpich]'" in r.stderr
