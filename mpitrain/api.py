@@ -172,8 +172,8 @@ class Exchange:
         finite = bool(torch.isfinite(share)) and all_finite(checked)
         if not finite:
             checked.zero_()  # nothing non-finite enters the exchange (or the optimizer); the flag says why
-        self.layout.control.copy_(torch.tensor([(float(share) / size if local else float(share)) if finite else 0.0,
-                                                float(not finite), float(_STOP["requested"])]))
+        self.layout.control.set((float(share) / size if local else float(share)) if finite else 0.0, not finite,
+                                _STOP["requested"])
         before = self.world.sent_bytes
         if local:
             self.world.allreduce_(self.layout.flat_np[self.layout.numel:])
@@ -181,9 +181,9 @@ class Exchange:
             self.compressor.aggregate(step)
         if self._overlapping and not all_finite(grads):
             grads.zero_()  # a rank's non-finite share reached every rank: every rank skips alike
-            self.layout.control[1] = 1.0
+            self.layout.control.raise_nonfinite()
         self._share, self._micro, self._overlapping = None, 0, False
-        loss_sum, nonfinite, stop = self.layout.control.tolist()
+        loss_sum, nonfinite, stop = self.layout.control.values()
         norm = None
         if self.cfg.grad_clip and not nonfinite:  # after the exchange: what error feedback kept is what was sent
             norm = global_norm(grads)

@@ -92,7 +92,7 @@ class ParameterAveraging:
             self.local_steps = 0
             return Round(index, True, world.sent_bytes - before, stats)
         delta.mul_(1.0 / size)
-        layout.control.zero_()
+        layout.control.clear()
         self.compressor.aggregate(index)  # the shares of the deltas -> the (compressed) mean delta
         stats["sent_delta_norm"] = float(delta.norm())
         if self.momentum is None:

@@ -41,6 +41,40 @@ def global_norm(t: torch.Tensor) -> float:
     return math.sqrt(float(np.sum(np.square(torch.cat([blocks, rest]).numpy()))))
 
 
+class Control:
+    """The control words by name (layout.CONTROL): this rank's share of the step's loss, a
+    non-finite flag, a stop request. They ride on the exchange and are summed like gradients, so
+    afterwards the loss is the global mean and a flag is non-zero when any rank raised it. `words`
+    is the fp32 view itself, for the compressors that carry it."""
+
+    def __init__(self, words: torch.Tensor):
+        assert words.numel() == len(CONTROL)
+        self.words = words
+
+    def set(self, loss: float, nonfinite: bool, stop: bool) -> None:
+        self.words.copy_(torch.tensor([loss, float(nonfinite), float(stop)]))
+
+    def values(self) -> tuple[float, bool, bool]:
+        loss, nonfinite, stop = self.words.tolist()
+        return loss, bool(nonfinite), bool(stop)
+
+    @property
+    def nonfinite(self) -> bool:
+        return bool(self.words[1])
+
+    def raise_nonfinite(self) -> None:
+        """Some rank's share was not finite: every rank skips the step (the loss as it was)."""
+        self.words[1] = 1.0
+
+    def drop_share(self) -> None:
+        """This rank's share was not finite and is not sent: no loss of its own, the flag raised,
+        its stop request kept."""
+        self.words[0], self.words[1] = 0.0, 1.0
+
+    def clear(self) -> None:
+        self.words.zero_()
+
+
 @dataclass(frozen=True)
 class Slot:
     """One parameter's place in the flat buffers."""
@@ -76,7 +110,7 @@ class GradLayout:
         self.params = torch.empty(self.numel, dtype=torch.float32)
         self.flat = torch.zeros(self.numel + len(CONTROL), dtype=torch.float32)
         self.grads = self.flat[: self.numel]
-        self.control = self.flat[self.numel:]
+        self.control = Control(self.flat[self.numel:])
         self.flat_np, self.params_np = self.flat.numpy(), self.params.numpy()  # for collectives
         self.slots: list[Slot] = []
         self.tensors = []

@@ -322,9 +322,8 @@ class LowRank(Compressor):
         """Zero this rank's share and raise the non-finite flag if a compressed matrix is not finite."""
         if all(all_finite(self.grad(i)) for i in range(len(self.slots))):
             return False
-        stop = float(self.layout.control[2])
         self.layout.flat[:self.layout.numel].zero_()
-        self.layout.control.copy_(torch.tensor([0.0, 1.0, stop]))
+        self.layout.control.drop_share()
         return True
 
     # -- views ------------------------------------------------------------------------------

@@ -527,7 +527,7 @@ class Exchanged(Compressor):
 
     def frame(self) -> np.ndarray:
         """This rank's payload: version, control words, each tensor's length and bitstream, CRC."""
-        parts = [np.array([PAYLOAD_VERSION], dtype=np.uint8), self.layout.control.numpy().view(np.uint8)]
+        parts = [np.array([PAYLOAD_VERSION], dtype=np.uint8), self.layout.control.words.numpy().view(np.uint8)]
         for slot in self.layout.slots:
             segment = self.segments[slot.index][0]
             parts += [np.array([segment.size], dtype="<u4").view(np.uint8), segment]
@@ -575,7 +575,7 @@ class Exchanged(Compressor):
         self.buckets.finish(step=step)
         finite = all([job.result() for job in self.jobs])  # every job waited for (and its error raised)
         self.jobs = []
-        if finite and not float(self.layout.control[1]):  # the caller checked the tail
+        if finite and not self.layout.control.nonfinite:  # the caller checked the tail
             tail = self.layout.dense_offset  # the tensors in no bucket, after the matrices
             if self.residual is not None:
                 self.grads[tail:] += self.residual[tail:]
@@ -585,7 +585,7 @@ class Exchanged(Compressor):
                 self.residual, self.spare = self.spare, self.residual
             return True
         self.grads[...] = 0.0
-        self.layout.control[:2] = torch.tensor([0.0, 1.0])
+        self.layout.control.drop_share()
         return False
 
     def aggregate(self, step: int) -> None:
@@ -605,7 +605,7 @@ class Exchanged(Compressor):
         for rank, part in enumerate(self.world.allgatherv(payload)):  # same order on every rank
             control += self.decode(part, rank, step, self.total)
         kernels().narrow(self.total, self.grads)
-        self.layout.control.copy_(self.layout.control.new_tensor(control))
+        self.layout.control.words.copy_(torch.from_numpy(np.asarray(control, dtype=np.float32)))
 
     def state_dict(self, copy: bool = True) -> dict:
         residual = self.residual if self.residual is None or not copy else self.residual.copy()
@@ -632,7 +632,7 @@ class RandK(Compressor):
     def __init__(self, layout, world, cfg):
         super().__init__(layout, world, cfg)
         self.k = [min(s.numel, max(1, math.ceil(cfg.ratio * s.numel))) for s in layout.slots]
-        self.buffer = np.zeros(sum(self.k) + layout.control.numel(), dtype=np.float32)
+        self.buffer = np.zeros(sum(self.k) + layout.control.words.numel(), dtype=np.float32)
         self.grads = layout.flat_np[: layout.numel]
         self.residual = np.zeros(layout.numel, dtype=np.float32) if self.error_feedback else None
 
@@ -650,14 +650,14 @@ class RandK(Compressor):
             if self.residual is not None:  # e = p - C(p), with C(p) this rank's own scaled values
                 self.residual[s.offset + idx] -= self.buffer[at:at + idx.size]
             at += idx.size
-        self.buffer[at:] = self.layout.control.numpy()
+        self.buffer[at:] = self.layout.control.words.numpy()
         self.world.allreduce_(self.buffer)
         self.grads[...] = 0.0
         at = 0
         for s, idx in zip(self.layout.slots, chosen):
             self.grads[s.offset + idx] = self.buffer[at:at + idx.size]
             at += idx.size
-        self.layout.control.copy_(self.layout.control.new_tensor(self.buffer[at:]))
+        self.layout.control.words.copy_(torch.from_numpy(self.buffer[at:]))
 
     state_dict = Exchanged.state_dict
     load_state_dict = Exchanged.load_state_dict

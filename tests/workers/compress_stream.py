@@ -68,7 +68,7 @@ record = {k: [] for k in ("g", "e_old", "e_new", "result", "p", "ratios", "wire"
 for t in range(steps):
     for slot in layout.slots:
         layout.view(layout.grads, slot).copy_(torch.from_numpy(gradient(slot, t).reshape(slot.shape) / world.size))
-    layout.control.zero_()
+    layout.control.clear()
     residual = getattr(comp, "residual", None)
     residual = getattr(residual, "np", residual)  # a Buffer (low-rank) or a numpy array (quantizers)
     record["g"].append(layout.grads.numpy().copy())
