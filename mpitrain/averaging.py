@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from .compress.base import kernels
+from .compress.streams import Purpose, torch_stream
 from .layout import all_finite
 
 SKETCH = 256  # buckets: the round's report is 2 KiB
@@ -48,7 +49,7 @@ class ParameterAveraging:
         self.anchor = layout.params.clone()
         self.momentum = torch.zeros_like(self.anchor) if outer == "nesterov" else None  # average: outer lr 1
         self.local_steps = 0  # optimizer steps since the last average (0: params == anchor)
-        generator = torch.Generator().manual_seed(seed + 7919)
+        generator = torch_stream(seed, 0, 0, Purpose.AVERAGING_SIGNS)
         padded = math.ceil(layout.numel / SKETCH) * SKETCH
         self._signs = (torch.randint(0, 2, (layout.numel,), generator=generator, dtype=torch.int8) * 2 - 1)
         self._signed = torch.zeros(padded, dtype=torch.float32)  # d_i * signs, zero-padded to whole buckets

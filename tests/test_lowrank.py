@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from helpers import WORKERS, mpi
-from mpitrain.compress.lowrank import POWER_INIT, generator
+from mpitrain.compress.streams import Purpose, torch_stream
 from mpitrain.layout import CONTROL
 
 C = 4 * len(CONTROL)  # the control words ride in every dense or payload Allreduce
@@ -367,7 +367,7 @@ def test_powersgd_matches_an_independent_computation(tmp_path):
     ranks, slots = stream(tmp_path, 2, "drift", steps, "--compressor", "powersgd", "--rank", r,
                           "--start-compress-step", 0, "--seed", 7)
     which = list(ranks[0]["compressed"])
-    qs = [torch.randn((int(np.prod(slots[i][3][1:])), r), generator=generator(7, 0, i, POWER_INIT)).double().numpy()
+    qs = [torch.randn((int(np.prod(slots[i][3][1:])), r), generator=torch_stream(7, 0, i, Purpose.POWER_INIT)).double().numpy()
           for i in which]
     es = [[np.zeros(1)] * len(which) for _ in ranks]
     for t in range(steps):
@@ -615,3 +615,14 @@ def test_basis_pass_rotates_multiplies_and_checks_in_one_pass_the_same_at_any_th
         assert other != check, (row, col)
     _, same = Products().rotate_and_check([(b.clone(), nothing, nothing.t(), nothing, b[:0], 1000)])
     assert same == check  # not rotated: the bits alone decide it
+
+
+def test_shared_streams_are_keyed_by_seed_step_slot_and_purpose():
+    def draws(*key):
+        return torch.randn(8, generator=torch_stream(*key))
+    base = draws(3, 5, 2, Purpose.PROBE)
+    assert torch.equal(base, draws(3, 5, 2, Purpose.PROBE))  # every rank, and again after a resume
+    for other in [(4, 5, 2, Purpose.PROBE), (3, 6, 2, Purpose.PROBE), (3, 5, 1, Purpose.PROBE),
+                  (3, 5, 2, Purpose.POWER_INIT)]:
+        assert not torch.equal(base, draws(*other)), other
+    assert len({int(p) for p in Purpose}) == len(Purpose)

@@ -21,21 +21,11 @@ import torch
 
 from ..layout import all_finite
 from .base import Buckets, Compressor, kernels, register
+from .streams import Purpose, torch_stream
 
 _NOTHING = np.zeros((0, 0), dtype=np.float32)  # no residual kept, no factors for it
 _NOTHING_T = torch.from_numpy(_NOTHING)
 _POOLS: dict[int, ThreadPoolExecutor] = {}
-
-
-def generator(*key: int) -> torch.Generator:
-    """A torch generator determined by the key (seed, step, layer, purpose): identical on every
-    rank without communication, and identical again after a resume."""
-    g = torch.Generator()
-    g.manual_seed(int(np.random.SeedSequence([int(k) for k in key]).generate_state(1, np.uint64)[0] >> 1))
-    return g
-
-
-PROBE, RANDOM_SELECT, POWER_INIT = 1, 2, 3  # the purposes of shared random draws
 
 
 def noise_peak(k: int, n: int) -> float:
@@ -642,7 +632,7 @@ class GreedyLore(LowRank):
         if cfg.select == "lazy":
             return list(self.r), [torch.arange(r) for r in self.r]
         if cfg.select == "random":
-            return list(self.r), [torch.randperm(d, generator=generator(cfg.seed, step, s.index, RANDOM_SELECT))[:r]
+            return list(self.r), [torch.randperm(d, generator=torch_stream(cfg.seed, step, s.index, Purpose.RANDOM_SELECT))[:r]
                                   for s, d, r in zip(self.slots, self.d, self.r)]
         energies = self.track(step, sketched) if self.tracking else self.probe(step)
         if self.allocation == "per-matrix":
@@ -669,7 +659,7 @@ class GreedyLore(LowRank):
             if cfg.scores == "exact":
                 torch.matmul(basis.t(), x, out=out)
             else:  # O(d D k + d^2 k), never the O(d^2 D) full projection
-                torch.randn(probes.views[i].shape, generator=generator(cfg.seed, step, s.index, PROBE),
+                torch.randn(probes.views[i].shape, generator=torch_stream(cfg.seed, step, s.index, Purpose.PROBE),
                             out=probes.views[i])
                 torch.matmul(basis.t(), x @ probes.views[i], out=out)
         self.exchange_first_round(scores)  # signed projections of the global x-bar
@@ -689,7 +679,7 @@ class GreedyLore(LowRank):
         t, k = self.ranks[i], self.cfg.probes
         right = self.right.carve([(t + k, D) for t, D in zip(self.ranks, self.D)]).views[i]  # rows: W^T, probes
         w, probes = right[:t], right[t:]
-        torch.randn(probes.shape, generator=generator(self.cfg.seed, step, self.slots[i].index, PROBE), out=probes)
+        torch.randn(probes.shape, generator=torch_stream(self.cfg.seed, step, self.slots[i].index, Purpose.PROBE), out=probes)
         if t:
             w.copy_(torch.linalg.qr(self.warm.views[i][:t].t()).Q.t())
             probes.sub_((probes @ w.t()) @ w)
@@ -827,7 +817,7 @@ class PowerSGD(LowRank):
         self.q = Buffer([(s.m, r) for s, r in zip(self.slots, self.r)])
         self.coefs = np.zeros(max(self.r, default=0), dtype=np.float32)  # Gram-Schmidt's scratch
         for s, q in zip(self.slots, self.q.views):
-            q.copy_(torch.randn(q.shape, generator=generator(cfg.seed, 0, s.index, POWER_INIT)))
+            q.copy_(torch.randn(q.shape, generator=torch_stream(cfg.seed, 0, s.index, Purpose.POWER_INIT)))
 
     def first_round_overlaps(self, step: int) -> bool:
         return step >= self.cfg.start_compress_step and self.cfg.warm_start
@@ -839,7 +829,7 @@ class PowerSGD(LowRank):
         """P = X Q."""
         if not self.cfg.warm_start:
             s, q = self.slots[i], self.q.views[i]
-            q.copy_(torch.randn(q.shape, generator=generator(self.cfg.seed, step, s.index, POWER_INIT)))
+            q.copy_(torch.randn(q.shape, generator=torch_stream(self.cfg.seed, step, s.index, Purpose.POWER_INIT)))
         return (self.grad(i), self.q.views[i], self.p.views[i],
                 self.residual.views[i] if add_residual and self.error_feedback else None)
 

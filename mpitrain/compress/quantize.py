@@ -27,9 +27,9 @@ import torch
 
 from ..layout import all_finite
 from .base import Buckets, Compressor, kernels, register
+from .streams import Purpose, numpy_stream, rounding_key
 from .bitcodec import BitReader, BitWriter, PayloadError, gamma_bits, rice_bits
 PAYLOAD_VERSION = 1
-RANDK = 4  # the purpose of rand-k's shared draws (the low-rank family uses 1 to 3)
 
 
 def _check_finite(x: np.ndarray):
@@ -512,7 +512,7 @@ class Exchanged(Compressor):
         return True
 
     def key(self, rank: int, step: int, slot) -> int:
-        return int(np.random.SeedSequence([self.cfg.seed, rank, step, slot.index]).generate_state(1, np.uint64)[0])
+        return rounding_key(self.cfg.seed, rank, step, slot.index)
 
     def encode_slot(self, slot, step: int, residual) -> None:
         """One tensor of p into `segments`, and p - C(p) into `residual` (if kept)."""
@@ -637,7 +637,7 @@ class RandK(Compressor):
         self.residual = np.zeros(layout.numel, dtype=np.float32) if self.error_feedback else None
 
     def indices(self, step: int) -> list[np.ndarray]:
-        return [np.sort(np.random.default_rng([self.cfg.seed, step, s.index, RANDK]).choice(s.numel, k, replace=False))
+        return [np.sort(numpy_stream(self.cfg.seed, step, s.index, Purpose.RANDK).choice(s.numel, k, replace=False))
                 for s, k in zip(self.layout.slots, self.k)]
 
     def aggregate(self, step: int) -> None:

@@ -1,0 +1,39 @@
+"""Shared randomness, from one place: every random draw that ranks must agree on (or that a resume
+must repeat) comes from a stream keyed by (seed, step, slot, purpose), so it needs no
+communication and no generator state in a checkpoint."""
+from __future__ import annotations
+
+from enum import IntEnum
+
+import numpy as np
+import torch
+
+
+class Purpose(IntEnum):
+    """What a stream is for; its number is part of the key, so two purposes never share draws."""
+    PROBE = 1             # greedylore's Gaussian probes
+    RANDOM_SELECT = 2     # greedylore --select random: which directions
+    POWER_INIT = 3        # powersgd's starting Q
+    RANDK = 4             # rand-k's coordinates
+    AVERAGING_SIGNS = 5   # parameter averaging's count sketch of the deltas
+
+
+def _key(seed: int, step: int, slot: int, purpose: Purpose) -> list[int]:
+    return [int(seed), int(step), int(slot), int(purpose)]
+
+
+def torch_stream(seed: int, step: int, slot: int, purpose: Purpose) -> torch.Generator:
+    """A torch generator for the key, the same on every rank and after a resume."""
+    state = np.random.SeedSequence(_key(seed, step, slot, purpose)).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(state >> 1))
+
+
+def rounding_key(seed: int, rank: int, step: int, slot: int) -> int:
+    """The Philox key of one rank's stochastic rounding of one tensor: the one stream that is not
+    shared, since each rank rounds its own values independently."""
+    return int(np.random.SeedSequence([int(seed), int(rank), int(step), int(slot)]).generate_state(1, np.uint64)[0])
+
+
+def numpy_stream(seed: int, step: int, slot: int, purpose: Purpose) -> np.random.Generator:
+    """A numpy generator for the key."""
+    return np.random.default_rng(_key(seed, step, slot, purpose))
