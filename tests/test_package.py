@@ -5,6 +5,14 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "mpitrain"
 
 
+def top_level(body):
+    """The statements run at import, also inside a top-level try or if (not inside functions)."""
+    for node in body:
+        yield node
+        if isinstance(node, (ast.Try, ast.If)):
+            yield from top_level(node.body + getattr(node, "orelse", []) + getattr(node, "finalbody", []))
+
+
 def module_imports() -> dict:
     """mpitrain module -> the mpitrain modules it imports at its top level (not inside functions)."""
     graph = {}
@@ -13,7 +21,7 @@ def module_imports() -> dict:
         name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
         package = ".".join(parts[:-1])
         found = set()
-        for node in ast.parse(path.read_text()).body:
+        for node in top_level(ast.parse(path.read_text()).body):
             if isinstance(node, ast.ImportFrom) and node.level:
                 base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
                 target = f"{base}.{node.module}" if node.module else base
