@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import zlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -31,41 +30,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import checkpoint, compress, config
+from . import checkpoint, compress, launch
 from .checkpoint import optimizer_tensors
 from .config import Config, UsageError, checked
 from .averaging import ParameterAveraging, Round
 from .layout import GradLayout, all_finite, global_norm
 
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
-_STOP = {"requested": False}  # set by the signal handler; the ranks agree on it in the next exchange
-
-
-def init(stall_timeout: float = Config.stall_timeout, abort_on_exception: bool = True,
-         stop_signals: bool = True):
-    """Start MPI and return the world (rank, size, local_rank, local_size and counted collectives).
-
-    abort_on_exception: an uncaught exception on any rank ends the whole job, naming the rank and
-    where it was, instead of leaving the others waiting forever. stop_signals: SIGUSR1 and SIGTERM
-    set a flag that the next `Exchange.average` agrees on (`Averaged.stop`)."""
-    from .comm import World
-    world = World(stall_timeout=stall_timeout)
-    if abort_on_exception:
-        world.abort_on_exception()
-    if stop_signals:
-        catch_stop_signals()
-    return world
-
-
-def default_run_dir(world) -> str:
-    """runs/<UTC time of rank 0's start>: the folder the command uses when none is given, the same on every rank."""
-    return config.default_run_dir(world.started)
-
-
-def catch_stop_signals():
-    """SIGUSR1 and SIGTERM ask every rank to stop at the next exchange instead of killing this one."""
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, request_stop)
+# starting a rank lives in launch (no torch there, so the command starts with it); the API names it too
+init, default_run_dir = launch.init, launch.default_run_dir
+catch_stop_signals, request_stop = launch.catch_stop_signals, launch.request_stop
 
 
 def set_threads(world, threads: int = 0) -> int:
@@ -74,11 +47,6 @@ def set_threads(world, threads: int = 0) -> int:
     n = threads or int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
     torch.set_num_threads(n := n or world.cores_per_rank())
     return n
-
-
-def request_stop(signum=None, frame=None):
-    """Ask every rank to stop at the next exchange (what SIGUSR1/SIGTERM do)."""
-    _STOP["requested"] = True
 
 
 @dataclass
@@ -173,7 +141,7 @@ class Exchange:
         if not finite:
             checked.zero_()  # nothing non-finite enters the exchange (or the optimizer); the flag says why
         self.layout.control.set((float(share) / size if local else float(share)) if finite else 0.0, not finite,
-                                _STOP["requested"])
+                                launch.stop_requested())
         before = self.world.sent_bytes
         if local:
             self.world.allreduce_(self.layout.flat_np[self.layout.numel:])

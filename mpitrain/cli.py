@@ -46,8 +46,8 @@ def train_main(argv, world) -> int:
         if world.rank == 0:
             print(cfg.to_json())
         return 0
-    from . import api, checkpoint, train
-    api.catch_stop_signals()
+    from . import checkpoint, launch, train
+    launch.catch_stop_signals()
     run = None
     try:
         train.set_threads(cfg, world)
@@ -84,19 +84,17 @@ def main(argv=None) -> int:
     if argv[:1] == ["emulate"]:  # the launcher of an emulated cluster is no rank of it
         from .emulate import main as emulate_main
         return emulate_main(argv[1:])
+    from . import launch
+
+    # MPI starts, and the flags are checked, before torch is imported (see launch)
     try:
-        from .comm import World
+        world = launch.init(stall_timeout=0.0, stop_signals=False)  # the watchdog's timeout comes with the flags
     except ImportError as e:  # comm.NoMPI: no MPI on this machine
         print(f"mpitrain: {e}", file=sys.stderr)
         return 1
-
-    # MPI starts, and the flags are checked, before torch is imported: on many ranks reading it
-    # from a shared filesystem, a mistyped flag would otherwise take a minute or more to report
-    world = World(stall_timeout=0.0)  # the watchdog's timeout comes with the configuration
-    world.abort_on_exception()
     if argv[:1] == ["bench"]:
-        from . import api, bench
-        api.catch_stop_signals()
+        from . import bench
+        launch.catch_stop_signals()
         error, args = None, None
         try:
             args = bench.parse(argv[1:], world)
