@@ -76,8 +76,7 @@ class ParameterAveraging:
         report[:] = 0.0
         if finite:
             torch.mul(delta, self._signs, out=self._signed[:layout.numel])
-            # in float64 without a float64 copy of the delta: torch's casting sums took 1.5 s a round
-            # on 125M values, these 0.13 s
+            # in float64 without a float64 copy of the delta (torch's casting sums make one)
             report[:SKETCH] = self._signed.numpy().reshape(-1, SKETCH).sum(0, dtype=np.float64)
             report[SKETCH] = float(np.dot(report[:SKETCH], report[:SKETCH]))
             report[SKETCH + 1] = kernels().norm(delta.numpy()) ** 2

@@ -266,8 +266,8 @@ class Sink(io.RawIOBase):
 
 
 def host_array(shape: tuple, dtype) -> np.ndarray:
-    """np.empty, from torch's allocator where torch has the dtype: it asks for huge pages, and copying
-    100 MB into its memory took 0.75x the time it took into numpy's."""
+    """np.empty, from torch's allocator where torch has the dtype: it asks for huge pages, which
+    large copies into it fill faster (`bench checkpoint` measures the snapshot)."""
     try:
         as_torch = torch.from_numpy(np.empty(0, dtype)).dtype
     except TypeError:
@@ -276,8 +276,8 @@ def host_array(shape: tuple, dtype) -> np.ndarray:
 
 
 def copy_into(buf: np.ndarray, arr: np.ndarray, piece_bytes: int = 2**24):
-    """buf[...] = arr, a large contiguous one on torch's threads (1.7x numpy's single-threaded copy
-    here) in 16 MB pieces (a 100 MB array in one call took 1.25x as long here)."""
+    """buf[...] = arr, a large contiguous one on torch's threads (numpy copies on one) in 16 MB
+    pieces (one call per large array was slower: `bench checkpoint` measures the snapshot)."""
     if arr.nbytes < 2**20 or not (arr.flags.c_contiguous and arr.flags.writeable):
         np.copyto(buf, arr)
         return
@@ -357,7 +357,7 @@ def save(run, world, step: int, epoch: int = 0, wire_bytes_total: int = 0, extra
     user_json = None if extra_json is None else json.dumps(extra_json)
     refusal = (f"refusing to write a checkpoint at step {step}: the parameters hold NaN or Inf "
                "(the run diverged; the checkpoints before it are intact)")
-    # rank 0 checks its snapshot, before writing it: its check here cost 8 ms (0.05 steps) of a 100 MB model
+    # rank 0 checks its snapshot in the writer, before writing it: off the training thread
     diverged = world.first_rank_where(world.rank != 0 and not all_finite(run.layout.params))
     if diverged is not None:  # that rank says so and ends the job; the others wait for the end
         if diverged == world.rank:
@@ -371,7 +371,7 @@ def save(run, world, step: int, epoch: int = 0, wire_bytes_total: int = 0, extra
         if world.rank != 0:
             return world.gather(arr)
         buf = WRITER.buffer(key, (world.size, *arr.shape), arr.dtype)
-        copy_into(buf[0], arr)  # rank 0's own part on torch's threads: MPI's copy of it took 1.5x as long
+        copy_into(buf[0], arr)  # rank 0's own part on torch's threads: MPI's copy of it runs on one
         return world.gather(buf[0], out=buf)
     policy = ef_policy(cfg, run.compressor)
     comp_state = run.compressor.state_dict(copy=False)  # views: gathered or snapshotted below

@@ -51,7 +51,7 @@ def set_threads(cfg: Config, world) -> int:
 
 def prepare(cfg: Config, world) -> Run:
     """Everything that can fail on a user's mistake; its one collective call is node-local (the
-    ranks of a node share one check of a data file: 64 ranks on 2 cores took 6-7 s checking it each)."""
+    ranks of a node share one check of a data file: many ranks on few cores each checking it took seconds)."""
     check_folder(cfg.run_dir)
     if cfg.tensorboard:
         require_tensorboard()

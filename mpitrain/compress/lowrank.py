@@ -96,9 +96,9 @@ class Products:
     def in_chunks(self, jobs: list[tuple]) -> list[list]:
         """For each job (n, call, align): [call(t, lo, hi)] over ranges [lo, hi) that split range(n)
         among this rank's torch threads, each lo a multiple of align. Thread t runs its range of
-        every job, in order, in one dispatch: a handoff to the threads costs ~75 us here, and one per
-        matrix was about 15 ms (204 x 75 us) of a greedylore step on the 125M shapes. Jobs must not
-        touch each other's rows."""
+        every job, in order, in one dispatch: a handoff to the threads costs more than a small
+        matrix's work, and one per matrix added up on models of many matrices. Jobs must not touch
+        each other's rows."""
         threads, plans = torch.get_num_threads(), []
         for n, call, align in jobs:
             size = -(-max(n, 1) // max(1, min(threads, n // 64)))
@@ -117,9 +117,8 @@ class Products:
         """out = a @ b for each job (a, b, out, plus): one large matrix X and one skinny S, X read
         once by a compiled loop, its rows split among threads, the jobs of each form in one
         dispatch: X @ S with X contiguous, and S @ X with X contiguous (X^T @ S is (S^T @ X)^T).
-        Measured on the 125M shapes (2 cores), MKL ran these shapes compute-bound: X @ S up to
-        2.8x slower than the loop (only at 4 columns without `plus` 1.2x faster: one route kept),
-        S @ X 2x, X @ S with S row-major 4.5x, a transposed view of a tall matrix 5-20x. `plus`
+        MKL ran these skinny shapes compute-bound, slower than the loop in every layout but one
+        (docs/performance.md, `bench compress`), so one route is kept. `plus`
         (a's shape and layout, or None) is added into a in place first: where a is X, a block of
         rows at a time just before the block is multiplied."""
         lefts, rights = [], []
@@ -612,8 +611,8 @@ class GreedyLore(LowRank):
     def verify_bases(self, check: int | None = None) -> bool:
         """Every rank must project onto the same basis; if any differs, rank 0's wins (counted) and
         this says True. `check`: the bases' checksum (`Products.rotate_and_check`), computed here if
-        not given. 63 of its 64 bits travel: any one changed value still changes those. (The CRC32
-        of the bases it replaced took 16 ms a step on the 125M shapes in a pass of its own.)"""
+        not given. 63 of its 64 bits travel: any one changed value still changes those. (A CRC32
+        would need a pass of its own over the bases.)"""
         if check is None:
             check = self.rotate_and_check([b[:, :0] for b in self.bases.views], [b[:0] for b in self.bases.views])[1]
         check &= 2**63 - 1

@@ -28,7 +28,7 @@ import torch
 from ..layout import all_finite
 from .base import Buckets, Compressor, kernels, register
 from .streams import Purpose, numpy_stream, rounding_key
-from .bitcodec import BitReader, BitWriter, PayloadError, gamma_bits, rice_bits
+from .bitcodec import BitReader, BitWriter, PayloadError, gamma_bits
 PAYLOAD_VERSION = 1
 
 
@@ -81,8 +81,8 @@ class Codec:
 
     def kept(self, purpose: str, n: int, dtype) -> np.ndarray:
         """n values of a work buffer kept between calls for `purpose` (grown to the largest tensor,
-        then reused): fresh ones per tensor per step, their pages faulted in anew each time, were a
-        third of sparse-dither's step on the 125M shapes (2.0 s against 1.3, measured)."""
+        then reused): fresh ones per tensor per step had their pages faulted in anew each time
+        (`bench compress` measures the step)."""
         have = self._kept.get(purpose)
         if have is None or have.size < n or have.dtype != dtype:
             self._kept[purpose] = have = np.empty(n, dtype=dtype)

@@ -120,10 +120,9 @@ def residual_and_sum(x, e, sent_left, sent_right, sum_left, sum_right, lo, hi):
     """Rows lo..hi of x (n x m): e = x - sent_left @ sent_right (skipped when e has no rows), then
     x = sum_left @ sum_right. One pass over x and e where the library's GEMMs took three (copy, the
     in-place product, the reconstruction), each row's products summed in a fixed order: the same
-    bits at any thread count and on any machine. Four rows at a time share the factor rows' loads
-    (10-18% faster on the 125M shapes than one row at a time), and the copy of x into e (the zeros
-    into x) goes with the first four products' sweep: r4 28.6 -> 23.0 ms, r8 36 -> 31 (125M shapes,
-    2 threads). The same bits either way."""
+    bits at any thread count and on any machine. Four rows at a time share the factor rows' loads,
+    and the copy of x into e (the zeros into x) goes with the first four products' sweep, so x and e
+    cross memory once (`bench compress` measures the step). The same bits either way."""
     m = x.shape[1]
     keep = e.shape[0] > 0
     i = lo
@@ -254,8 +253,7 @@ def orthogonalize(p, eps, coefs):
     projection applied twice (one pass loses orthogonality in fp32: errors of 1e-4 at full rank),
     then each column over (its norm + eps), eps keeping an all-zero column finite. Dot products and
     norms are float64 sums in a fixed order: the same bits on every machine, which every rank's P
-    must be. One call a matrix where torch took ~30 small calls (6 ms of a powersgd step on the
-    125M shapes)."""
+    must be. One call a matrix where torch took ~30 small calls."""
     n, r = p.shape
     for j in range(r):
         for _ in range(2 if j else 0):

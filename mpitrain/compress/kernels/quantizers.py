@@ -198,15 +198,15 @@ def read_natural(buf, nbits, pos, out):
 
 @jit
 def accumulate(total, values):
-    """total += values, each float32 value widened to float64 first: numpy's mixed-type add took 6x
-    as long (buffered casts), torch's longer still."""
+    """total += values, each float32 value widened to float64 first: numpy's mixed-type add buffers
+    its casts, torch's too."""
     for i in range(values.size):
         total[i] += np.float64(values[i])
 
 
 @jit
 def narrow(total, out):
-    """out = total rounded to float32 (to nearest, as numpy's cast), 4x faster than numpy's."""
+    """out = total rounded to float32 (to nearest, as numpy's cast), without numpy's buffered cast."""
     for i in range(total.size):
         out[i] = np.float32(total[i])
 
