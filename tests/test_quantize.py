@@ -7,7 +7,7 @@ import pytest
 
 from helpers import WORKERS, mpi
 from mpitrain.compress import quantize
-from mpitrain.compress.bitcodec import BitReader, BitWriter, PayloadError
+from mpitrain.compress.bitcodec import BitReader, BitWriter, PayloadError, rice_bits
 from mpitrain.layout import CONTROL
 
 
@@ -89,7 +89,7 @@ def test_sparse_dither_support_code_is_close_to_the_combinatorial_bound_and_tota
     zeros_marked, marked, param, bits, _, _ = codec.support(k)
     assert np.array_equal(marked, np.flatnonzero((k == 0) == zeros_marked))
     gaps = np.diff(marked, prepend=-1) - 1
-    assert bits == int(quantize.rice_bits(gaps, param).sum())
+    assert bits == int(rice_bits(gaps, param).sum())
     support = 1 + bits
     log_binom = (math.lgamma(d + 1) - math.lgamma(n0 + 1) - math.lgamma(d - n0 + 1)) / math.log(2)
     assert log_binom <= support <= 1.03 * log_binom + 64
