@@ -30,7 +30,6 @@ import zlib
 import numpy as np
 
 
-
 class NoMPI(ImportError):
     """mpi4py or the MPI library it loads is missing: one line that says how to get one."""
 

@@ -279,10 +279,10 @@ def add_arguments(parser: argparse.ArgumentParser, compressors: list[str], every
     for name, f in FIELDS.items():
         flag = "--" + name.replace("_", "-")
         help = f.metadata["help"].replace("%", "%%") + f" (default: {f.default!r})"
-        if not everything and name not in MAIN_FLAGS:
-            help = argparse.SUPPRESS
         if name == "compressor":
             help += "; one of: " + ", ".join(compressors)
+        if not everything and name not in MAIN_FLAGS:
+            help = argparse.SUPPRESS
         if f.type in (bool, "bool"):
             parser.add_argument(flag, dest=name, default=None, action=argparse.BooleanOptionalAction, help=help)
         else:

@@ -60,5 +60,6 @@ def test_every_flag_is_explained_in_the_usage_page():
 
 def test_the_version_is_the_changelogs_newest_release():
     import mpitrain
-    released = re.findall(r"^## \[(\d+\.\d+\.\d+)\] - \d{4}-\d\d-\d\d$", (ROOT / "CHANGELOG.md").read_text(), flags=re.M)
+    changelog = (ROOT / "CHANGELOG.md").read_text()
+    released = re.findall(r"^## \[(\d+\.\d+\.\d+)\] - \d{4}-\d\d-\d\d$", changelog, flags=re.M)
     assert released and released[0] == mpitrain.__version__

@@ -367,8 +367,8 @@ def test_powersgd_matches_an_independent_computation(tmp_path):
     ranks, slots = stream(tmp_path, 2, "drift", steps, "--compressor", "powersgd", "--rank", r,
                           "--start-compress-step", 0, "--seed", 7)
     which = list(ranks[0]["compressed"])
-    qs = [torch.randn((int(np.prod(slots[i][3][1:])), r), generator=torch_stream(7, 0, i, Purpose.POWER_INIT)).double().numpy()
-          for i in which]
+    starts = [torch_stream(7, 0, i, Purpose.POWER_INIT) for i in which]
+    qs = [torch.randn((int(np.prod(slots[i][3][1:])), r), generator=g).double().numpy() for i, g in zip(which, starts)]
     es = [[np.zeros(1)] * len(which) for _ in ranks]
     for t in range(steps):
         xs = [[g + e for g, e in zip(matrices(rr["g"][t], slots, which), es[k])] for k, rr in enumerate(ranks)]

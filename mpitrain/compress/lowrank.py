@@ -631,7 +631,8 @@ class GreedyLore(LowRank):
         if cfg.select == "lazy":
             return list(self.r), [torch.arange(r) for r in self.r]
         if cfg.select == "random":
-            return list(self.r), [torch.randperm(d, generator=torch_stream(cfg.seed, step, s.index, Purpose.RANDOM_SELECT))[:r]
+            return list(self.r), [torch.randperm(d, generator=torch_stream(cfg.seed, step, s.index,
+                                                                           Purpose.RANDOM_SELECT))[:r]
                                   for s, d, r in zip(self.slots, self.d, self.r)]
         energies = self.track(step, sketched) if self.tracking else self.probe(step)
         if self.allocation == "per-matrix":
@@ -678,7 +679,8 @@ class GreedyLore(LowRank):
         t, k = self.ranks[i], self.cfg.probes
         right = self.right.carve([(t + k, D) for t, D in zip(self.ranks, self.D)]).views[i]  # rows: W^T, probes
         w, probes = right[:t], right[t:]
-        torch.randn(probes.shape, generator=torch_stream(self.cfg.seed, step, self.slots[i].index, Purpose.PROBE), out=probes)
+        stream = torch_stream(self.cfg.seed, step, self.slots[i].index, Purpose.PROBE)
+        torch.randn(probes.shape, generator=stream, out=probes)
         if t:
             w.copy_(torch.linalg.qr(self.warm.views[i][:t].t()).Q.t())
             probes.sub_((probes @ w.t()) @ w)

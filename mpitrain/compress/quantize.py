@@ -27,8 +27,8 @@ import torch
 
 from ..layout import all_finite
 from .base import Buckets, Compressor, kernels, register
-from .streams import Purpose, numpy_stream, rounding_key
 from .bitcodec import BitReader, BitWriter, PayloadError, gamma_bits
+from .streams import Purpose, numpy_stream, rounding_key
 PAYLOAD_VERSION = 1
 
 
