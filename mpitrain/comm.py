@@ -58,6 +58,8 @@ class World:
     MPI calls one (the ranks that share memory), or under `mpitrain emulate` the emulated node that
     MPITRAIN_NODE names; `host_size` counts the ranks sharing this machine's cores either way."""
 
+    ABORT_DRAIN_SECONDS = 0.5  # time the launcher gets to forward a failing rank's last line
+
     def __init__(self, stall_timeout: float = 0.0):
         self._comm = MPI.COMM_WORLD
         self.rank = self._comm.Get_rank()
@@ -242,6 +244,10 @@ class World:
         sys.stderr.flush()
         if self.size == 1:
             os._exit(code)
+        # The launcher forwards each rank's output through pipes and tears them down when it
+        # handles the abort; under load it can do so before reading the line just written, and
+        # the user would get the exit code without the reason.
+        time.sleep(self.ABORT_DRAIN_SECONDS)
         self._comm.Abort(code)
 
     # -- waiting with a deadline -----------------------------------------------------------
