@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import importlib
 
-FAMILY = {"dense": "dense", "auto": "auto", "powersgd": "lowrank", "greedylore": "lowrank", "greedylore-paper": "lowrank",
+FAMILY = {"dense": "dense", "auto": "auto", "powersgd": "lowrank.powersgd",
+          **dict.fromkeys(["greedylore", "greedylore-paper"], "lowrank.greedylore"),
           **dict.fromkeys(["sparse-dither", "qsgd", "natural", "topk", "randk", "spherical"], "quantize")}
 
 

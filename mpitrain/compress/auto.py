@@ -109,10 +109,10 @@ class Auto(Compressor):
         self.choice = "greedylore" if lore_s < FASTER * dense_s else "dense"
         if self.choice == "dense" and self.greedylore.error_feedback:
             # what greedylore held back joins this step's update: sent + 0 == g + e, exactly
-            residual = self.greedylore.residual
-            self.world.allreduce_(residual.np)
+            feedback = self.greedylore.feedback
+            self.world.allreduce_(feedback.np)
             self.greedylore.add_residuals()
-            residual.flat.zero_()
+            feedback.reset()
         ring = 2 * (self.world.size - 1) / self.world.size  # bytes a ring Allreduce moves per byte held
         self.stats["compressor_choice"] = {
             "step": step + 1, "choice": self.choice, "dense_step_s": dense_s, "dense_exchange_s": dense_x,

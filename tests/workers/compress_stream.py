@@ -69,12 +69,11 @@ for t in range(steps):
     for slot in layout.slots:
         layout.view(layout.grads, slot).copy_(torch.from_numpy(gradient(slot, t).reshape(slot.shape) / world.size))
     layout.control.clear()
-    residual = getattr(comp, "residual", None)
-    residual = getattr(residual, "np", residual)  # a Buffer (low-rank) or a numpy array (quantizers)
+    residual = comp.feedback.np if hasattr(comp, "feedback") else getattr(comp, "residual", None)
     record["g"].append(layout.grads.numpy().copy())
     record["e_old"].append(residual.copy() if residual is not None else np.zeros(0))
     if os.environ.get("PERTURB_BASIS_AT") == str(t) and world.rank == 1:
-        comp.bases.np[-1] = np.nextafter(comp.bases.np[-1], np.float32(np.inf))
+        comp.basis.bases.np[-1] = np.nextafter(comp.basis.bases.np[-1], np.float32(np.inf))
     world.take_sent_bytes()
     comp.last_ratios = []
     comp.aggregate(t)
@@ -93,4 +92,4 @@ np.savez(out / f"rank-{world.rank}.npz",
          **{f"shared_{k}": np.asarray(v) for k, v in state.get("shared", {}).items()},
          shapes=np.array(json.dumps([[s.name, s.offset, s.numel, list(s.shape)] for s in layout.slots])),
          compressed=np.array([s.index for s in getattr(comp, "slots", [])], dtype=int),
-         basis_rebroadcasts=np.array(getattr(comp, "basis_rebroadcasts", 0)))
+         basis_rebroadcasts=np.array(getattr(getattr(comp, "basis", None), "rebroadcasts", 0)))

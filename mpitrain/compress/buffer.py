@@ -1,0 +1,31 @@
+"""One contiguous buffer and named 2-D views into it: what a round sums in one Allreduce."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+class Buffer:
+    """One contiguous buffer and named 2-D views into it, allocated once.
+
+    `carve(shapes)` lays smaller shapes out from the start of the same memory, for rounds whose
+    sizes change from step to step (every rank carves the same shapes, so the prefix they
+    Allreduce is the same length)."""
+
+    def __init__(self, shapes: list[tuple[int, int]], extra: int = 0, flat: torch.Tensor | None = None,
+                 dtype: torch.dtype = torch.float32):
+        sizes = [a * b for a, b in shapes]
+        self.flat = torch.zeros(sum(sizes) + extra, dtype=dtype) if flat is None else flat[:sum(sizes) + extra]
+        self.np = self.flat.numpy()
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
+        self.views = [self.flat[o:o + a * b].view(a, b) for o, (a, b) in zip(self.offsets, shapes)]
+        self.tail = self.flat[self.offsets[-1]:]
+        self.carved: dict = {}
+
+    def carve(self, shapes: list[tuple[int, int]], extra: int = 0) -> "Buffer":
+        key = (tuple(shapes), extra)  # the same every step unless ranks move (global allocation)
+        if key not in self.carved:
+            if len(self.carved) >= 8:
+                self.carved.clear()
+            self.carved[key] = Buffer(shapes, extra, flat=self.flat)
+        return self.carved[key]

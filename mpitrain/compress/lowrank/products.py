@@ -1,0 +1,165 @@
+"""The compiled products the low-rank compressors are made of."""
+from __future__ import annotations
+
+import math
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+from ..base import kernels
+
+NOTHING = np.zeros((0, 0), dtype=np.float32)  # no residual kept, no factors for it
+NOTHING_T = torch.from_numpy(NOTHING)
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+
+
+class Products:
+    """Products of one large matrix with skinny factors, and the residual-and-reconstruction pass,
+    at about memory speed on the CPU: scratch buffers kept between steps, compiled loops run on
+    this rank's torch threads."""
+
+    def __init__(self):
+        self._scratch: dict[str, torch.Tensor] = {}
+        self._weights = np.zeros(0, dtype=np.uint64)  # the bases' checksum's, grown to the widest basis
+
+    def scratch(self, purpose: str, shape) -> torch.Tensor:
+        """A buffer for `purpose` that grows to the largest shape asked for once, then stays."""
+        n = math.prod(shape)
+        if purpose not in self._scratch or self._scratch[purpose].numel() < n:
+            self._scratch[purpose] = torch.empty(n)
+        return self._scratch[purpose][:n].view(*shape)
+
+    @staticmethod
+    def map(call, items: list) -> list:
+        """[call(item) for item in items], run on this rank's torch threads (the compiled loops
+        release the interpreter lock)."""
+        threads = min(torch.get_num_threads(), len(items))
+        if threads <= 1:
+            return [call(item) for item in items]
+        if threads not in _POOLS:  # one per thread count and process, however many compressors
+            _POOLS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="mpitrain-lowrank")
+        return list(_POOLS[threads].map(call, items))
+
+    def in_chunks(self, jobs: list[tuple]) -> list[list]:
+        """For each job (n, call, align): [call(t, lo, hi)] over ranges [lo, hi) that split range(n)
+        among this rank's torch threads, each lo a multiple of align. Thread t runs its range of
+        every job, in order, in one dispatch: a handoff to the threads costs more than a small
+        matrix's work, and one per matrix added up on models of many matrices. Jobs must not touch
+        each other's rows."""
+        threads, plans = torch.get_num_threads(), []
+        for n, call, align in jobs:
+            size = -(-max(n, 1) // max(1, min(threads, n // 64)))
+            size = -(-size // align) * align
+            plans.append((call, [(lo, min(n, lo + size)) for lo in range(0, n, size)]))
+        width = max([len(ranges) for _, ranges in plans], default=0)
+        done = self.map(lambda t: [call(t, *ranges[t]) if t < len(ranges) else None for call, ranges in plans],
+                        list(range(width)))
+        return [[done[t][j] for t in range(len(ranges))] for j, (_, ranges) in enumerate(plans)]
+
+    def product(self, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, plus: torch.Tensor | None = None) -> None:
+        """out = a @ b (see `products`)."""
+        self.products([(a, b, out, plus)])
+
+    def products(self, jobs: list[tuple]) -> None:
+        """out = a @ b for each job (a, b, out, plus): one large matrix X and one skinny S, X read
+        once by a compiled loop, its rows split among threads, the jobs of each form in one
+        dispatch: X @ S with X contiguous, and S @ X with X contiguous (X^T @ S is (S^T @ X)^T).
+        MKL ran these skinny shapes compute-bound, slower than the loop in every layout but one
+        (docs/performance.md, `bench compress`), so one route is kept. `plus`
+        (a's shape and layout, or None) is added into a in place first: where a is X, a block of
+        rows at a time just before the block is multiplied."""
+        lefts, rights = [], []
+        for a, b, out, plus in jobs:
+            if plus is not None and a.numel() < b.numel():
+                a.add_(plus)
+                plus = None
+            if a.numel() < b.numel():  # out = S @ X, the same product as out^T = X^T @ S^T
+                a, b, out = b.t(), a.t(), out.t()
+            if a.is_contiguous():
+                rights.append((a, b, out, plus))
+            else:  # X^T @ S = (S^T @ X)^T
+                lefts.append((b.t(), a.t(), out.t(), None if plus is None else plus.t()))
+        self.right_products(rights)
+        self.left_products(lefts)
+
+    def right_products(self, jobs: list[tuple]) -> None:
+        """out = x @ s for each job (x, s, out, plus), x contiguous (x += plus first, if given)."""
+        calls = []
+        for j, (x, s, out, plus) in enumerate(jobs):
+            args = (x.numpy(), NOTHING if plus is None else plus.numpy(),
+                    self.contiguous(f"right factor {j}", s.t()).numpy(), out.numpy())
+            calls.append((x.shape[0], lambda t, lo, hi, a=args: kernels().right_product(*a, lo, hi), 4))
+        self.in_chunks(calls)
+
+    def left_products(self, jobs: list[tuple]) -> None:
+        """out = s @ x for each job (s, x, out, plus), x contiguous (x += plus first, if given): each
+        thread sums its share of x's rows into its own part, then the parts are added in order."""
+        threads, at = torch.get_num_threads(), 0
+        parts = self.scratch("parts", (sum(threads * out.numel() for _, _, out, _ in jobs),))
+        calls, outs = [], []
+        for j, (s, x, out, plus) in enumerate(jobs):
+            mine = parts[at:at + threads * out.numel()].view(threads, *out.shape)
+            at += mine.numel()
+            args = (self.contiguous(f"factor {j}", s).numpy(), x.numpy(), NOTHING if plus is None else plus.numpy(),
+                    mine.numpy())
+            calls.append((x.shape[0], lambda t, lo, hi, a=args: kernels().left_product(*a[:3], a[3][t], lo, hi), 1))
+            outs.append((mine, out))
+        for (mine, out), used in zip(outs, map(len, self.in_chunks(calls))):
+            target = out if out.is_contiguous() else self.scratch("product", tuple(out.shape))
+            torch.sum(mine[:used], 0, out=target) if used > 1 else target.copy_(mine[0])
+            if target.data_ptr() != out.data_ptr():
+                out.copy_(target)
+
+    def residuals_and_sums(self, jobs: list[tuple]) -> None:
+        """For each job (x, e, sent, summed): e = x - sent[0] @ sent[1] (unless e is None), then
+        x = summed[0] @ summed[1]: one pass over x (n x m, contiguous) and e, its rows split among
+        threads, every job's in one dispatch."""
+        calls = []
+        for j, (x, e, sent, summed) in enumerate(jobs):
+            factors = [self.contiguous(f"factor {j}.{k}", f).numpy()
+                       for k, f in enumerate((*((NOTHING_T, NOTHING_T) if e is None else sent), *summed))]
+            args = (x.numpy(), NOTHING if e is None else e.numpy(), *factors)
+            calls.append((x.shape[0], lambda t, lo, hi, a=args: kernels().residual_and_sum(*a, lo, hi), 1))
+        self.in_chunks(calls)
+
+    def rotate_and_check(self, jobs: list[tuple]) -> tuple[list[np.ndarray], int]:
+        """For each job (basis, tri, vt, u, yt, first): basis -= basis @ vt^T @ tri @ vt (the product
+        of t reflectors in compact form, V = vt^T) and its first t columns set to u (t = u's
+        columns, 0: no rotation); then (yt @ basis for each, the checksum of the bases' bits, rows
+        numbered from each job's `first`): one pass over each basis (d x d), its rows split among
+        threads, every job's in one dispatch; B V is made row by row in the same pass (a pass and a
+        dispatch of its own before). The products are summed over fixed blocks of rows in their
+        order: the same bits at any thread count."""
+        k, calls, at = kernels(), [], 0
+        blocks = [(-(-basis.shape[0] // k.BASIS_BLOCK), yt.shape[0], basis.shape[0]) for basis, *_, yt, _ in jobs]
+        parts = self.scratch("basis parts", (sum(math.prod(b) for b in blocks),)).numpy()
+        sums = self.scratch("basis products", (sum(math.prod(b[1:]) for b in blocks),)).numpy()
+        views, summed_at = [], 0
+        for j, ((basis, *small, first), shape) in enumerate(zip(jobs, blocks)):
+            views.append((parts[at:at + math.prod(shape)].reshape(shape),
+                          sums[summed_at:summed_at + math.prod(shape[1:])].reshape(shape[1:])))
+            at, summed_at = at + math.prod(shape), summed_at + math.prod(shape[1:])
+            b, (tri, vt, u, yt) = basis.numpy(), (self.contiguous(f"basis {j}.{i}", a).numpy() for i, a in enumerate(small))
+            bv, w = (self.scratch(f"{purpose} {j}", (b.shape[0], u.shape[1])).numpy() for purpose in ("B V", "w"))
+            args = (b, b.view(np.uint32), tri, vt, bv, w, u, yt, views[-1][0], self.weights(b.shape[1]), first)
+            calls.append((b.shape[0], lambda _, lo, hi, a=args: k.rotate_rows(*a, lo, hi), k.BASIS_BLOCK))
+        checks = self.in_chunks(calls)
+        return ([np.sum(part, axis=0, out=total) for part, total in views],
+                sum(int(c) for job in checks for c in job) % 2**64)
+
+    def weights(self, n: int) -> np.ndarray:
+        if self._weights.shape[0] < n:
+            self._weights = np.empty(n, dtype=np.uint64)
+            kernels().position_weights(self._weights)
+        return self._weights[:n]
+
+    def contiguous(self, purpose: str, a: torch.Tensor) -> torch.Tensor:
+        """a itself if it is contiguous, else its copy in a scratch buffer (copied by numpy: a few
+        hundred small copies a step, at a quarter of torch's per-call cost)."""
+        if a.is_contiguous():
+            return a
+        copy = self.scratch(purpose, tuple(a.shape))
+        np.copyto(copy.numpy(), a.numpy())
+        return copy
+
