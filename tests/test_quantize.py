@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from helpers import WORKERS, mpi
-from mpitrain.compress import quantize
+from mpitrain.compress import codecs, quantize, spherical
 from mpitrain.compress.bitcodec import BitReader, BitWriter, PayloadError, rice_bits
 from mpitrain.layout import CONTROL
 
@@ -40,7 +40,7 @@ def vectors(d, seed=0):
 # -- sparse dithering ------------------------------------------------------------------------------
 
 def test_sparse_dither_worked_example():
-    codec = quantize.SparseDither(cfg(nu=0.25))
+    codec = codecs.SparseDither(cfg(nu=0.25))
     x = np.array([3, -4, 0, 0.1], dtype=np.float32)
     gamma, k = codec.levels(x, 0)
     assert list(k) == [1, 2, 0, 0]
@@ -58,7 +58,7 @@ def test_sparse_dither_worked_example():
 
 
 def test_sparse_dither_one_coordinate():
-    y, _ = roundtrip(quantize.SparseDither(cfg(nu=0.1)), np.array([1.5], dtype=np.float32))
+    y, _ = roundtrip(codecs.SparseDither(cfg(nu=0.1)), np.array([1.5], dtype=np.float32))
     h = math.sqrt(0.1)
     assert y[0] == pytest.approx(2 * 2 * h * 1.5, rel=1e-6)  # k = 2
     assert (y[0] - 1.5) ** 2 / 1.5 ** 2 == pytest.approx(0.0701, abs=1e-4)
@@ -67,7 +67,7 @@ def test_sparse_dither_one_coordinate():
 @pytest.mark.parametrize("d", [1, 2, 3, 7, 64, 1000])
 def test_deterministic_sparse_dither_is_in_C_nu_with_exact_bit_counts(d):
     nu = 0.1
-    codec = quantize.SparseDither(cfg(nu=nu))
+    codec = codecs.SparseDither(cfg(nu=nu))
     for name, x in vectors(d).items():
         y, bits = roundtrip(codec, x)
         x64 = x.astype(np.float64)
@@ -82,7 +82,7 @@ def test_deterministic_sparse_dither_is_in_C_nu_with_exact_bit_counts(d):
 
 def test_sparse_dither_support_code_is_close_to_the_combinatorial_bound_and_total_to_the_paper():
     d, nu = 100_000, 0.1
-    codec = quantize.SparseDither(cfg(nu=nu))
+    codec = codecs.SparseDither(cfg(nu=nu))
     x = vectors(d)["gaussian"]
     _, k = codec.levels(x, 0)
     n0 = int(np.sum(k == 0))
@@ -100,7 +100,7 @@ def test_sparse_dither_support_code_is_close_to_the_combinatorial_bound_and_tota
 
 def test_randomized_sparse_dither_is_unbiased_with_variance_at_most_nu():
     d, nu, n = 1000, 0.25, 2000
-    codec = quantize.SparseDither(cfg(nu=nu, dither="rand"))
+    codec = codecs.SparseDither(cfg(nu=nu, dither="rand"))
     x = vectors(d)["gaussian"]
     x64 = x.astype(np.float64)
     ys, bits = [], []
@@ -122,15 +122,15 @@ def test_randomized_sparse_dither_is_unbiased_with_variance_at_most_nu():
 # -- spherical -----------------------------------------------------------------------------------------
 
 def test_cap_fraction_matches_the_incomplete_beta():
-    assert quantize.cap_fraction(0.2, 10) == pytest.approx(1.0125e-4, rel=1e-3)
-    assert quantize.cap_fraction(0.3, 1) == 0.5
-    assert quantize.cap_fraction(0.5, 2) == pytest.approx(0.25, rel=1e-6)  # arccos(sqrt(.5))/pi
+    assert spherical.cap_fraction(0.2, 10) == pytest.approx(1.0125e-4, rel=1e-3)
+    assert spherical.cap_fraction(0.3, 1) == 0.5
+    assert spherical.cap_fraction(0.5, 2) == pytest.approx(0.25, rel=1e-6)  # arccos(sqrt(.5))/pi
 
 
 @pytest.mark.parametrize("m", [1, 3, 4, 8])
 def test_spherical_is_in_C_alpha_on_every_draw(m):
     alpha = 0.3
-    codec = quantize.Spherical(cfg(alpha=alpha, block=m))
+    codec = spherical.Spherical(cfg(alpha=alpha, block=m))
     x = vectors(21, seed=m)["gaussian"]
     for key in range(5):
         y, _ = roundtrip(codec, x, key)
@@ -149,7 +149,7 @@ def reference_search(codec, xb, key, block):
     u = xb.astype(np.float64) / float(np.linalg.norm(xb.astype(np.float64)))
     limit = codec.alpha * float(np.sum(xb.astype(np.float64) ** 2))
     _, cap = codec.params(xb.size)
-    z = quantize.candidates(key, block, np.arange(1, cap + 1), xb.size)
+    z = spherical.candidates(key, block, np.arange(1, cap + 1), xb.size)
     for i in np.flatnonzero(z @ u >= math.sqrt(1 - codec.alpha) * (1 - 1e-12)):
         if np.sum((codec.value(nrm, z[i]).astype(np.float64) - xb) ** 2) <= limit:
             return i + 1
@@ -159,12 +159,12 @@ def reference_search(codec, xb, key, block):
 @pytest.mark.parametrize("m", [3, 4])
 def test_spherical_T_is_geometric_with_mean_one_over_P_and_the_compiled_scan_finds_the_first_hit(m):
     alpha, n = 0.5, 2000
-    codec = quantize.Spherical(cfg(alpha=alpha, block=m))
+    codec = spherical.Spherical(cfg(alpha=alpha, block=m))
     x = vectors(m * n, seed=1)["gaussian"]
     rows = x.reshape(n, m)
     norms = np.array([np.linalg.norm(r.astype(np.float64)) for r in rows], dtype=np.float32)
     ts = codec.search(rows, norms, 3, np.arange(n))
-    p = quantize.cap_fraction(alpha, m)
+    p = spherical.cap_fraction(alpha, m)
     sigma = math.sqrt((1 - p) / p ** 2 / n)
     assert min(ts) >= 1 and abs(np.mean(ts) - 1 / p) <= 5 * sigma
     for b in range(0, n, 50):
@@ -185,7 +185,7 @@ def test_spherical_T_is_geometric_with_mean_one_over_P_and_the_compiled_scan_fin
 
 
 def test_spherical_zero_blocks_and_the_raw_fallback():
-    codec = quantize.Spherical(cfg(alpha=0.2, block=8))
+    codec = spherical.Spherical(cfg(alpha=0.2, block=8))
     x = np.concatenate([np.zeros(8), np.arange(1, 17)]).astype(np.float32)
     y, _ = roundtrip(codec, x)
     assert not y[:8].any() and y[8:].all()
@@ -205,7 +205,7 @@ def unbiased_stats(codec, x, n):
 
 def test_qsgd_unbiased_variance_levels_and_bits():
     d, s, n = 1000, 16, 2000
-    codec = quantize.QSGD(cfg(levels=s))
+    codec = codecs.QSGD(cfg(levels=s))
     x = vectors(d)["gaussian"]
     ys, omega, unbiased = unbiased_stats(codec, x, n)
     assert unbiased and omega <= min(d / (4 * s * s), math.sqrt(d) / s) * (1 + 5 / math.sqrt(n))
@@ -217,7 +217,7 @@ def test_qsgd_unbiased_variance_levels_and_bits():
 
 
 def test_natural_compression_powers_of_two_unbiased_nine_bits_no_clamping():
-    codec = quantize.Natural(cfg())
+    codec = codecs.Natural(cfg())
     x = np.array([1.0, 0.75, -3.0, 1e30, -1e-30, 2.0 ** -126, 1e-44, 0.0, 2.0 ** 17 * 1.3], dtype=np.float32)
     y, bits = roundtrip(codec, x)
     assert bits == 9 * x.size
@@ -233,7 +233,7 @@ def test_natural_compression_powers_of_two_unbiased_nine_bits_no_clamping():
 
 
 def test_topk_exact_support_ties_and_contraction():
-    codec = quantize.TopK(cfg(ratio=0.3))
+    codec = codecs.TopK(cfg(ratio=0.3))
     x = np.array([1, -3, 3, 0, 2, -2, 0.5, 3, 0, 1], dtype=np.float32)
     y, bits = roundtrip(codec, x)
     assert list(np.flatnonzero(y)) == [1, 2, 7]  # the three 3s; ties go to the lower index
@@ -254,7 +254,7 @@ def test_topk_selection_is_what_a_stable_descending_sort_picks(seed):
         a = np.abs(rng.standard_normal(d).astype(np.float32))
     for k in (1, max(1, d // 7), d - 1 or 1, d):
         expected = np.sort(np.argsort(-a, kind="stable")[:k])
-        assert np.array_equal(quantize.top_k_indices(a, k), expected), (d, k)
+        assert np.array_equal(codecs.top_k_indices(a, k), expected), (d, k)
 
 
 @pytest.mark.parametrize("name", ["sparse-dither", "qsgd", "natural", "topk", "spherical"])
@@ -295,7 +295,7 @@ def test_one_codec_reusing_its_buffers_codes_like_a_fresh_one_per_tensor(name, e
         assert np.array_equal(out.view(np.uint32), y.view(np.uint32)), key
 
 def test_a_reader_refuses_truncated_or_extended_streams():
-    codec = quantize.SparseDither(cfg())
+    codec = codecs.SparseDither(cfg())
     w = BitWriter()
     codec.encode(vectors(50)["gaussian"], w, 0)
     data = w.bytes()
@@ -463,7 +463,7 @@ def test_codecs_write_the_bitstreams_of_the_numpy_implementation():
 
 def test_natural_codes_from_float32_bits_are_the_log2_rounding_they_replaced():
     """Codes and values built from the float32 bits against the float64 log2/exp2 formulas (same Philox draws)."""
-    natural = quantize.Natural(SimpleNamespace())
+    natural = codecs.Natural(SimpleNamespace())
 
     def reference(x, key):
         t = np.abs(x.astype(np.float64))
