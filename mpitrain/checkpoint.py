@@ -27,14 +27,9 @@ readers without MPI.
 """
 from __future__ import annotations
 
-import errno
-import io
 import json
-import math
-import os
 import platform
 import shutil
-import threading
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -43,6 +38,7 @@ import numpy as np
 import torch
 
 from .config import CannotWrite, UsageError, one_line
+from .filewrite import WRITER, Sink, atomic_write, copy_into, on_disk_bytes, write_dataset
 from .layout import all_finite
 from .schema import (DAMAGE, FORMAT, FORMAT_VERSION, ROOT_ATTRS, SCALAR, check_isolated, deadline_s, open_checkpoint,
                      why)
@@ -65,72 +61,6 @@ def step_of(path: Path) -> int | None:
 
 
 # -- writing -----------------------------------------------------------------------------------
-
-def as_array(value) -> tuple[np.ndarray, str]:
-    """A tensor or array as numpy (bf16 as its uint16 bits) and the dtype name to declare."""
-    arr = value.detach().cpu() if isinstance(value, torch.Tensor) else value
-    dtype_name = str(arr.dtype).replace("torch.", "")
-    if isinstance(arr, torch.Tensor):
-        arr = arr.view(torch.int16).numpy().view(np.uint16) if arr.dtype == torch.bfloat16 else arr.numpy()
-    return np.asarray(arr), dtype_name
-
-
-def chunks_of(shape: tuple, itemsize: int, target: int = 2**20) -> tuple:
-    """Chunks of about `target` bytes that split the leading axis evenly (h5py's own choice for a
-    100 MB array was 48 kB: 8192 chunks, each a write through `Sink` and a checksum)."""
-    inner = math.prod(shape[1:]) * itemsize
-    if inner > target:
-        return (1, *chunks_of(shape[1:], itemsize, target))
-    pieces = -(-shape[0] * inner // target)
-    return (-(-shape[0] // pieces), *shape[1:])
-
-
-def _dataset(group: h5py.Group, name: str, value):
-    """One array (a tensor, an array, or an (array, dtype name) snapshot) or JSON text as a chunked,
-    checksummed dataset."""
-    if isinstance(value, str):
-        data = np.array([value.encode("utf-8")])
-        return group.create_dataset(name, data=data, chunks=True, fletcher32=True)
-    arr, dtype_name = value if isinstance(value, tuple) else as_array(value)
-    shape, scalar = arr.shape, arr.ndim == 0
-    if scalar:
-        arr = arr.reshape(1)
-    if arr.size == 0:
-        ds = group.create_dataset(name, data=arr)
-    else:
-        ds = group.create_dataset(name, data=arr, chunks=chunks_of(arr.shape, arr.itemsize), fletcher32=True)
-    ds.attrs["dtype"] = dtype_name
-    ds.attrs["shape"] = np.array(shape, dtype=np.int64)
-    if scalar:
-        ds.attrs[SCALAR] = True
-    return ds
-
-
-def _fsync_dir(path: Path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic(path: Path, write):
-    """write(tmp_path), then fsync, rename into place, fsync the folder."""
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    _fsync_dir(path.parent)
-
 
 def versions(world) -> dict:
     return {"mpitrain": __import__("mpitrain").__version__, "torch": torch.__version__, "numpy": np.__version__,
@@ -169,20 +99,6 @@ def ef_policy(cfg, compressor) -> str:
     return cfg.ef_resume
 
 
-def on_disk_bytes(*values) -> int:
-    """About what arrays and texts (nested in dicts) take in a checkpoint: their bytes, plus HDF5's
-    headers and chunk index and the checksums, generously."""
-    total, datasets, todo = 0, 0, list(values)
-    while todo:
-        value = todo.pop()
-        if isinstance(value, dict):
-            todo.extend(value.values())
-        elif value is not None:
-            arr = value[0] if isinstance(value, tuple) else value
-            total += len(arr.encode()) if isinstance(arr, str) else np.asarray(arr).nbytes
-            datasets += 1
-    return int(total * 1.01) + 8192 * datasets + 2**16  # measured: ~4 kB a dataset
-
 
 def intact(ckpt_dir: Path) -> str:
     """What is left to resume from, for a message about a checkpoint that was not written."""
@@ -199,149 +115,7 @@ def require_space(ckpt_dir: Path, need: int, path: Path):
                           f"{free / 1e6:.1f} MB are free; {intact(ckpt_dir)}")
 
 
-class Sink(io.RawIOBase):
-    """The file HDF5 writes a checkpoint through. The first failed write (a full disk, a quota, a
-    file size limit) is kept and what follows is dropped, so HDF5 itself never sees a failure: on
-    one it could crash while closing the file (a segfault, seen with h5py 3.16), and its error
-    surfaced in the training thread's next HDF5 call (a data read) as a multi-line OSError.
-    `failure` is the kept error; the file is worthless once there is one."""
 
-    def __init__(self, path: Path):
-        super().__init__()
-        self.fd, self.at, self.failure = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600), 0, None
-
-    def readable(self) -> bool:
-        return True
-
-    def writable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        self.at = offset + (self.at if whence == io.SEEK_CUR else os.fstat(self.fd).st_size if whence == io.SEEK_END else 0)
-        return self.at
-
-    def tell(self) -> int:
-        return self.at
-
-    def readinto(self, buffer) -> int:
-        data = os.pread(self.fd, len(buffer), self.at)
-        buffer[:len(data)] = data
-        self.at += len(data)
-        return len(data)
-
-    def write(self, data) -> int:
-        view = memoryview(data).cast("B")
-        done = 0
-        while self.failure is None and done < len(view):
-            try:
-                wrote = os.pwrite(self.fd, view[done:], self.at + done)
-            except OSError as e:
-                self.failure = e
-                break
-            if not wrote:
-                self.failure = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            done += wrote
-        self.at += len(view)
-        return len(view)
-
-    def truncate(self, size: int | None = None) -> int:
-        size = self.at if size is None else size
-        if self.failure is None:
-            try:
-                os.ftruncate(self.fd, size)
-            except OSError as e:
-                self.failure = e
-        return size
-
-    def flush(self) -> None:
-        pass  # `_atomic` fsyncs the finished file
-
-    def close(self) -> None:
-        if not self.closed:
-            os.close(self.fd)
-        super().close()
-
-
-def host_array(shape: tuple, dtype) -> np.ndarray:
-    """np.empty, from torch's allocator where torch has the dtype: it asks for huge pages, which
-    large copies into it fill faster (`bench checkpoint` measures the snapshot)."""
-    try:
-        as_torch = torch.from_numpy(np.empty(0, dtype)).dtype
-    except TypeError:
-        return np.empty(shape, dtype)
-    return torch.empty(shape, dtype=as_torch).numpy()
-
-
-def copy_into(buf: np.ndarray, arr: np.ndarray, piece_bytes: int = 2**24):
-    """buf[...] = arr, a large contiguous one on torch's threads (numpy copies on one) in 16 MB
-    pieces (one call per large array was slower: `bench checkpoint` measures the snapshot)."""
-    if arr.nbytes < 2**20 or not (arr.flags.c_contiguous and arr.flags.writeable):
-        np.copyto(buf, arr)
-        return
-    n = max(1, piece_bytes // arr.itemsize)
-    for to, of in zip(torch.from_numpy(buf).view(-1).split(n), torch.from_numpy(arr).view(-1).split(n)):
-        to.copy_(of)
-
-
-class Writer:
-    """Rank 0's checkpoint writer: one write at a time, in a background thread, from a snapshot held
-    in host buffers that are reused from one checkpoint to the next."""
-
-    def __init__(self):
-        self._thread, self._error, self._buffers = None, None, {}
-
-    def buffer(self, key: str, shape: tuple, dtype) -> np.ndarray:
-        """The host buffer for `key`, kept from one checkpoint to the next: a fresh one's pages
-        cost a large snapshot as much time again as the copy."""
-        buf = self._buffers.get(key)
-        if buf is None or buf.shape != tuple(shape) or buf.dtype != dtype:
-            buf = self._buffers[key] = host_array(shape, dtype)
-        return buf
-
-    def snapshot(self, key: str, value) -> tuple[np.ndarray, str]:
-        arr, dtype_name = as_array(value)
-        buf = self.buffer(key, arr.shape, arr.dtype)
-        copy_into(buf, arr)
-        return buf, dtype_name
-
-    def submit(self, write):
-        self.wait()
-        self._thread = threading.Thread(target=self._run, args=(write,), name="mpitrain-checkpoint")
-        self._thread.start()
-
-    def _run(self, write):
-        try:
-            write()
-        except BaseException as e:  # re-raised in the training thread by wait()
-            self._error = e
-
-    def busy(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
-    def raise_failure(self):
-        """If the last write has ended in a failure, raise it now (without waiting for a write in
-        flight): a job whose checkpoints cannot be written should not train on until the next one."""
-        if self._thread is not None and not self._thread.is_alive():
-            self.wait()
-
-    def wait(self):
-        """Until the write in flight (if any) is on disk and `latest` names it; re-raises its failure."""
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        if self._error is not None:
-            error, self._error = self._error, None
-            if isinstance(error, CannotWrite):
-                raise error
-            if isinstance(error, OSError):  # the file system's answer, not a bug: one line
-                raise CannotWrite(f"writing a checkpoint failed: {why(error)}") from None
-            raise RuntimeError(f"writing a checkpoint failed: {type(error).__name__}: {error}") from error
-
-
-WRITER = Writer()
 
 
 def save(run, world, step: int, epoch: int = 0, wire_bytes_total: int = 0, extra: dict | None = None,
@@ -418,36 +192,36 @@ def save(run, world, step: int, epoch: int = 0, wire_bytes_total: int = 0, extra
     def write_file(tmp):
         with Sink(tmp) as sink, h5py.File(sink, "w") as f:
             f.attrs.update(attrs)
-            _dataset(f, "config", texts["config"])
+            write_dataset(f, "config", texts["config"])
             group = f.create_group("model")
             for name, value in model.items():
-                _dataset(group, name, value)
+                write_dataset(group, name, value)
             group = f.create_group("optimizer")
             group.attrs["param_names"] = texts["param_names"]
-            _dataset(group, "param_groups", texts["param_groups"])
+            write_dataset(group, "param_groups", texts["param_groups"])
             group = group.create_group("state")
             for index, entries in state.items():
                 sub = group.create_group(str(index))
                 for key, value in entries.items():
-                    _dataset(sub, key, value)
+                    write_dataset(sub, key, value)
             comp = f.create_group("compressor")
             comp.attrs["name"] = cfg.compressor
             group = comp.create_group("shared")
             for key, value in shared.items():
-                _dataset(group, key, value)
+                write_dataset(group, key, value)
             if residual is not None and policy != "reset":
-                _dataset(comp.create_group("residual"), "mean" if policy == "mean" else "per_rank", residual)
-            _dataset(f.create_group("rng"), "torch_cpu", rng)
+                write_dataset(comp.create_group("residual"), "mean" if policy == "mean" else "per_rank", residual)
+            write_dataset(f.create_group("rng"), "torch_cpu", rng)
             if averaged:
                 group = f.create_group("averaging")
                 for key, value in averaged.items():
-                    _dataset(group, key, value)
+                    write_dataset(group, key, value)
             if user:
                 group = f.create_group("user")
                 for key, value in user.items():
-                    _dataset(group, key, value)
+                    write_dataset(group, key, value)
             if user_json is not None:
-                _dataset(f, "user_json", user_json)
+                write_dataset(f, "user_json", user_json)
         if sink.failure is not None:
             raise sink.failure
 
@@ -456,8 +230,8 @@ def save(run, world, step: int, epoch: int = 0, wire_bytes_total: int = 0, extra
             raise CannotWrite(refusal)
         with one_line(OSError, CannotWrite,
                       lambda e: f"cannot write checkpoint {path.name} in {ckpt_dir}: {e.strerror or e}; {intact(ckpt_dir)}"):
-            _atomic(path, write_file)
-            _atomic(ckpt_dir / "latest", lambda tmp: tmp.write_text(path.name + "\n"))
+            atomic_write(path, write_file)
+            atomic_write(ckpt_dir / "latest", lambda tmp: tmp.write_text(path.name + "\n"))
         prune(ckpt_dir, cfg.keep_last, keep=path)
 
     stored = residual if residual is not None and policy != "reset" else None

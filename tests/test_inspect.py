@@ -65,11 +65,11 @@ def test_a_closed_pipe_is_not_called_damage(ckpts):
 def test_bfloat16_reads_back_exactly(tmp_path):
     """bf16 is stored as its 16 bits: the schema's reader widens it to float32 exactly, the trainer's
     restores the bf16 tensor bit for bit."""
-    from mpitrain import checkpoint, schema
+    from mpitrain import checkpoint, filewrite, schema
     vector = torch.tensor([1.0, -2.5, 3.140625, 1e-30, float("inf"), 65280.0]).to(torch.bfloat16)
     for values in (vector, vector[2].clone()):  # a 0-d value too
         with h5py.File(tmp_path / "x.h5", "w") as f:
-            checkpoint._dataset(f, "w", values)
+            filewrite.write_dataset(f, "w", values)
         with h5py.File(tmp_path / "x.h5", "r") as f:
             wide, back = schema.read(f["w"]), checkpoint.read(f["w"])
         assert wide.dtype == np.float32 and wide.shape == values.shape
