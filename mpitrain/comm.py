@@ -49,6 +49,23 @@ _LOOK_S = 0.05  # how often a waiting rank checks its deadline and listens for s
 NODE_ENV = "MPITRAIN_NODE"  # set by `mpitrain emulate`: the emulated node this rank is on
 
 
+def pieces(arr: np.ndarray, max_bytes: int) -> list[np.ndarray]:
+    """arr's values in order, in views of at most max_bytes (MPI counts are 32-bit)."""
+    flat = arr.reshape(-1)
+    step = max(1, max_bytes // max(1, arr.itemsize))
+    return [flat] if flat.size <= step else [flat[i:i + step] for i in range(0, flat.size, step)]
+
+
+def _host_and_node(comm, rank: int) -> tuple:
+    """(the ranks sharing this machine's cores, those of this rank's node, the node's name). An
+    emulated cluster (`mpitrain emulate`) names each rank's node. Its nodes share this host's cores,
+    and MPI, told not to use shared memory between them, sees each rank as a host of its own."""
+    emulated, host = os.environ.get(NODE_ENV, ""), MPI.Get_processor_name()
+    named = lambda name: comm.Split(zlib.crc32(name.encode()) & 0x7FFFFFFF, key=rank)  # noqa: E731
+    on_host = named(host) if emulated else comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank)
+    return on_host, named(emulated) if emulated else on_host, emulated or host
+
+
 def _same_memory(a: np.ndarray, b: np.ndarray) -> bool:
     return a.shape == b.shape and a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
 
@@ -64,16 +81,11 @@ class World:
         self._comm = MPI.COMM_WORLD
         self.rank = self._comm.Get_rank()
         self.size = self._comm.Get_size()
-        # An emulated cluster (`mpitrain emulate`) names each rank's node. Its nodes share this host's
-        # cores, and MPI, told not to use shared memory between them, sees each rank as a host of its own
-        emulated, host = os.environ.get(NODE_ENV, ""), MPI.Get_processor_name()
-        self._host = self._split(host) if emulated else self._comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
-        self.host_size = self._host.Get_size()
-        self.node_name = emulated or host
-        self._node = self._split(emulated) if emulated else self._host
+        host, self._node, self.node_name = _host_and_node(self._comm, self.rank)
+        self.host_size = host.Get_size()
         self.local_rank = self._node.Get_rank()
         self.local_size = self._node.Get_size()
-        self._side = self._comm.Dup()  # stall notices only; never carries data
+        self._watch = StallWatch(self, self._comm.Dup())  # its communicator never carries data
         self.sent_bytes = 0
         self.calls = 0  # collective calls made (a piece of a large message is a call)
         self.stall_timeout = stall_timeout  # seconds; 0: wait forever (blocking calls)
@@ -83,9 +95,6 @@ class World:
         started = np.array([time.time()])
         self._comm.Bcast(started, root=0)
         self.started = float(started[0])
-
-    def _split(self, name: str):
-        return self._comm.Split(zlib.crc32(name.encode()) & 0x7FFFFFFF, key=self.rank)
 
     def cores_per_rank(self) -> int:
         """The cores this rank may use: those the launcher bound it to, else the host's divided
@@ -107,7 +116,7 @@ class World:
     def allreduce_(self, arr: np.ndarray, op: str = "sum") -> np.ndarray:
         """In-place Allreduce of a contiguous array; returns it."""
         self.sent_bytes += arr.nbytes
-        for piece in self._pieces(arr):
+        for piece in pieces(arr, self.max_message_bytes):
             self._run("Allreduce", lambda: self._comm.Iallreduce(MPI.IN_PLACE, piece, op=_OPS[op]),
                       lambda: self._comm.Allreduce(MPI.IN_PLACE, piece, op=_OPS[op]))
         return arr
@@ -116,8 +125,10 @@ class World:
         """Begin an in-place sum Allreduce of a contiguous array and return its requests: the
         caller lets MPI progress with `progress` (e.g. from backward hooks) and ends it with `wait`."""
         self.sent_bytes += arr.nbytes
-        self.calls += len(pieces := self._pieces(arr))
-        return [self._comm.Iallreduce(MPI.IN_PLACE, piece, op=MPI.SUM) for piece in pieces]
+        parts = pieces(arr, self.max_message_bytes)
+        requests = [self._comm.Iallreduce(MPI.IN_PLACE, part, op=MPI.SUM) for part in parts]
+        self.calls += len(requests)
+        return requests
 
     @staticmethod
     def progress(requests: list) -> bool:
@@ -129,13 +140,13 @@ class World:
         if not self.stall_timeout or self.size == 1:
             MPI.Request.Waitall(requests)
         else:
-            self._wait(what, lambda: MPI.Request.Testall(requests))
+            self._watch.wait(what, lambda: MPI.Request.Testall(requests))
 
     def bcast_(self, arr: np.ndarray, root: int = 0) -> np.ndarray:
         """In-place broadcast from `root`; returns the array."""
         if self.rank == root:
             self.sent_bytes += arr.nbytes
-        for piece in self._pieces(arr):
+        for piece in pieces(arr, self.max_message_bytes):
             self._run("Bcast", lambda: self._comm.Ibcast(piece, root=root), lambda: self._comm.Bcast(piece, root=root))
         return arr
 
@@ -223,21 +234,6 @@ class World:
     def barrier(self):
         self._run("Barrier", self._comm.Ibarrier, self._comm.Barrier)
 
-    def abort_on_exception(self):
-        """An uncaught exception on one rank ends the job, naming the rank and where it was, instead
-        of leaving the other ranks waiting forever: with a traceback and exit 1, or, for an
-        exception whose class sets `exit_code` (a user's mistake, a damaged file, a full disk), one
-        line and that code."""
-        def hook(etype, value, tb):
-            code = getattr(etype, "exit_code", None)
-            if code is not None:
-                sys.stderr.write(f"mpitrain: error: rank {self.rank}, {self.where}: {value}\n")
-                return self.abort(code)
-            sys.stderr.write(f"mpitrain: rank {self.rank}, {self.where}: {etype.__name__}: {value}\n")
-            traceback.print_exception(etype, value, tb)
-            self.abort(1)
-        sys.excepthook = hook
-
     def abort(self, code: int = 1):
         """End every rank of the job now (the only safe exit when one rank fails alone)."""
         sys.stdout.flush()
@@ -251,57 +247,12 @@ class World:
         self._comm.Abort(code)
 
     # -- waiting with a deadline -----------------------------------------------------------
-    def _pieces(self, arr: np.ndarray):
-        flat = arr.reshape(-1)
-        step = max(1, self.max_message_bytes // max(1, arr.itemsize))
-        return [flat] if flat.size <= step else [flat[i:i + step] for i in range(0, flat.size, step)]
-
     def _run(self, what: str, start, blocking):
         self.calls += 1
         if not self.stall_timeout or self.size == 1:
             blocking()
             return
-        self._wait(what, start().Test)
-
-    def _wait(self, what: str, done):
-        """Until done() is true; past the stall deadline, or on a stall notice, end the job."""
-        if done():
-            return
-        now = time.monotonic()
-        deadline, look = now + self.stall_timeout, now + _LOOK_S
-        while not done():
-            now = time.monotonic()
-            if now >= look:
-                look = now + _LOOK_S
-                if now >= deadline or self._side.Iprobe(source=MPI.ANY_SOURCE, tag=_STALL_TAG):
-                    self._end_stall(what)
-            os.sched_yield()  # ranks often outnumber cores; let the ones still computing run
-
-    def _end_stall(self, what: str, grace_s: float = 2.0):
-        """Tell every rank this one is here, hear who else is, and let the lowest present rank end the job."""
-        me = np.array([self.rank], dtype=np.int64)
-        notices = [self._side.Isend(me, dest=r, tag=_STALL_TAG) for r in range(self.size) if r != self.rank]
-        present, status, heard = {self.rank}, MPI.Status(), np.zeros(1, dtype=np.int64)
-        end = time.monotonic() + grace_s
-        while time.monotonic() < end:
-            while self._side.Iprobe(source=MPI.ANY_SOURCE, tag=_STALL_TAG, status=status):
-                self._side.Recv(heard, source=status.Get_source(), tag=_STALL_TAG)
-                present.add(int(heard[0]))
-            time.sleep(0.01)
-        missing = sorted(set(range(self.size)) - present)
-        # A cut link splits the ranks: the side that is not the larger (at a tie, the one without rank 0)
-        # is the one cut off, and waits, so that the line names the ranks behind the cut
-        cut_off = 2 * len(present) < self.size or (2 * len(present) == self.size and 0 not in present)
-        if self.rank != min(present) or cut_off:
-            # the lowest present rank is ending the job; if it cannot (a busy rank 0 may not run its
-            # Python for seconds), this one does, with the same line
-            time.sleep(3 * grace_s)
-        names = ", ".join(map(str, missing)) or "none (all present, yet the collective did not complete)"
-        print(f"mpitrain: stalled at {self.where}: rank(s) {names} did not arrive in {what} within "
-              f"{self.stall_timeout:g} s (--stall-timeout); ending the job with exit {STALLED}, "
-              "no checkpoint of this step", file=sys.stderr, flush=True)
-        del notices
-        self.abort(STALLED)
+        self._watch.wait(what, start().Test)
 
     # -- for benchmarks only: the bare library call, uncounted -----------------------------
     def raw_allreduce_(self, arr: np.ndarray):
@@ -314,3 +265,68 @@ class World:
     @staticmethod
     def wtime() -> float:
         return MPI.Wtime()
+
+
+class StallWatch:
+    """How a rank that waits on a collective learns, within --stall-timeout, that another will not
+    come, and which: notices travel on a communicator of their own, so they never meet data."""
+
+    def __init__(self, world: World, side):
+        self.world, self.side = world, side
+
+    def wait(self, what: str, done):
+        """Until done() is true; past the stall deadline, or on a stall notice, end the job."""
+        if done():
+            return
+        now = time.monotonic()
+        deadline, look = now + self.world.stall_timeout, now + _LOOK_S
+        while not done():
+            now = time.monotonic()
+            if now >= look:
+                look = now + _LOOK_S
+                if now >= deadline or self.side.Iprobe(source=MPI.ANY_SOURCE, tag=_STALL_TAG):
+                    self.end_stall(what)
+            os.sched_yield()  # ranks often outnumber cores; let the ones still computing run
+
+    def end_stall(self, what: str, grace_s: float = 2.0):
+        """Tell every rank this one is here, hear who else is, and let the lowest present rank end the job."""
+        world = self.world
+        me = np.array([world.rank], dtype=np.int64)
+        notices = [self.side.Isend(me, dest=r, tag=_STALL_TAG) for r in range(world.size) if r != world.rank]
+        present, status, heard = {world.rank}, MPI.Status(), np.zeros(1, dtype=np.int64)
+        end = time.monotonic() + grace_s
+        while time.monotonic() < end:
+            while self.side.Iprobe(source=MPI.ANY_SOURCE, tag=_STALL_TAG, status=status):
+                self.side.Recv(heard, source=status.Get_source(), tag=_STALL_TAG)
+                present.add(int(heard[0]))
+            time.sleep(0.01)
+        missing = sorted(set(range(world.size)) - present)
+        # A cut link splits the ranks: the side that is not the larger (at a tie, the one without rank 0)
+        # is the one cut off, and waits, so that the line names the ranks behind the cut
+        cut_off = 2 * len(present) < world.size or (2 * len(present) == world.size and 0 not in present)
+        if world.rank != min(present) or cut_off:
+            # the lowest present rank is ending the job; if it cannot (a busy rank 0 may not run its
+            # Python for seconds), this one does, with the same line
+            time.sleep(3 * grace_s)
+        names = ", ".join(map(str, missing)) or "none (all present, yet the collective did not complete)"
+        print(f"mpitrain: stalled at {world.where}: rank(s) {names} did not arrive in {what} within "
+              f"{world.stall_timeout:g} s (--stall-timeout); ending the job with exit {STALLED}, "
+              "no checkpoint of this step", file=sys.stderr, flush=True)
+        del notices
+        world.abort(STALLED)
+
+
+def end_job_on_exception(world: World):
+    """An uncaught exception on one rank ends the job, naming the rank and where it was, instead
+    of leaving the other ranks waiting forever: with a traceback and exit 1, or, for an
+    exception whose class sets `exit_code` (a user's mistake, a damaged file, a full disk), one
+    line and that code."""
+    def hook(etype, value, tb):
+        code = getattr(etype, "exit_code", None)
+        if code is not None:
+            sys.stderr.write(f"mpitrain: error: rank {world.rank}, {world.where}: {value}\n")
+            return world.abort(code)
+        sys.stderr.write(f"mpitrain: rank {world.rank}, {world.where}: {etype.__name__}: {value}\n")
+        traceback.print_exception(etype, value, tb)
+        world.abort(1)
+    sys.excepthook = hook

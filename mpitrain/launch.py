@@ -19,10 +19,10 @@ def init(stall_timeout: float = config.Config.stall_timeout, abort_on_exception:
     where it was, instead of leaving the others waiting forever. stop_signals: SIGUSR1 and SIGTERM
     set a flag that the next `Exchange.average` agrees on (`Averaged.stop`). Without an MPI library
     this raises comm.NoMPI (an ImportError) whose message says how to get one."""
-    from .comm import World
+    from .comm import World, end_job_on_exception
     world = World(stall_timeout=stall_timeout)
     if abort_on_exception:
-        world.abort_on_exception()
+        end_job_on_exception(world)
     if stop_signals:
         catch_stop_signals()
     return world
