@@ -64,3 +64,23 @@ def test_the_compressor_table_names_every_registered_compressor_and_its_module()
     assert sorted(base.REGISTRY) == compress.names()
     for name in compress.names():
         assert compress.compressor_class(name).__module__ == f"mpitrain.compress.{compress.FAMILY[name]}"
+
+
+def test_no_module_over_450_lines_and_no_class_over_200():
+    """A room that grows past these has two concerns in it: split it along them."""
+    long_modules, long_classes = [], []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        text = path.read_text()
+        if text.count("\n") > 450:
+            long_modules.append(f"{path.relative_to(PACKAGE)}: {text.count(chr(10))} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.ClassDef) and node.end_lineno - node.lineno + 1 > 200:
+                long_classes.append(f"{path.relative_to(PACKAGE)}: {node.name}, {node.end_lineno - node.lineno + 1} lines")
+    assert long_modules == [] and long_classes == []
+
+
+def test_the_control_words_are_read_by_name_only():
+    """Every read and write of the control words goes through `layout.Control`, which names them."""
+    by_position = [f"{path.relative_to(PACKAGE)}:{n}" for path in sorted(PACKAGE.rglob("*.py")) if path.name != "layout.py"
+                   for n, line in enumerate(path.read_text().splitlines(), 1) if "control[" in line]
+    assert by_position == []
