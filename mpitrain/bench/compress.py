@@ -66,7 +66,8 @@ def least_traffic(layout, comp) -> int:
     for greedylore's tracking basis (rotated every step) every basis value read and written."""
     state = comp.state_dict(copy=False)
     residual = state.get("local", {}).get("residual")
-    bases = state.get("shared", {}).get("bases") if getattr(comp, "tracking", False) else None
+    basis = getattr(comp, "basis", None)
+    bases = state["shared"]["bases"] if basis is not None and basis.sketches else None
     return 2 * layout.dense_bytes + sum(2 * 4 * int(np.size(a)) for a in (residual, bases) if a is not None)
 
 
@@ -79,7 +80,7 @@ def bench_compress(world, repeats: int) -> list[dict]:
         for arm, overrides in ARMS:
             cfg = dataclasses.replace(Config(), start_compress_step=0, **overrides)
             comp = compress.build(cfg, layout, world)
-            refresh_every = getattr(comp, "refresh_every", 0)
+            refresh_every = comp.basis.every if hasattr(comp, "basis") else 0
             world.take_sent_bytes()
 
             def step(i):

@@ -110,7 +110,7 @@ class Auto(Compressor):
         if self.choice == "dense" and self.greedylore.error_feedback:
             # what greedylore held back joins this step's update: sent + 0 == g + e, exactly
             feedback = self.greedylore.feedback
-            self.world.allreduce_(feedback.np)
+            self.world.allreduce_(feedback.array(copy=False))
             self.greedylore.add_residuals()
             feedback.reset()
         ring = 2 * (self.world.size - 1) / self.world.size  # bytes a ring Allreduce moves per byte held
@@ -127,11 +127,14 @@ class Auto(Compressor):
         state["shared"]["auto"] = np.concatenate([self.agreed, [code]])
         return state
 
+    def state_layout(self) -> dict:
+        return self.greedylore.state_layout()
+
     def load_state_dict(self, state: dict) -> None:
         shared = dict(state["shared"])
         saved = np.asarray(shared.pop("auto"), dtype=np.float64)
         self.greedylore.load_state_dict({**state, "shared": shared})
         self.agreed[...] = saved[:5]
         self.choice = {0: None, 1: "dense", 2: "greedylore"}[int(saved[5])]
-        self._untimed = TRIAL_SKIP if self.greedylore.refreshed_at >= 0 else 1 + TRIAL_SKIP
+        self._untimed = TRIAL_SKIP if self.greedylore.basis.refreshed_at >= 0 else 1 + TRIAL_SKIP
         self._samples, self._last_end = [], None

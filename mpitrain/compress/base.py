@@ -60,6 +60,12 @@ class Compressor:
     def load_state_dict(self, state: dict) -> None:
         pass
 
+    def state_layout(self) -> dict[str, list[tuple[str, tuple]]]:
+        """For each state array that is per-tensor pieces laid end to end (the "residual", keys of
+        "shared"), its pieces in order as (parameter name, shape): a checkpoint stores each piece
+        under its parameter's name, for the people who inspect it."""
+        return {}
+
 
 class Buckets:
     """The matrices in buckets (`layout.buckets`) whose exchange starts as soon as backward has

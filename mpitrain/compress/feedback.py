@@ -9,33 +9,64 @@ from .buffer import Buffer
 
 
 class ErrorFeedback:
-    """This rank's residual e, one fp32 buffer laid out as the compressor's `shapes` (one view per
+    """This rank's residual e: one fp32 buffer laid out as the compressor's `shapes` (a view per
     compressed matrix, or one flat row), and the rules every compressor follows with it.
 
-    `enabled` False keeps the buffer at zero and adds nothing: the compressor still owns one, so
-    its checkpoints keep one layout."""
+    `enabled` False adds nothing and keeps e at zero; `shapes` None keeps no buffer at all (a
+    compressor that never needs one), and then a checkpoint holds none either. A compressor that
+    writes the new residual while the old is still being added (an encode overlapped with
+    backward) writes it to `spare()`, and `swap()` makes that e once the step is known finite."""
 
-    def __init__(self, shapes: list[tuple[int, int]], enabled: bool):
+    def __init__(self, shapes: list[tuple[int, int]] | None, enabled: bool):
         self.enabled = enabled
-        self.buffer = Buffer(shapes)
-        self.views, self.flat, self.np = self.buffer.views, self.buffer.flat, self.buffer.np
+        self.buffer = None if shapes is None else Buffer(shapes)
+        self._spare: Buffer | None = None
 
     def add_to(self, i: int, x) -> None:
-        """x += e's view i."""
+        """x += e's view i (x a tensor of its shape)."""
         if self.enabled:
-            x.add_(self.views[i])
+            x.add_(self.buffer.views[i])
+
+    def add_range(self, x: np.ndarray, lo: int = 0, hi: int | None = None) -> None:
+        """x[lo:hi] += e[lo:hi], e flat."""
+        if self.enabled:
+            x[lo:hi] += self.buffer.np[lo:hi]
 
     def kept(self, i: int):
         """e's view i, or None when nothing is kept: what a fused pass adds, or writes the new e to."""
-        return self.views[i] if self.enabled else None
+        return self.buffer.views[i] if self.enabled else None
+
+    def target(self) -> np.ndarray | None:
+        """The flat buffer a step writes its new e to in place, or None when nothing is kept."""
+        return self.buffer.np if self.enabled else None
+
+    def spare(self) -> np.ndarray | None:
+        """A second flat buffer of e's layout, for a new e written while e is still being added."""
+        if not self.enabled:
+            return None
+        if self._spare is None:
+            self._spare = Buffer([tuple(v.shape) for v in self.buffer.views])
+        return self._spare.np
+
+    def swap(self) -> None:
+        """What `spare()` holds becomes e (the step was finite); e's memory is the next spare."""
+        if self.enabled:
+            self.buffer, self._spare = self._spare, self.buffer
 
     def reset(self) -> None:
-        self.np[...] = 0.0
+        self.buffer.np[...] = 0.0
 
-    def array(self, copy: bool = True) -> np.ndarray:
-        """e as a checkpoint stores it (a view of the live buffer with copy=False)."""
-        return self.np.copy() if copy else self.np
+    def array(self, copy: bool = True) -> np.ndarray | None:
+        """e as a checkpoint stores it (a view of the live buffer with copy=False), None if none is kept."""
+        if self.buffer is None:
+            return None
+        return self.buffer.np.copy() if copy else self.buffer.np
 
     def load(self, residual: np.ndarray | None) -> None:
         """e from a checkpoint; None (dropped by --ef-resume reset) starts it at zero."""
-        self.np[...] = 0.0 if residual is None else residual
+        if self.buffer is not None:
+            self.buffer.np[...] = 0.0 if residual is None else residual
+
+    def state_dict(self, copy: bool = True) -> dict:
+        residual = self.array(copy)
+        return {} if residual is None else {"residual": residual}

@@ -17,6 +17,7 @@ import torch
 from ..layout import all_finite
 from .base import Buckets, Compressor, kernels, register
 from .bitcodec import BitReader, BitWriter, PayloadError
+from .feedback import ErrorFeedback
 from .codecs import QSGD, Natural, SparseDither, TopK
 from .spherical import Spherical
 from .streams import Purpose, numpy_stream, rounding_key
@@ -45,14 +46,13 @@ class Exchanged(Compressor):
         self.biased = self.codec.biased
         super().__init__(layout, world, cfg)
         self.grads = layout.flat_np[: layout.numel]
-        self.residual = np.zeros(layout.numel, dtype=np.float32) if self.error_feedback else None
+        self.feedback = ErrorFeedback([(1, layout.numel)] if self.error_feedback else None, self.error_feedback)
         # where torch's threads already fill the rank's cores, a worker only slows backward (measured)
         spare = cfg.overlap_encoding == "on" or (cfg.overlap_encoding == "auto"
                                                  and world.cores_per_rank() > torch.get_num_threads())
         self.buckets = Buckets(layout, world, int(cfg.bucket_mb * 2**20) if spare else 0, self.start_bucket)
         self.next_step, self.worker, self.jobs = None, None, []
         self.segments: dict = {}   # slot index -> (bitstream, bits), this step's
-        self.spare = None          # the residuals being written, swapped in once the step is finite
         self.total = None          # the ranks' shares summed in float64, in rank order
 
     @property
@@ -66,19 +66,17 @@ class Exchanged(Compressor):
     def start_bucket(self, bucket) -> list:
         if self.worker is None:
             self.worker = ThreadPoolExecutor(1, thread_name_prefix="mpitrain-encode")
-            self.spare = None if self.residual is None else np.zeros_like(self.residual)
         self.jobs.append(self.worker.submit(self.encode_finite, bucket[2], self.buckets.step))
         return []
 
     def encode_finite(self, slots, step: int) -> bool:
         """Encode these tensors unless one is not finite (then the step is encoded again from zero)."""
         lo, hi = min(s.offset for s in slots), max(s.offset + s.numel for s in slots)
-        if self.residual is not None:
-            self.grads[lo:hi] += self.residual[lo:hi]
+        self.feedback.add_range(self.grads, lo, hi)
         if not all_finite(torch.from_numpy(self.grads[lo:hi])):
             return False
         for slot in slots:
-            self.encode_slot(slot, step, self.spare)
+            self.encode_slot(slot, step, self.feedback.spare())
         return True
 
     def key(self, rank: int, step: int, slot) -> int:
@@ -147,12 +145,10 @@ class Exchanged(Compressor):
         self.jobs = []
         if finite and not self.layout.control.nonfinite:  # the caller checked the tail
             tail = self.layout.dense_offset  # the tensors in no bucket, after the matrices
-            if self.residual is not None:
-                self.grads[tail:] += self.residual[tail:]
+            self.feedback.add_range(self.grads, tail)
             for slot in self.layout.dense:
-                self.encode_slot(slot, step, self.spare)
-            if self.residual is not None:
-                self.residual, self.spare = self.spare, self.residual
+                self.encode_slot(slot, step, self.feedback.spare())
+            self.feedback.swap()
             return True
         self.grads[...] = 0.0
         self.layout.control.drop_share()
@@ -162,10 +158,9 @@ class Exchanged(Compressor):
         self.next_step = step + 1
         overlapped = self.buckets.in_flight and self.encoded_in_backward(step)
         if not overlapped:
-            if self.residual is not None:
-                self.grads += self.residual
+            self.feedback.add_range(self.grads)
             for slot in self.layout.slots:
-                self.encode_slot(slot, step, self.residual)
+                self.encode_slot(slot, step, self.feedback.target())
         payload = self.frame()
         self.stats["encoded_in_backward"] = len(self.layout.matrices) if overlapped else 0
         if self.total is None:  # kept: a fresh gradient-sized float64 array cost 0.26 s a step on 125M values
@@ -178,13 +173,14 @@ class Exchanged(Compressor):
         self.layout.control.words.copy_(torch.from_numpy(np.asarray(control, dtype=np.float32)))
 
     def state_dict(self, copy: bool = True) -> dict:
-        residual = self.residual if self.residual is None or not copy else self.residual.copy()
-        return {"local": {"residual": residual} if residual is not None else {}, "shared": {}}
+        return {"local": self.feedback.state_dict(copy), "shared": {}}
 
     def load_state_dict(self, state: dict) -> None:
-        if self.residual is not None:
-            residual = state["local"].get("residual")
-            self.residual[...] = 0.0 if residual is None else residual
+        self.feedback.load(state["local"].get("residual"))  # absent after --ef-resume reset
+
+    def state_layout(self) -> dict:
+        kept = self.feedback.array(copy=False) is not None
+        return {"residual": [(s.name, tuple(s.shape)) for s in self.layout.slots]} if kept else {}
 
 
 for _name in CODECS:  # one registered compressor per codec, e.g. --compressor sparse-dither
@@ -204,7 +200,7 @@ class RandK(Compressor):
         self.k = [min(s.numel, max(1, math.ceil(cfg.ratio * s.numel))) for s in layout.slots]
         self.buffer = np.zeros(sum(self.k) + layout.control.words.numel(), dtype=np.float32)
         self.grads = layout.flat_np[: layout.numel]
-        self.residual = np.zeros(layout.numel, dtype=np.float32) if self.error_feedback else None
+        self.feedback = ErrorFeedback([(1, layout.numel)] if self.error_feedback else None, self.error_feedback)
 
     def indices(self, step: int) -> list[np.ndarray]:
         return [np.sort(numpy_stream(self.cfg.seed, step, s.index, Purpose.RANDK).choice(s.numel, k, replace=False))
@@ -212,13 +208,14 @@ class RandK(Compressor):
 
     def aggregate(self, step: int) -> None:
         chosen, at = self.indices(step), 0
-        if self.residual is not None:
-            self.grads += self.residual
-            self.residual[...] = self.grads
+        self.feedback.add_range(self.grads)
+        residual = self.feedback.target()
+        if residual is not None:
+            residual[...] = self.grads
         for s, idx in zip(self.layout.slots, chosen):
             self.buffer[at:at + idx.size] = self.grads[s.offset + idx] * (s.numel / idx.size)
-            if self.residual is not None:  # e = p - C(p), with C(p) this rank's own scaled values
-                self.residual[s.offset + idx] -= self.buffer[at:at + idx.size]
+            if residual is not None:  # e = p - C(p), with C(p) this rank's own scaled values
+                residual[s.offset + idx] -= self.buffer[at:at + idx.size]
             at += idx.size
         self.buffer[at:] = self.layout.control.words.numpy()
         self.world.allreduce_(self.buffer)
@@ -229,5 +226,4 @@ class RandK(Compressor):
             at += idx.size
         self.layout.control.words.copy_(torch.from_numpy(self.buffer[at:]))
 
-    state_dict = Exchanged.state_dict
-    load_state_dict = Exchanged.load_state_dict
+    state_dict, load_state_dict, state_layout = Exchanged.state_dict, Exchanged.load_state_dict, Exchanged.state_layout

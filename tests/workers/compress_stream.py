@@ -69,7 +69,7 @@ for t in range(steps):
     for slot in layout.slots:
         layout.view(layout.grads, slot).copy_(torch.from_numpy(gradient(slot, t).reshape(slot.shape) / world.size))
     layout.control.clear()
-    residual = comp.feedback.np if hasattr(comp, "feedback") else getattr(comp, "residual", None)
+    residual = comp.feedback.array(copy=False) if hasattr(comp, "feedback") else None
     record["g"].append(layout.grads.numpy().copy())
     record["e_old"].append(residual.copy() if residual is not None else np.zeros(0))
     if os.environ.get("PERTURB_BASIS_AT") == str(t) and world.rank == 1:

@@ -194,7 +194,10 @@ class LowRank(Compressor):
         self.stats = {"compressed_matrices": len(self.slots) if compressed else 0}
 
     def state_dict(self, copy: bool = True) -> dict:
-        return {"local": {"residual": self.feedback.array(copy)}, "shared": {}}
+        return {"local": self.feedback.state_dict(copy), "shared": {}}
+
+    def state_layout(self) -> dict:
+        return {"residual": [(s.name, tuple(s.shape)) for s in self.slots]}
 
     def load_state_dict(self, state: dict) -> None:
-        self.feedback.load(state["local"].get("residual"))  # absent after ef_resume=reset
+        self.feedback.load(state["local"].get("residual"))  # absent after --ef-resume reset

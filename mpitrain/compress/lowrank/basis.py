@@ -147,6 +147,11 @@ class Basis:
         return {"bases": bases, "refreshed_at": self.refreshed_at, "warm": warm,
                 "ranks": np.array(self.ranks, dtype=np.int64)}
 
+    def state_layout(self, names: list[str]) -> dict:
+        return {"bases": [(n, (d, d)) for n, d in zip(names, self.d)],
+                "warm": [(n, tuple(v.shape)) for n, v in zip(names, self.warm.views)],
+                "ranks": [(n, ()) for n in names]}
+
     def load_state_dict(self, shared: dict) -> None:
         self.bases.np[...] = shared["bases"]
         self.refreshed_at = int(shared["refreshed_at"])

@@ -152,6 +152,9 @@ class GreedyLore(LowRank):
         state["shared"] = self.basis.state_dict(copy)
         return state
 
+    def state_layout(self) -> dict:
+        return {**super().state_layout(), **self.basis.state_layout([s.name for s in self.slots])}
+
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self.basis.load_state_dict(state["shared"])

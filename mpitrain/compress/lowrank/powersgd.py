@@ -74,6 +74,9 @@ class PowerSGD(LowRank):
         state["shared"] = {"q": self.q.np.copy() if copy else self.q.np}
         return state
 
+    def state_layout(self) -> dict:
+        return {**super().state_layout(), "q": [(s.name, tuple(v.shape)) for s, v in zip(self.slots, self.q.views)]}
+
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self.q.np[...] = state["shared"]["q"]

@@ -1,0 +1,166 @@
+"""Greedylore's parts, each on its own, in this process: the selectors, the bases, the factor codecs.
+
+Their exchanges run on a world of one rank, whose sums are the values themselves: what is under
+test here is each part's arithmetic; how the parts sum across real ranks is test_lowrank's."""
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from mpitrain.compress.buffer import Buffer
+from mpitrain.compress.feedback import ErrorFeedback
+from mpitrain.compress.lowrank import FixedBasis, Products, TrackingBasis
+from mpitrain.compress.lowrank.codec import Fp32Factors, Int16Factors
+from mpitrain.compress.lowrank.selector import Global, Lazy, PerMatrix, Random, selector_class
+from mpitrain.config import Config
+
+
+class OneRank:
+    """A world of one rank: every sum, maximum and broadcast leaves the values as they are."""
+    rank, size = 0, 1
+
+    def allreduce_(self, arr, op="sum"):
+        return arr
+
+    def bcast_(self, arr, root=0):
+        return arr
+
+
+def energies(*values):
+    return [torch.tensor(v, dtype=torch.float32) for v in values]
+
+
+def test_per_matrix_takes_each_matrixs_r_largest_energies():
+    s = PerMatrix(r=[2, 1], d=[4, 3], cap=[2, 1], cost=[8, 8], budget=24, seed=0, indices=[0, 1])
+    ranks, chosen = s.choose(5, energies([1.0, 9.0, 3.0, 9.0], [0.5, 0.1, 2.0]))
+    assert ranks == [2, 1]
+    assert [c.tolist() for c in chosen] == [[1, 3], [2]]  # ties keep the basis' order
+    assert s.contraction_bound() == pytest.approx(max(1 - 2 / 4, 1 - 1 / 3))
+
+
+def test_global_allocation_buys_the_most_energy_per_byte_within_the_budget_and_the_caps():
+    # matrix 0's directions cost 10 bytes, matrix 1's 40: a direction of matrix 1 must hold 4x the
+    # energy to be worth as much
+    s = Global(r=[1, 1], d=[4, 4], cap=[3, 4], cost=[10, 40], budget=110, seed=0, indices=[0, 1])
+    ranks, chosen = s.choose(0, energies([5.0, 4.0, 3.0, 2.0], [100.0, 30.0, 1.0, 0.0]))
+    # energy per byte, densest first: m1's 2.5 and 0.75, m0's 0.5, 0.4, 0.3 (its 4th is past its cap),
+    # then m1's 0.025: the densest prefix that fits spends 40 + 40 + 10 + 10 + 10 = 110
+    assert ranks == [3, 2] and [c.tolist() for c in chosen] == [[0, 1, 2], [0, 1]]
+    assert sum(r * c for r, c in zip(ranks, s.cost)) <= s.budget
+    assert all(r <= c for r, c in zip(ranks, s.cap))
+    assert 0 < s.contraction_bound() < 1
+
+
+def test_random_is_the_same_draw_on_every_rank_and_a_new_one_each_step():
+    s = Random(r=[3], d=[10], cap=[3], cost=[4], budget=12, seed=7, indices=[2])
+    (ranks, (a,)), (_, (b,)), (_, (c,)) = s.choose(4, None), s.choose(4, None), s.choose(5, None)
+    assert ranks == [3] and torch.equal(a, b) and not torch.equal(a, c)
+    assert len(set(a.tolist())) == 3 and all(0 <= i < 10 for i in a.tolist())
+
+
+def test_lazy_keeps_the_first_r_directions_and_needs_no_energies():
+    s = Lazy(r=[2, 3], d=[4, 5], cap=[2, 3], cost=[4, 4], budget=20, seed=0, indices=[0, 1])
+    assert not s.needs_energies and s.choose(9, None)[1][1].tolist() == [0, 1, 2]
+    assert selector_class("greedy", "global") is Global and selector_class("lazy", "per-matrix") is Lazy
+
+
+def basis(kind, d=(6, 4), D=(9, 7), every=-1, **cfg):
+    cfg = dataclasses.replace(Config(), refresh_every=every, start_compress_step=10, **cfg)
+    dims = [(a, b, 2) for a, b in zip(d, D)]
+    sums = []
+    b = kind(dims, [2] * len(d), list(range(len(d))), cfg, Products(), OneRank(), sums.append, 0)
+    return b, sums
+
+
+def orthonormal(b: torch.Tensor) -> bool:
+    return torch.allclose(b.t() @ b, torch.eye(b.shape[0]), atol=1e-5)
+
+
+def test_a_refresh_makes_each_basis_the_left_singular_vectors_of_its_matrix():
+    b, _ = basis(FixedBasis)
+    xs = [torch.randn(6, 9, generator=torch.Generator().manual_seed(1)), torch.randn(4, 7)]
+    b.refresh(xs, [2, 2], step=10)
+    for x, base in zip(xs, b.bases.views):
+        assert orthonormal(base)
+        u = torch.linalg.svd(x, full_matrices=False).U
+        assert torch.allclose((base.t() @ u).abs().diagonal(), torch.ones(base.shape[0]), atol=1e-4)
+    assert b.refreshed_at == 10 and b.rebroadcasts == 0 and not b.verify()
+
+
+def test_refresh_schedules_fixed_every_n_steps_tracking_never_by_default():
+    fixed, _ = basis(FixedBasis, every=3)
+    assert [s for s in range(10, 20) if fixed.is_refresh(s)] == [10, 13, 16, 19]
+    tracking, _ = basis(TrackingBasis)
+    assert tracking.every == 0 and not any(tracking.is_refresh(s) for s in range(10, 400))
+    assert (fixed.lead, tracking.lead) == (0, 1)
+    assert (FixedBasis.column_bytes(8), TrackingBasis.column_bytes(8)) == (0, 32)
+
+
+def test_a_rotation_puts_u_first_and_keeps_the_basis_orthonormal():
+    b, _ = basis(TrackingBasis)
+    b.refresh([torch.randn(6, 9), torch.randn(4, 7)], [2, 2], step=9)
+    us = [torch.linalg.qr(torch.randn(6, 2)).Q, torch.linalg.qr(torch.randn(4, 1)).Q]
+    ys = [torch.randn(6, 3), torch.randn(4, 3)]
+    products, _ = b.rotate_and_check(us, [y.t() for y in ys])
+    for base, u, y, product in zip(b.bases.views, us, ys, products):
+        assert orthonormal(base)
+        assert torch.allclose(base[:, :u.shape[1]], u, atol=1e-5)
+        assert np.allclose(product, (y.t() @ base).numpy(), atol=1e-5)
+
+
+def test_tracking_energies_are_exact_inside_the_tracked_span():
+    b, sums = basis(TrackingBasis, probes=3)
+    xs = [torch.randn(6, 9), torch.randn(4, 7)]
+    b.refresh(xs, [2, 2], step=9)
+    b.remember([2, 2], [b.warm.views[0][:2].clone(), b.warm.views[1][:2].clone()])
+    found = b.energies(10, xs, sketched=False)
+    assert len(sums) == 1  # one round: every matrix's sketch
+    for x, e, base in zip(xs, found, b.bases.views):
+        exact = (base.t() @ x).square().sum(1)
+        # the refresh's own W spans x's top 2 right singular directions, so the first 2 are exact
+        assert torch.allclose(e[:2], exact[:2], rtol=1e-3)
+
+
+def test_int16_factors_send_integers_on_shared_scales_and_keep_the_rounding_in_the_payload():
+    codec = Int16Factors(cap=[3, 2], D=[5, 4], world=OneRank())
+    payload = Buffer([(3, 5), (2, 4)])
+    torch.manual_seed(0)
+    for v in payload.views:
+        v.copy_(torch.randn(v.shape))
+    v[1].zero_()  # a zero row keeps scale 0 and sends zeros
+    before = payload.flat.clone()
+    codec.round(payload, rows=5)
+    ints = codec.carved.flat
+    assert ints.dtype == torch.int16 and int(ints.abs().max()) == codec.levels == 32767
+    assert (payload.flat - before).abs().max() <= codec.scales.max() / 2 + 1e-7  # rounding, to half a level
+    rounded = payload.flat.clone()
+    codec.exchange(payload, allreduce_with_dense=None)
+    assert torch.equal(payload.flat, rounded)  # one rank: the sum is what it sent, exactly
+    assert payload.views[1][1].abs().sum() == 0
+    assert (Int16Factors.row_bytes(100), Fp32Factors.row_bytes(100)) == (204, 400)
+
+
+def test_fp32_factors_travel_as_they_are_with_the_uncompressed_tensors():
+    codec, payload, calls = Fp32Factors([2], [3], OneRank()), Buffer([(2, 3)]), []
+    payload.views[0].copy_(torch.arange(6.0).view(2, 3))
+    codec.round(payload, rows=2)
+    codec.exchange(payload, calls.append)
+    assert calls == [payload] and torch.equal(payload.views[0], torch.arange(6.0).view(2, 3))
+    assert Fp32Factors.linear and not Int16Factors.linear
+
+
+def test_error_feedback_adds_keeps_swaps_and_stores_its_residual():
+    on, off, none = ErrorFeedback([(2, 3)], True), ErrorFeedback([(2, 3)], False), ErrorFeedback(None, False)
+    on.buffer.views[0].copy_(torch.ones(2, 3))
+    x = torch.zeros(2, 3)
+    on.add_to(0, x)
+    off.add_to(0, x)
+    assert torch.equal(x, torch.ones(2, 3)) and off.kept(0) is None and on.kept(0) is not None
+    spare = on.spare()
+    spare[...] = 5.0
+    on.swap()
+    assert float(on.array(copy=False).sum()) == 30.0 and float(on.spare().sum()) == 6.0
+    assert set(on.state_dict()) == {"residual"} and none.state_dict() == {} and none.array() is None
+    on.load(None)
+    assert float(on.array().sum()) == 0.0
