@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import importlib
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 _EXPORTS = {**{name: "api" for name in ("init", "Exchange", "Averaged", "Diverged", "save_checkpoint",
                                         "load_checkpoint", "Resumed", "request_stop", "set_threads",

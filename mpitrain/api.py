@@ -31,10 +31,10 @@ import numpy as np
 import torch
 
 from . import checkpoint, compress, launch
-from .checkpoint import optimizer_tensors
 from .config import Config, UsageError, checked
 from .averaging import ParameterAveraging, Round
 from .layout import GradLayout, all_finite, global_norm
+from .named_state import optimizer_tensors
 
 # starting a rank lives in launch (no torch there, so the command starts with it); the API names it too
 init, default_run_dir = launch.init, launch.default_run_dir
@@ -245,19 +245,9 @@ class Resumed:
     extra_json: object  # the JSON-able value passed to save_checkpoint(extra_json=...)
 
 
-@dataclass
-class _Parts:  # what checkpoint.save/load read and restore
-    cfg: Config
-    model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    compressor: object
-    layout: GradLayout
-    averaging: ParameterAveraging | None
-
-
-def _parts(exchange: Exchange, optimizer, **cfg_changes) -> _Parts:
-    return _Parts(replace(exchange.cfg, **cfg_changes), exchange.model, optimizer, exchange.compressor,
-                  exchange.layout, exchange.averaging)
+def _contents(exchange: Exchange, optimizer, **cfg_changes) -> checkpoint.Contents:
+    return checkpoint.Contents(replace(exchange.cfg, **cfg_changes), exchange.model, optimizer, exchange.compressor,
+                               exchange.layout, exchange.averaging)
 
 
 def save_checkpoint(run_dir: str, step: int, exchange: Exchange, optimizer: torch.optim.Optimizer, *,
@@ -268,10 +258,10 @@ def save_checkpoint(run_dir: str, step: int, exchange: Exchange, optimizer: torc
     background: rank 0 copies the state into host buffers and returns; a thread writes and fsyncs
     (one write at a time; `wait_for_checkpoints()` before exiting). Returns the path on rank 0
     (on disk once `latest` names it), None elsewhere."""
-    parts = _parts(exchange, optimizer, run_dir=str(run_dir), keep_last=exchange.cfg.keep_last
+    contents = _contents(exchange, optimizer, run_dir=str(run_dir), keep_last=exchange.cfg.keep_last
                    if keep_last is None else keep_last)
     total = exchange.wire_bytes_total if wire_bytes_total is None else wire_bytes_total
-    return checkpoint.save(parts, exchange.world, step, epoch, total, extra or {}, extra_json, background)
+    return checkpoint.save(contents, exchange.world, step, epoch, total, extra or {}, extra_json, background)
 
 
 def wait_for_checkpoints():
@@ -287,11 +277,11 @@ def load_checkpoint(exchange: Exchange, optimizer: torch.optim.Optimizer, resume
     Returns None when there is nothing to resume, after every rank took rank 0's parameters."""
     world = exchange.world
     wait_for_checkpoints()
-    parts = _parts(exchange, optimizer, resume=resume, run_dir=str(run_dir or exchange.cfg.run_dir))
+    contents = _contents(exchange, optimizer, resume=resume, run_dir=str(run_dir or exchange.cfg.run_dir))
     path, error = None, None
     if world.rank == 0:
         try:
-            path, notes = checkpoint.choose(parts.cfg, parts)
+            path, notes = checkpoint.choose(contents.cfg, contents)
         except UsageError as e:
             error, notes = str(e), []
         for note in notes:
@@ -301,7 +291,7 @@ def load_checkpoint(exchange: Exchange, optimizer: torch.optim.Optimizer, resume
         text = (error or str(path or "")).encode("utf-8", "backslashreplace")[:4096]
         message[0], message[1:1 + len(text)] = (2 if error else 1 if path else 0), np.frombuffer(text, np.uint8)
     usual = world.stall_timeout  # the other ranks wait while rank 0 checks files, each within its own deadline
-    world.stall_timeout = usual and usual + checkpoint.check_budget(parts.cfg)
+    world.stall_timeout = usual and usual + checkpoint.check_budget(contents.cfg)
     try:
         world.bcast_(message)
     finally:
@@ -314,7 +304,7 @@ def load_checkpoint(exchange: Exchange, optimizer: torch.optim.Optimizer, resume
         if exchange.averaging is not None:
             exchange.averaging.reset_anchor()
         return None
-    attrs, extra, extra_json = checkpoint.load(Path(text), parts, world)
+    attrs, extra, extra_json = checkpoint.load(Path(text), contents, world)
     exchange.wire_bytes_total = int(attrs["wire_bytes_total"])
     if world.rank == 0:
         print(f"mpitrain: resumed from {text} at step {attrs['step']}", flush=True)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import platform
 import shutil
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -37,9 +38,10 @@ import h5py
 import numpy as np
 import torch
 
-from .config import CannotWrite, UsageError, one_line
+from .config import CannotWrite, Config, UsageError, one_line
 from .filewrite import WRITER, Sink, atomic_write, copy_into, on_disk_bytes, write_dataset
 from .layout import all_finite
+from .named_state import flat_optimizer_state, joined, optimizer_names, pieces, set_optimizer_state
 from .schema import (DAMAGE, FORMAT, FORMAT_VERSION, ROOT_ATTRS, SCALAR, check_isolated, deadline_s, open_checkpoint,
                      why)
 from .schema import read as schema_read
@@ -60,37 +62,23 @@ def step_of(path: Path) -> int | None:
     return None
 
 
+@dataclass
+class Contents:
+    """What a checkpoint saves and restores: one run's parts (`api` builds them from an Exchange)."""
+    cfg: Config
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    compressor: object  # compress.base.Compressor
+    layout: object      # layout.GradLayout
+    averaging: object = None  # averaging.ParameterAveraging, with --average-every > 1
+
+
 # -- writing -----------------------------------------------------------------------------------
 
 def versions(world) -> dict:
     return {"mpitrain": __import__("mpitrain").__version__, "torch": torch.__version__, "numpy": np.__version__,
             "h5py": h5py.__version__, "hdf5": h5py.version.hdf5_version, "python": platform.python_version(),
             "mpi": world.library_version()}
-
-
-def optimizer_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
-    """The optimizer's state tensors in parameter order (the same order on every rank)."""
-    return [state[key] for group in optimizer.param_groups for p in group["params"]
-            for state in [optimizer.state.get(p, {})] for key in sorted(state) if isinstance(state[key], torch.Tensor)]
-
-
-def flat_optimizer_state(optimizer: torch.optim.Optimizer) -> np.ndarray:
-    """Every state tensor of the optimizer in one float32 row (parameter averaging: one row per rank)."""
-    tensors = optimizer_tensors(optimizer)
-    odd = sorted({str(t.dtype) for t in tensors if t.dtype != torch.float32})
-    if odd:
-        raise RuntimeError(f"per-rank optimizer state must be float32 to be checkpointed; found {', '.join(odd)}")
-    if not tensors:
-        return np.zeros(0, dtype=np.float32)
-    return torch.cat([t.detach().reshape(-1).cpu() for t in tensors]).numpy()
-
-
-def set_optimizer_state(optimizer: torch.optim.Optimizer, row: np.ndarray):
-    """The inverse of flat_optimizer_state, into an optimizer whose state tensors exist."""
-    offset = 0
-    for tensor in optimizer_tensors(optimizer):
-        tensor.copy_(torch.from_numpy(row[offset:offset + tensor.numel()]).view(tensor.shape))
-        offset += tensor.numel()
 
 
 def ef_policy(cfg, compressor) -> str:
@@ -115,16 +103,13 @@ def require_space(ckpt_dir: Path, need: int, path: Path):
                           f"{free / 1e6:.1f} MB are free; {intact(ckpt_dir)}")
 
 
-
-
-
-def save(run, world, step: int, epoch: int = 0, wire_bytes_total: int = 0, extra: dict | None = None,
+def save(contents: Contents, world, step: int, epoch: int = 0, wire_bytes_total: int = 0, extra: dict | None = None,
          extra_json=None, background: bool = False) -> Path | None:
     """Every rank calls this (it gathers per-rank state); rank 0 writes, in the background when asked
     (after a snapshot into host buffers; `WRITER.wait()` until it is on disk). Returns the path on
-    rank 0. `run` has cfg, model, optimizer, compressor and layout; `extra` (arrays by name) and
-    `extra_json` are the caller's own, stored under /user and /user_json."""
-    cfg = run.cfg
+    rank 0. `extra` (arrays by name) and `extra_json` are the caller's own, stored under /user and
+    /user_json."""
+    cfg = contents.cfg
     bad = [k for k in (extra or {}) if not isinstance(k, str) or not k or "/" in k or k.startswith(".")]
     if bad:
         raise ValueError(f"extra array names must be non-empty text without '/': {bad[:3]}")
@@ -132,7 +117,7 @@ def save(run, world, step: int, epoch: int = 0, wire_bytes_total: int = 0, extra
     refusal = (f"refusing to write a checkpoint at step {step}: the parameters hold NaN or Inf "
                "(the run diverged; the checkpoints before it are intact)")
     # rank 0 checks its snapshot in the writer, before writing it: off the training thread
-    diverged = world.first_rank_where(world.rank != 0 and not all_finite(run.layout.params))
+    diverged = world.first_rank_where(world.rank != 0 and not all_finite(contents.layout.params))
     if diverged is not None:  # that rank says so and ends the job; the others wait for the end
         if diverged == world.rank:
             raise CannotWrite(refusal)
@@ -147,8 +132,8 @@ def save(run, world, step: int, epoch: int = 0, wire_bytes_total: int = 0, extra
         buf = WRITER.buffer(key, (world.size, *arr.shape), arr.dtype)
         copy_into(buf[0], arr)  # rank 0's own part on torch's threads: MPI's copy of it runs on one
         return world.gather(buf[0], out=buf)
-    policy = ef_policy(cfg, run.compressor)
-    comp_state = run.compressor.state_dict(copy=False)  # views: gathered or snapshotted below
+    policy = ef_policy(cfg, contents.compressor)
+    comp_state = contents.compressor.state_dict(copy=False)  # views: gathered or snapshotted below
     residual = comp_state.get("local", {}).get("residual")
     if residual is not None and policy == "mean":  # the sum of shares: the mean residual
         residual = world.allreduce_(WRITER.snapshot("residual", residual)[0] if world.rank == 0 else
@@ -156,22 +141,26 @@ def save(run, world, step: int, epoch: int = 0, wire_bytes_total: int = 0, extra
     elif residual is not None and policy == "gather":
         residual = gathered("residual", np.asarray(residual, dtype=np.float32))
     rng = gathered("rng", torch.get_rng_state().numpy())
-    averaging = getattr(run, "averaging", None)
+    averaging = contents.averaging
     if averaging is not None:  # each rank's own optimizer state, and its own parameters between averages
-        inner = gathered("averaging/inner_state", flat_optimizer_state(run.optimizer))
-        local = gathered("averaging/local_params", run.layout.params_np) if averaging.local_steps else None
+        inner = gathered("averaging/inner_state", flat_optimizer_state(contents.optimizer))
+        local = gathered("averaging/local_params", contents.layout.params_np) if averaging.local_steps else None
     if world.rank != 0:
         return None
-    snap, opt = WRITER.snapshot, run.optimizer.state_dict()
+    snap, opt = WRITER.snapshot, contents.optimizer.state_dict()
     # the trained parameters in one copy (the agreed ones when averaging), the model's arrays views of it
-    flat = snap("params", run.layout.params_np if averaging is None else averaging.anchor)[0]
+    flat = snap("params", contents.layout.params_np if averaging is None else averaging.anchor)[0]
     trained = {slot.name: (flat[slot.offset: slot.offset + slot.numel].reshape(slot.shape), "float32")
-               for slot in run.layout.slots}
+               for slot in contents.layout.slots}
     own_params = local[0] if averaging is not None and local is not None else flat  # rank 0's, as they are
-    model = {name: trained.get(name) or snap(f"model/{name}", t) for name, t in run.model.state_dict().items()}
-    state = {index: {key: snap(f"state/{index}/{key}", v if isinstance(v, torch.Tensor) else np.asarray(v))
-                     for key, v in entries.items()} for index, entries in opt["state"].items()}
+    model = {name: trained.get(name) or snap(f"model/{name}", t) for name, t in contents.model.state_dict().items()}
+    names, by_name = optimizer_names(contents.optimizer, contents.model), contents.compressor.state_layout()
+    optimizer_state = {names[index]: {key: snap(f"state/{index}/{key}", v if isinstance(v, torch.Tensor) else np.asarray(v))
+                                      for key, v in entries.items()} for index, entries in opt["state"].items()}
     shared = {key: snap(f"shared/{key}", np.asarray(v)) for key, v in comp_state.get("shared", {}).items()}
+    shared = {key: pieces(v, by_name[key]) if key in by_name else v for key, v in shared.items()}
+    if residual is not None and "residual" in by_name:
+        residual = pieces(residual, by_name["residual"])
     user = {key: snap(f"user/{key}", v) for key, v in (extra or {}).items()}
     averaged = {} if averaging is None else {
         "inner_state": (inner, "float32"), **({"momentum": snap("averaging/momentum", averaging.momentum)} if averaging.momentum is not None else {}),
@@ -181,7 +170,7 @@ def save(run, world, step: int, epoch: int = 0, wire_bytes_total: int = 0, extra
              "versions": json.dumps(versions(world)), "compressor": cfg.compressor, "ef_resume": policy,
              "wire_bytes_total": int(wire_bytes_total)}
     texts = {"config": cfg.to_json(), "param_groups": json.dumps(opt["param_groups"]),
-             "param_names": json.dumps([name for name, _ in run.model.named_parameters()])}
+             "param_names": json.dumps(names)}
     ckpt_dir = folder(cfg.run_dir)
     with one_line(OSError, CannotWrite, lambda e: f"cannot make the checkpoint folder {ckpt_dir}: {e.strerror or e}"):
         ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -199,18 +188,12 @@ def save(run, world, step: int, epoch: int = 0, wire_bytes_total: int = 0, extra
             group = f.create_group("optimizer")
             group.attrs["param_names"] = texts["param_names"]
             write_dataset(group, "param_groups", texts["param_groups"])
-            group = group.create_group("state")
-            for index, entries in state.items():
-                sub = group.create_group(str(index))
-                for key, value in entries.items():
-                    write_dataset(sub, key, value)
+            write_tree(group.create_group("state"), optimizer_state)
             comp = f.create_group("compressor")
             comp.attrs["name"] = cfg.compressor
-            group = comp.create_group("shared")
-            for key, value in shared.items():
-                write_dataset(group, key, value)
+            write_tree(comp.create_group("shared"), shared)
             if residual is not None and policy != "reset":
-                write_dataset(comp.create_group("residual"), "mean" if policy == "mean" else "per_rank", residual)
+                write_tree(comp.create_group("residual"), {"mean" if policy == "mean" else "per_rank": residual})
             write_dataset(f.create_group("rng"), "torch_cpu", rng)
             if averaged:
                 group = f.create_group("averaging")
@@ -235,12 +218,18 @@ def save(run, world, step: int, epoch: int = 0, wire_bytes_total: int = 0, extra
         prune(ckpt_dir, cfg.keep_last, keep=path)
 
     stored = residual if residual is not None and policy != "reset" else None
-    require_space(ckpt_dir, on_disk_bytes(model, state, shared, user, averaged, stored, rng, texts, user_json), path)
+    require_space(ckpt_dir, on_disk_bytes(model, optimizer_state, shared, user, averaged, stored, rng, texts, user_json), path)
     if background:
         WRITER.submit(write)
     else:
         write()
     return path
+
+
+def write_tree(group: h5py.Group, values: dict):
+    """Each value as a dataset of `group`, a dict of them as a group of its own."""
+    for name, value in values.items():
+        write_tree(group.create_group(name), value) if isinstance(value, dict) else write_dataset(group, name, value)
 
 
 def prune(ckpt_dir: Path, keep_last: int, keep: Path):
@@ -258,25 +247,25 @@ def read(ds: h5py.Dataset):
     return torch.from_numpy(value).to(torch.bfloat16) if ds.attrs.get("dtype") == "bfloat16" else value
 
 
-def verify(path, run=None) -> list[str]:
+def verify(path, contents: Contents | None = None) -> list[str]:
     """Faults found by checking the layout, then reading every dataset (checksums) and scanning floats
-    for NaN/Inf, in a child process with a deadline; with `run`, also whether the checkpoint fits its
+    for NaN/Inf, in a child process with a deadline; with `contents`, also whether the checkpoint fits its
     model, optimizer and compressor."""
     faults = check_isolated(path, full=True)
-    if not faults and run is not None:
+    if not faults and contents is not None:
         with open_checkpoint(path, isolated=False) as f:
-            faults = fit_faults(f, run)
+            faults = fit_faults(f, contents)
     return faults
 
 
-def fit_faults(f: h5py.File, run) -> list[str]:
+def fit_faults(f: h5py.File, contents: Contents) -> list[str]:
     """Whether a checked file fits this run's model, optimizer and compressor (shapes and dtypes)."""
     faults = []
-    model = run.model.state_dict()
+    model = contents.model.state_dict()
     stored = set(f["model"].keys())
     if stored != set(model):
         extra, lacking = sorted(stored - set(model)), sorted(set(model) - stored)
-        return [f"does not fit this model ({run.cfg.model}): "
+        return [f"does not fit this model ({contents.cfg.model}): "
                 + "; ".join(x for x in (f"unknown tensors {', '.join(extra[:3])}" if extra else "",
                                         f"missing tensors {', '.join(lacking[:3])}" if lacking else "") if x)]
     for name, tensor in model.items():
@@ -285,31 +274,40 @@ def fit_faults(f: h5py.File, run) -> list[str]:
         if shape != tuple(tensor.shape) or ds.attrs["dtype"] != want:
             faults.append(f"/model/{name}: {ds.attrs['dtype']} {shape} does not fit this model's {want} "
                           f"{tuple(tensor.shape)}")
-    params = [p for group in run.optimizer.param_groups for p in group["params"]]
+    params = [p for group in contents.optimizer.param_groups for p in group["params"]]
     groups = json.loads(read(f["optimizer/param_groups"]))
-    mine = run.optimizer.state_dict()["param_groups"]
+    mine = contents.optimizer.state_dict()["param_groups"]
     if [g["params"] for g in groups] != [g["params"] for g in mine]:
         faults.append("/optimizer/param_groups: the groups do not match this optimizer's parameters")
-    for index, entries in f["optimizer/state"].items():
-        if not index.isdigit() or int(index) >= len(params):
-            faults.append(f"/optimizer/state/{index}: no such parameter in this model")
+    named = int(f.attrs["format_version"]) >= 3  # optimizer state under parameter names, not indices
+    index = {name: i for i, name in enumerate(optimizer_names(contents.optimizer, contents.model))}
+    for key, entries in f["optimizer/state"].items():
+        i = index.get(key) if named else int(key) if key.isdigit() and int(key) < len(params) else None
+        if i is None:
+            faults.append(f"/optimizer/state/{key}: no such parameter in this model")
             continue
-        for key, ds in entries.items():
-            if ds.shape not in ((1,), tuple(params[int(index)].shape)) or ds.dtype.kind != "f":
-                faults.append(f"/optimizer/state/{index}/{key}: {ds.dtype} {ds.shape} does not fit parameter "
-                              f"{index} {tuple(params[int(index)].shape)}")
-    fresh = run.compressor.state_dict()
-    for key, ds in f["compressor/shared"].items() if "compressor/shared" in f else []:
-        have = fresh.get("shared", {}).get(key)
-        if have is not None and np.shape(have) != (() if ds.attrs.get(SCALAR, False) else ds.shape):
-            faults.append(f"/compressor/shared/{key}: shape {ds.shape} does not fit this compressor's "
-                          f"{np.shape(have)}")
-    residual = fresh.get("local", {}).get("residual")
-    for key in ("mean", "per_rank"):
-        where = f"compressor/residual/{key}"
-        if where in f and residual is not None and f[where].shape[-1:] != np.shape(residual)[-1:]:
-            faults.append(f"/{where}: shape {f[where].shape} does not fit this compressor's {np.shape(residual)}")
-    numel, state_size = run.layout.numel, sum(ds.size for g in f["optimizer/state"].values() for ds in g.values())
+        for name, ds in entries.items():
+            if ds.shape not in ((1,), tuple(params[i].shape)) or ds.dtype.kind != "f":
+                faults.append(f"/optimizer/state/{key}/{name}: {ds.dtype} {ds.shape} does not fit parameter "
+                              f"{key} {tuple(params[i].shape)}")
+    fresh, by_name = contents.compressor.state_dict(), contents.compressor.state_layout()
+    stored = {f"compressor/shared/{k}": k for k in (f["compressor/shared"] if "compressor/shared" in f else [])}
+    stored.update({f"compressor/residual/{k}": "residual" for k in ("mean", "per_rank") if f"compressor/residual/{k}" in f})
+    for where, key in stored.items():
+        have, item = {**fresh.get("shared", {}), **fresh.get("local", {})}.get(key), f[where]
+        if isinstance(item, h5py.Group):
+            want = dict(by_name.get(key, []))
+            got = {name: ds.shape[1:] if where.endswith("per_rank") else
+                   () if ds.attrs.get(SCALAR, False) else ds.shape for name, ds in item.items()}
+            if got != want:
+                faults.append(f"/{where}: its parameters and shapes do not fit this compressor's "
+                              f"({len(got)} stored, {len(want)} expected)")
+        elif have is not None and key == "residual" and item.shape[-1:] != np.shape(have)[-1:]:
+            faults.append(f"/{where}: shape {item.shape} does not fit this compressor's {np.shape(have)}")
+        elif have is not None and key != "residual" and np.shape(have) != (() if item.attrs.get(SCALAR, False)
+                                                                           else item.shape):
+            faults.append(f"/{where}: shape {item.shape} does not fit this compressor's {np.shape(have)}")
+    numel, state_size = contents.layout.numel, sum(ds.size for g in f["optimizer/state"].values() for ds in g.values())
     for key, ds in f["averaging"].items() if "averaging" in f else []:
         want = {"momentum": (numel,), "local_params": (ds.shape[0], numel),
                 "inner_state": (ds.shape[0], state_size)}.get(key)
@@ -322,7 +320,7 @@ def fit_faults(f: h5py.File, run) -> list[str]:
     return faults
 
 
-def load_averaging(f: h5py.File, averaging, run, rank: int):
+def load_averaging(f: h5py.File, averaging, contents: Contents, rank: int):
     """The anchor (/model, already loaded) and outer momentum, this rank's parameters (when the
     checkpoint was taken between averages) and its own optimizer state. A checkpoint written with
     --average-every 1 has none of /averaging: every rank starts from its state."""
@@ -333,10 +331,10 @@ def load_averaging(f: h5py.File, averaging, run, rank: int):
     elif averaging.momentum is not None:
         averaging.momentum.zero_()
     if "local_params" in group:
-        run.layout.params.copy_(torch.from_numpy(group["local_params"][rank]))
+        contents.layout.params.copy_(torch.from_numpy(group["local_params"][rank]))
     averaging.local_steps = int("local_params" in group)  # only whether params differ from the anchor matters
     if "inner_state" in group and group["inner_state"].size:
-        set_optimizer_state(run.optimizer, group["inner_state"][rank])
+        set_optimizer_state(contents.optimizer, group["inner_state"][rank])
 
 
 def candidates(run_dir: str) -> list[Path]:
@@ -358,18 +356,18 @@ def check_budget(cfg) -> float:
     return sum(deadline_s(p.stat().st_size) for p in paths if p.is_file())
 
 
-def choose(cfg, run=None) -> tuple[Path | None, list[str]]:
-    """The checkpoint --resume points at (verified, and fitting `run`), and notes to print. Raises UsageError."""
+def choose(cfg, contents: Contents | None = None) -> tuple[Path | None, list[str]]:
+    """The checkpoint --resume points at (verified, and fitting `contents`), and notes to print. Raises UsageError."""
     if cfg.resume == "none":
         return None, []
     if cfg.resume != "auto":
-        faults = verify(cfg.resume, run)
+        faults = verify(cfg.resume, contents)
         if faults:
             raise UsageError(f"cannot resume from {cfg.resume}: {faults[0]}")
         return Path(cfg.resume), []
     notes = []
     for path in candidates(cfg.run_dir):
-        faults = verify(path, run) if path.exists() else ["missing"]
+        faults = verify(path, contents) if path.exists() else ["missing"]
         if not faults:
             if notes:
                 notes.append(f"resuming from {path.name} instead")
@@ -380,13 +378,13 @@ def choose(cfg, run=None) -> tuple[Path | None, list[str]]:
     return None, notes
 
 
-def load(path: Path, run, world) -> tuple[dict, dict, object]:
+def load(path: Path, contents: Contents, world) -> tuple[dict, dict, object]:
     """Restore model, optimizer, compressor and generator state on every rank; returns the root attrs,
     the caller's extra arrays and extra JSON. Every rank checks the layout and the fit before it
     reads an array."""
-    cfg = run.cfg
+    cfg = contents.cfg
     with open_checkpoint(path, isolated=False) as f:  # rank 0 checked it in a child process (choose)
-        faults = fit_faults(f, run)
+        faults = fit_faults(f, contents)
         if faults:
             raise UsageError(f"{path.name}: {faults[0]}")
         attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items() if k in ROOT_ATTRS}
@@ -394,7 +392,7 @@ def load(path: Path, run, world) -> tuple[dict, dict, object]:
             raise UsageError(f"{path.name} was written with --compressor {attrs['compressor']}; resume with it, "
                              "or start over with --resume none")
         saved_world, per_rank = attrs["world_size"], "compressor/residual/per_rank" in f
-        averaging, own = getattr(run, "averaging", None), [k for k in ("local_params", "inner_state")
+        averaging, own = contents.averaging, [k for k in ("local_params", "inner_state")
                                                             if f"averaging/{k}" in f and f[f"averaging/{k}"].size]
         if own and averaging is None:
             raise UsageError(f"{path.name} holds each rank's own optimizer state (written with --average-every "
@@ -408,22 +406,30 @@ def load(path: Path, run, world) -> tuple[dict, dict, object]:
                              f"resume on {saved_world} ranks, or with --ef-resume reset (or mean, for a "
                              "compressor whose residuals re-shard)")
         try:
-            run.model.load_state_dict({name: torch.as_tensor(read(ds)) for name, ds in f["model"].items()})
-            opt_state = {int(i): {k: torch.as_tensor(read(ds)) for k, ds in g.items()}
-                         for i, g in f["optimizer/state"].items()}
+            contents.model.load_state_dict({name: torch.as_tensor(read(ds)) for name, ds in f["model"].items()})
+            index = {name: i for i, name in enumerate(optimizer_names(contents.optimizer, contents.model))}
+            opt_state = {int(i) if attrs["format_version"] < 3 else index[i]:
+                         {k: torch.as_tensor(read(ds)) for k, ds in g.items()} for i, g in f["optimizer/state"].items()}
             groups = json.loads(read(f["optimizer/param_groups"]))
-            run.optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
-            comp = {"shared": {k: read(ds) for k, ds in f["compressor/shared"].items()}
+            contents.optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
+            by_name = contents.compressor.state_layout()
+
+            def flat(where: str, key: str, row: int | None = None) -> np.ndarray:  # format 2 stored it flat
+                item = f[where]
+                if isinstance(item, h5py.Group):
+                    return joined(item, by_name[key], read, row)
+                return read(item) if row is None else item[row]
+            comp = {"shared": {k: flat(f"compressor/shared/{k}", k) for k in f["compressor/shared"]}
                     if "compressor/shared" in f else {}, "local": {}}
             if per_rank and saved_world == world.size:
-                comp["local"]["residual"] = f["compressor/residual/per_rank"][world.rank]
+                comp["local"]["residual"] = flat("compressor/residual/per_rank", "residual", world.rank)
             elif per_rank and cfg.ef_resume == "mean":  # the ranks' sum, shared out again
-                comp["local"]["residual"] = read(f["compressor/residual/per_rank"]).sum(0) / world.size
+                comp["local"]["residual"] = flat("compressor/residual/per_rank", "residual").sum(0) / world.size
             elif "compressor/residual/mean" in f:
-                comp["local"]["residual"] = read(f["compressor/residual/mean"]) / world.size
-            run.compressor.load_state_dict(comp)
+                comp["local"]["residual"] = flat("compressor/residual/mean", "residual") / world.size
+            contents.compressor.load_state_dict(comp)
             if averaging is not None:
-                load_averaging(f, averaging, run, world.rank)
+                load_averaging(f, averaging, contents, world.rank)
             rng = read(f["rng/torch_cpu"])
             extra = {k: read(ds) for k, ds in f["user"].items()} if "user" in f else {}
             extra_json = json.loads(read(f["user_json"])) if "user_json" in f else None

@@ -24,7 +24,9 @@ import numpy as np
 
 from .config import UsageError
 
-FORMAT, FORMAT_VERSION = "mpitrain-checkpoint", 2  # 2: every array declares its shape; /optimizer names its parameters
+# 2: every array declares its shape; /optimizer names its parameters. 3: state by parameter name
+# (/optimizer/state/NAME, and the compressor's per-parameter state as one dataset per parameter)
+FORMAT, FORMAT_VERSION = "mpitrain-checkpoint", 3
 SCALAR = "scalar"  # attribute marking a 0-d value stored as shape (1,) (scalars cannot be chunked)
 DEADLINE_S = 60.0  # for the isolated check, plus 1 s per 20 MB when it reads the data
 # What h5py and the HDF5 library raise on a damaged file (and json/int on a damaged value).
@@ -180,11 +182,12 @@ def structure_faults(f: h5py.File, file_size: int) -> tuple[list[str], dict]:
     faults += [f"missing {key}" for key in ("/model",) if key not in groups]
     for where, ds in found.items():
         parts = where.split("/")[1:]
+        residual = where.rsplit("/", 1)[0] if version >= 3 and len(parts) == 4 else where
         known = (where in TEXT or where == "/rng/torch_cpu" or (len(parts) == 2 and parts[0] == "model")
-                 or (len(parts) == 4 and parts[:2] == ["optimizer", "state"] and parts[2].isdigit())
-                 or (len(parts) == 3 and parts[:2] == ["compressor", "shared"])
+                 or (len(parts) == 4 and parts[:2] == ["optimizer", "state"] and (version >= 3 or parts[2].isdigit()))
+                 or (len(parts) in ((3, 4) if version >= 3 else (3,)) and parts[:2] == ["compressor", "shared"])
                  or (len(parts) == 2 and parts[0] == "user")
-                 or where in ("/compressor/residual/mean", "/compressor/residual/per_rank") + AVERAGING)
+                 or residual in ("/compressor/residual/mean", "/compressor/residual/per_rank") or where in AVERAGING)
         faults += _dataset_faults(where, ds, file_size, version >= 2) if known else \
             [f"{where}: not part of the checkpoint schema"]
     if faults:
@@ -193,6 +196,7 @@ def structure_faults(f: h5py.File, file_size: int) -> tuple[list[str], dict]:
     for where in ("/rng/torch_cpu", "/compressor/residual/per_rank") + AVERAGING[1:]:
         if where in found and (len(found[where].shape) != 2 or found[where].shape[0] != world):
             faults.append(f"{where}: shape {found[where].shape}, expected one row per rank of {world}")
+    faults += _by_name_faults(found, world) if version >= 3 else []
     config, groups = _json(text(found["/config"])), _json(text(found["/optimizer/param_groups"]))
     if not isinstance(config, dict):
         faults.append("/config: not a JSON object")
@@ -204,6 +208,26 @@ def structure_faults(f: h5py.File, file_size: int) -> tuple[list[str], dict]:
     if version >= 2:
         faults += _optimizer_faults(f, found)
     return faults, found
+
+
+def _by_name_faults(found: dict, world: int) -> list[str]:
+    """Format 3's per-parameter pieces of compressor state belong to parameters of /model, and a
+    residual has its parameter's shape (after one row per rank, when stored per rank)."""
+    faults = []
+    for where, ds in found.items():
+        parts = where.split("/")
+        if parts[1:2] != ["compressor"] or len(parts) != 5:
+            continue
+        param = found.get(f"/model/{parts[4]}")
+        if param is None:
+            faults.append(f"{where}: state of {parts[4]}, which /model does not hold")
+            continue
+        rows = {"mean": (), "per_rank": (world,)}.get(parts[3]) if parts[2] == "residual" else None
+        want = None if rows is None else (*rows, *param.shape)
+        if want is not None and ds.shape != want:
+            faults.append(f"{where}: shape {ds.shape}, expected {want} (/model/{parts[4]}"
+                          f"{', one row per rank' if parts[3] == 'per_rank' else ''})")
+    return faults
 
 
 def _optimizer_faults(f: h5py.File, found: dict) -> list[str]:
@@ -218,13 +242,17 @@ def _optimizer_faults(f: h5py.File, found: dict) -> list[str]:
     for where, ds in found.items():
         parts = where.split("/")
         if parts[1:3] == ["optimizer", "state"]:
-            index = int(parts[3])
-            if index >= len(names):
-                faults.append(f"{where}: state of parameter {index}, but the model has {len(names)}")
+            name = parts[3] if int(f.attrs["format_version"]) >= 3 else None
+            if name is None and int(parts[3]) >= len(names):
+                faults.append(f"{where}: state of parameter {parts[3]}, but the model has {len(names)}")
                 continue
-            param = found[f"/model/{names[index]}"]
+            if name is not None and name not in names:
+                faults.append(f"{where}: state of {name}, which /optimizer's param_names does not list")
+                continue
+            name = name or names[int(parts[3])]
+            param = found[f"/model/{name}"]
             if ds.shape != (1,) and (ds.shape, ds.dtype) != (param.shape, param.dtype):
-                faults.append(f"{where}: {ds.dtype} {ds.shape} does not match /model/{names[index]}, "
+                faults.append(f"{where}: {ds.dtype} {ds.shape} does not match /model/{name}, "
                               f"{param.dtype} {param.shape}")
     return faults
 

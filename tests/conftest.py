@@ -11,7 +11,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 FAST = [
-    "test_package.py", "test_layout.py", "test_docs.py", "test_data.py", "test_cli.py", "test_inspect.py",
+    "test_package.py", "test_layout.py", "test_parts.py", "test_docs.py", "test_data.py", "test_cli.py",
+    "test_inspect.py",
     "test_api.py::test_import_mpitrain_starts_neither_mpi_nor_torch",
     "test_api.py::test_the_example_loop_runs_without_arguments_into_a_default_run_dir",
     "test_api.py::test_a_broken_dataset_function_is_one_line_and_exit_2[returns_nonsense-must return (data, info)]",
@@ -37,6 +38,7 @@ FAST = [
     "test_checkpoint.py::test_resume_equals_an_uninterrupted_run[greedylore-sgd-extra2]",
     "test_checkpoint.py::test_keep_last_and_latest",
     "test_checkpoint.py::test_non_finite_gradients_are_skipped_on_every_rank",
+    "test_checkpoint.py::test_a_format_2_checkpoint_loads_whole_and_resumes[greedylore-adam]",
     "test_quantize.py::test_every_rank_decodes_the_same_sum_of_what_each_sent[sparse-dither-extra0]",
     "test_reliability.py::test_a_nodes_ranks_share_one_run_of_node_first_and_its_result",
     "test_reliability.py::test_allgatherv_and_allreduce_in_pieces_match_one_call",

@@ -242,3 +242,54 @@ def test_a_full_disk_ends_the_job_with_one_line_and_leaves_the_last_checkpoint_t
     r = trainer(2, *flags, "--resume", "auto")  # room again
     assert r.returncode == 0, r.stderr
     assert f"resumed from {ckpts / 'ckpt-000000100.h5'} at step 100" in r.stdout and "done: 300 steps" in r.stdout
+
+
+FORMAT2 = {"greedylore-adam": ["--compressor", "greedylore", "--rank", 2, "--start-compress-step", 2,
+                               "--optimizer", "adam"],
+           "sparse-dither": ["--compressor", "sparse-dither", "--error-feedback", "on"]}
+
+
+def flat_datasets(path) -> dict:
+    """Every dataset of a checkpoint as a flat array, keyed as format 2 keys it: optimizer state by
+    parameter index, the compressor's per-parameter pieces joined in the layout's order (matrices
+    first, each group in the model's order)."""
+    out = {}
+    with h5py.File(path) as f:
+        names = json.loads(f["optimizer"].attrs["param_names"])
+        order = sorted(names, key=lambda n: (f[f"model/{n}"].ndim < 2, names.index(n)))
+        f.visititems(lambda k, v: out.__setitem__(k, v[()]) if isinstance(v, h5py.Dataset) else None)
+        groups = ("compressor/shared/bases", "compressor/shared/warm", "compressor/shared/ranks", "compressor/shared/q",
+                  "compressor/residual/per_rank", "compressor/residual/mean")
+        for group in [g for g in groups if isinstance(f.get(g), h5py.Group)]:
+            pieces = [out.pop(f"{group}/{n}") for n in order if n in f[group]]
+            rows = group.endswith("per_rank")
+            out[group] = np.concatenate([p.reshape(p.shape[0], -1) if rows else p.reshape(-1) for p in pieces], axis=-1)
+        for key in [k for k in out if k.startswith("optimizer/state/")]:
+            _, _, name, entry = key.split("/")
+            if not name.isdigit():
+                out[f"optimizer/state/{names.index(name)}/{entry}"] = out.pop(key)
+    out.pop("config")
+    return out
+
+
+@pytest.mark.parametrize("job", sorted(FORMAT2))
+def test_a_format_2_checkpoint_loads_whole_and_resumes(tmp_path, job):
+    """A checkpoint of the previous format (tests/data, written by mpitrain 0.2.0 at step 12 on 2
+    ranks) loads into every part of the run: saved again at once it holds, in format 3 and by
+    parameter name, the very values it held; and training resumes from it."""
+    old = ROOT / "tests" / "data" / f"format2-{job}.h5"
+    flags = ["--model", "user_models:tiny", "--seed", 3, "--resume", old, "--lr-schedule", "constant",
+             "--warmup-steps", 0, "--eval-every", 0, *FORMAT2[job]]
+    r = mpi(2, [WORKERS / "load_and_save.py", *flags, "--run-dir", tmp_path / "again"])
+    assert r.returncode == 0, r.stderr
+    again = tmp_path / "again" / "checkpoints" / "ckpt-000000012.h5"
+    with h5py.File(old) as f, h5py.File(again) as g:
+        assert (int(f.attrs["format_version"]), int(g.attrs["format_version"])) == (2, 3)
+    before, after = flat_datasets(old), flat_datasets(again)
+    assert sorted(before) == sorted(after)
+    assert [k for k in before if before[k].tobytes() != after[k].tobytes()] == []
+    r = trainer(2, *flags, "--steps", 14, "--run-dir", tmp_path / "on")
+    assert r.returncode == 0 and f"resumed from {old} at step 12" in r.stdout, r.stderr
+    steps = [rec["step"] for rec in map(json.loads, (tmp_path / "on" / "metrics.jsonl").read_text().splitlines())
+             if rec.get("kind") == "train"]
+    assert steps[-1] == 14

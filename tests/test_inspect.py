@@ -78,13 +78,20 @@ def test_bfloat16_reads_back_exactly(tmp_path):
         assert torch.equal(back.view(torch.int16), values.view(torch.int16))
 
 
-def test_tree_lists_every_dataset_checksummed(ckpts):
+def test_tree_lists_every_dataset_checksummed_and_state_by_parameter_name(ckpts):
     r = inspect(ckpts[0], "--tree", "--json")
     rows = json.loads(r.stdout)
-    names = {x["name"] for x in rows}
-    assert {"/config", "/model/1.weight", "/optimizer/param_groups", "/compressor/shared/bases",
-            "/compressor/residual/per_rank", "/rng/torch_cpu"} <= names
+    shapes = {x["name"]: x["shape"] for x in rows}
+    assert {"/config", "/model/1.weight", "/optimizer/param_groups", "/optimizer/state/1.weight/momentum_buffer",
+            "/compressor/shared/refreshed_at", "/rng/torch_cpu"} <= set(shapes)
     assert all(x["fletcher32"] for x in rows)
+    # each compressed matrix (the MLP's 256x64, 256x256 and 10x256 weights) has its basis (d x d) and
+    # its residual (the weight's shape, a row per rank of 2) under its own name; nothing is stored flat
+    for name, (n, m) in {"1.weight": (256, 64), "3.weight": (256, 256), "5.weight": (10, 256)}.items():
+        assert shapes[f"/compressor/shared/bases/{name}"] == [min(n, m)] * 2
+        assert shapes[f"/compressor/residual/per_rank/{name}"] == [2, n, m]
+        assert f"/compressor/shared/warm/{name}" in shapes and f"/compressor/shared/ranks/{name}" in shapes
+    assert "/compressor/shared/bases" not in shapes and "/compressor/residual/per_rank" not in shapes
 
 
 def test_verify_passes_then_names_the_corrupted_dataset(ckpts, tmp_path):

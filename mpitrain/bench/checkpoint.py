@@ -34,15 +34,15 @@ def bench_checkpoint(world, out: str, repeats: int) -> list[dict]:
         step()
     step_s = timed(step, 5)
     nbytes = 4 * run.layout.numel
-    saved = []
-    save_s = timed(lambda: saved.append(checkpoint.save(run, world, len(saved) + 1)), repeats)
+    saved, contents = [], checkpoint.Contents(run.cfg, run.model, run.optimizer, run.compressor, run.layout)
+    save_s = timed(lambda: saved.append(checkpoint.save(contents, world, len(saved) + 1)), repeats)
     # in the background: training goes on while rank 0's thread writes; what it loses is the snapshot
     # plus whatever the steps run during the write take beyond their usual time
     stalls, lost, writes = [], [], []
     for _ in range(repeats):
         world.barrier()
         t0 = time.perf_counter()
-        saved.append(checkpoint.save(run, world, len(saved) + 1, background=True))
+        saved.append(checkpoint.save(contents, world, len(saved) + 1, background=True))
         stalls.append(time.perf_counter() - t0)
         steps = 0
         while world.allreduce_(np.array([checkpoint.WRITER.busy()], dtype=np.int64))[0]:
@@ -63,7 +63,7 @@ def bench_checkpoint(world, out: str, repeats: int) -> list[dict]:
             fh.flush()
             os.fsync(fh.fileno())
     raw_write_s = timed(raw_write, repeats)
-    read_s = timed(lambda: checkpoint.load(path, run, world), repeats)
+    read_s = timed(lambda: checkpoint.load(path, contents, world), repeats)
     verify_s = timed(lambda: schema.check(path), repeats) if world.rank == 0 else 0.0  # in process: uncached
     raw_read_s = timed(lambda: np.fromfile(raw, dtype=np.uint8), repeats)
     return [{"params": run.layout.numel, "model_mb": nbytes / 1e6, "file_mb": size / 1e6,

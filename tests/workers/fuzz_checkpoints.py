@@ -28,6 +28,8 @@ shard, shards = map(int, sys.argv[4].split("/"))
 schema.DEADLINE_S = 1.0  # a healthy 1.4 MB file checks in 0.12 s here; damaged headers can loop forever
 rng = np.random.default_rng(seed)
 PARAM = "/model/1.weight"
+STATE = "/optimizer/state/1.weight"  # its optimizer state, by name (format 3)
+BASIS, RESIDUAL = "/compressor/shared/bases/1.weight", "/compressor/residual/per_rank/1.weight"
 
 
 def replace(f, where, **create):
@@ -77,10 +79,16 @@ STRUCTURAL = {
     "config_not_object": lambda f: replace(f, "/config", data=np.array([b"[1, 2]"])),
     "param_groups_not_list": lambda f: replace(f, "/optimizer/param_groups", data=np.array([b'{"params": 1}'])),
     "param_names_not_json": lambda f: f["optimizer"].attrs.__setitem__("param_names", "[net.1.weight"),
-    "optimizer_state_wrong_shape": lambda f: replace(f, "/optimizer/state/0/momentum_buffer",
+    "optimizer_state_wrong_shape": lambda f: replace(f, f"{STATE}/momentum_buffer",
                                                      data=np.zeros((7,), np.float32)).attrs.__setitem__(
         "shape", np.array([7])),
-    "optimizer_state_unknown_param": lambda f: f.copy(f["optimizer/state/0"], "optimizer/state/999"),
+    "optimizer_state_unknown_param": lambda f: f.copy(f[STATE], "optimizer/state/no.such.weight"),
+    "optimizer_state_by_index": lambda f: f.move(STATE, "optimizer/state/0"),
+    "basis_unknown_param": lambda f: f.copy(f[BASIS], "compressor/shared/bases/no.such.weight"),
+    "residual_rows_not_ranks": lambda f: replace(f, RESIDUAL, data=np.zeros((3, *f[RESIDUAL].shape[1:]), np.float32)
+                                                 ).attrs.__setitem__("shape", np.array([3, *f[RESIDUAL].shape[1:]])),
+    "residual_wrong_shape": lambda f: replace(f, RESIDUAL, data=np.zeros((f[RESIDUAL].shape[0], 4, 4), np.float32)
+                                              ).attrs.__setitem__("shape", np.array([f[RESIDUAL].shape[0], 4, 4])),
     "model_group_is_dataset": lambda f: (f.__delitem__("model"), f.create_dataset("model", data=np.zeros(3))),
     "rng_missing": lambda f: f.__delitem__("rng"),
     "rng_wrong_rows": lambda f: replace(f, "/rng/torch_cpu", data=np.zeros((5, 8), np.uint8)),
