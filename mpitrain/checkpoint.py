@@ -105,15 +105,14 @@ def require_space(ckpt_dir: Path, need: int, path: Path):
 
 def save(contents: Contents, world, step: int, epoch: int = 0, wire_bytes_total: int = 0, extra: dict | None = None,
          extra_json=None, background: bool = False) -> Path | None:
-    """Every rank calls this (it gathers per-rank state); rank 0 writes, in the background when asked
-    (after a snapshot into host buffers; `WRITER.wait()` until it is on disk). Returns the path on
-    rank 0. `extra` (arrays by name) and `extra_json` are the caller's own, stored under /user and
-    /user_json."""
+    """Every rank calls this: the ranks' own state is gathered to rank 0, rank 0 snapshots it all
+    into host buffers and writes, in the background when asked (`WRITER.wait()` until it is on
+    disk). Returns the path on rank 0. `extra` (arrays by name) and `extra_json` are the caller's
+    own, stored under /user and /user_json."""
     cfg = contents.cfg
     bad = [k for k in (extra or {}) if not isinstance(k, str) or not k or "/" in k or k.startswith(".")]
     if bad:
         raise ValueError(f"extra array names must be non-empty text without '/': {bad[:3]}")
-    user_json = None if extra_json is None else json.dumps(extra_json)
     refusal = (f"refusing to write a checkpoint at step {step}: the parameters hold NaN or Inf "
                "(the run diverged; the checkpoints before it are intact)")
     # rank 0 checks its snapshot in the writer, before writing it: off the training thread
@@ -124,53 +123,15 @@ def save(contents: Contents, world, step: int, epoch: int = 0, wire_bytes_total:
         world.barrier()
     if world.rank == 0:
         WRITER.wait()  # never two writes at once, and the snapshot buffers are free again
-
-    def gathered(key: str, arr: np.ndarray) -> np.ndarray | None:  # on rank 0 into its snapshot buffer
-        arr = np.ascontiguousarray(arr)
-        if world.rank != 0:
-            return world.gather(arr)
-        buf = WRITER.buffer(key, (world.size, *arr.shape), arr.dtype)
-        copy_into(buf[0], arr)  # rank 0's own part on torch's threads: MPI's copy of it runs on one
-        return world.gather(buf[0], out=buf)
     policy = ef_policy(cfg, contents.compressor)
-    comp_state = contents.compressor.state_dict(copy=False)  # views: gathered or snapshotted below
-    residual = comp_state.get("local", {}).get("residual")
-    if residual is not None and policy == "mean":  # the sum of shares: the mean residual
-        residual = world.allreduce_(WRITER.snapshot("residual", residual)[0] if world.rank == 0 else
-                                    np.array(residual, dtype=np.float32))
-    elif residual is not None and policy == "gather":
-        residual = gathered("residual", np.asarray(residual, dtype=np.float32))
-    rng = gathered("rng", torch.get_rng_state().numpy())
-    averaging = contents.averaging
-    if averaging is not None:  # each rank's own optimizer state, and its own parameters between averages
-        inner = gathered("averaging/inner_state", flat_optimizer_state(contents.optimizer))
-        local = gathered("averaging/local_params", contents.layout.params_np) if averaging.local_steps else None
+    ranks_own = gather(contents, world, policy)
     if world.rank != 0:
         return None
-    snap, opt = WRITER.snapshot, contents.optimizer.state_dict()
-    # the trained parameters in one copy (the agreed ones when averaging), the model's arrays views of it
-    flat = snap("params", contents.layout.params_np if averaging is None else averaging.anchor)[0]
-    trained = {slot.name: (flat[slot.offset: slot.offset + slot.numel].reshape(slot.shape), "float32")
-               for slot in contents.layout.slots}
-    own_params = local[0] if averaging is not None and local is not None else flat  # rank 0's, as they are
-    model = {name: trained.get(name) or snap(f"model/{name}", t) for name, t in contents.model.state_dict().items()}
-    names, by_name = optimizer_names(contents.optimizer, contents.model), contents.compressor.state_layout()
-    optimizer_state = {names[index]: {key: snap(f"state/{index}/{key}", v if isinstance(v, torch.Tensor) else np.asarray(v))
-                                      for key, v in entries.items()} for index, entries in opt["state"].items()}
-    shared = {key: snap(f"shared/{key}", np.asarray(v)) for key, v in comp_state.get("shared", {}).items()}
-    shared = {key: pieces(v, by_name[key]) if key in by_name else v for key, v in shared.items()}
-    if residual is not None and "residual" in by_name:
-        residual = pieces(residual, by_name["residual"])
-    user = {key: snap(f"user/{key}", v) for key, v in (extra or {}).items()}
-    averaged = {} if averaging is None else {
-        "inner_state": (inner, "float32"), **({"momentum": snap("averaging/momentum", averaging.momentum)} if averaging.momentum is not None else {}),
-        **({"local_params": (local, "float32")} if local is not None else {})}
+    tree, group_attrs, own_params = snapshot(contents, ranks_own, policy, extra or {}, extra_json)
     attrs = {"format": FORMAT, "format_version": FORMAT_VERSION, "step": step, "epoch": int(epoch),
              "world_size": world.size, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
              "versions": json.dumps(versions(world)), "compressor": cfg.compressor, "ef_resume": policy,
              "wire_bytes_total": int(wire_bytes_total)}
-    texts = {"config": cfg.to_json(), "param_groups": json.dumps(opt["param_groups"]),
-             "param_names": json.dumps(names)}
     ckpt_dir = folder(cfg.run_dir)
     with one_line(OSError, CannotWrite, lambda e: f"cannot make the checkpoint folder {ckpt_dir}: {e.strerror or e}"):
         ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -181,30 +142,9 @@ def save(contents: Contents, world, step: int, epoch: int = 0, wire_bytes_total:
     def write_file(tmp):
         with Sink(tmp) as sink, h5py.File(sink, "w") as f:
             f.attrs.update(attrs)
-            write_dataset(f, "config", texts["config"])
-            group = f.create_group("model")
-            for name, value in model.items():
-                write_dataset(group, name, value)
-            group = f.create_group("optimizer")
-            group.attrs["param_names"] = texts["param_names"]
-            write_dataset(group, "param_groups", texts["param_groups"])
-            write_tree(group.create_group("state"), optimizer_state)
-            comp = f.create_group("compressor")
-            comp.attrs["name"] = cfg.compressor
-            write_tree(comp.create_group("shared"), shared)
-            if residual is not None and policy != "reset":
-                write_tree(comp.create_group("residual"), {"mean" if policy == "mean" else "per_rank": residual})
-            write_dataset(f.create_group("rng"), "torch_cpu", rng)
-            if averaged:
-                group = f.create_group("averaging")
-                for key, value in averaged.items():
-                    write_dataset(group, key, value)
-            if user:
-                group = f.create_group("user")
-                for key, value in user.items():
-                    write_dataset(group, key, value)
-            if user_json is not None:
-                write_dataset(f, "user_json", user_json)
+            write_tree(f, tree)
+            for group, values in group_attrs.items():
+                f[group].attrs.update(values)
         if sink.failure is not None:
             raise sink.failure
 
@@ -217,13 +157,77 @@ def save(contents: Contents, world, step: int, epoch: int = 0, wire_bytes_total:
             atomic_write(ckpt_dir / "latest", lambda tmp: tmp.write_text(path.name + "\n"))
         prune(ckpt_dir, cfg.keep_last, keep=path)
 
-    stored = residual if residual is not None and policy != "reset" else None
-    require_space(ckpt_dir, on_disk_bytes(model, optimizer_state, shared, user, averaged, stored, rng, texts, user_json), path)
+    require_space(ckpt_dir, on_disk_bytes(tree), path)
     if background:
         WRITER.submit(write)
     else:
         write()
     return path
+
+
+def gather(contents: Contents, world, policy: str) -> dict:
+    """What each rank holds of its own, on rank 0 (in its snapshot buffers; None elsewhere): the
+    residual by `policy` (the ranks' sum, or one row per rank), every generator state and, when
+    averaging, every rank's optimizer state and parameters between averages. A collective."""
+    def gathered(key: str, arr: np.ndarray) -> np.ndarray | None:
+        arr = np.ascontiguousarray(arr)
+        if world.rank != 0:
+            return world.gather(arr)
+        buf = WRITER.buffer(key, (world.size, *arr.shape), arr.dtype)
+        copy_into(buf[0], arr)  # rank 0's own part on torch's threads: MPI's copy of it runs on one
+        return world.gather(buf[0], out=buf)
+    own = {}
+    residual = contents.compressor.state_dict(copy=False).get("local", {}).get("residual")
+    if residual is not None and policy == "mean":  # the sum of shares: the mean residual
+        own["residual"] = world.allreduce_(WRITER.snapshot("residual", residual)[0] if world.rank == 0 else
+                                           np.array(residual, dtype=np.float32))
+    elif residual is not None and policy == "gather":
+        own["residual"] = gathered("residual", np.asarray(residual, dtype=np.float32))
+    own["rng"] = gathered("rng", torch.get_rng_state().numpy())
+    averaging = contents.averaging
+    if averaging is not None:  # each rank's own optimizer state, and its own parameters between averages
+        own["inner_state"] = gathered("averaging/inner_state", flat_optimizer_state(contents.optimizer))
+        if averaging.local_steps:
+            own["local_params"] = gathered("averaging/local_params", contents.layout.params_np)
+    return own
+
+
+def snapshot(contents: Contents, ranks_own: dict, policy: str, extra: dict,
+             extra_json) -> tuple[dict, dict, np.ndarray]:
+    """Rank 0's checkpoint as a tree of host arrays that training may no longer touch, and texts:
+    (the tree as the file holds it, the attributes of its groups, the parameters to check before
+    writing, rank 0's own)."""
+    snap, opt, averaging = WRITER.snapshot, contents.optimizer.state_dict(), contents.averaging
+    # the trained parameters in one copy (the agreed ones when averaging), the model's arrays views of it
+    flat = snap("params", contents.layout.params_np if averaging is None else averaging.anchor)[0]
+    trained = {slot.name: (flat[slot.offset: slot.offset + slot.numel].reshape(slot.shape), "float32")
+               for slot in contents.layout.slots}
+    local = ranks_own.get("local_params")
+    names, by_name = optimizer_names(contents.optimizer, contents.model), contents.compressor.state_layout()
+    state = {names[index]: {key: snap(f"state/{index}/{key}", v if isinstance(v, torch.Tensor) else np.asarray(v))
+                            for key, v in entries.items()} for index, entries in opt["state"].items()}
+    shared = {key: snap(f"shared/{key}", np.asarray(v))
+              for key, v in contents.compressor.state_dict(copy=False).get("shared", {}).items()}
+    compressor = {"shared": {key: pieces(v, by_name[key]) if key in by_name else v for key, v in shared.items()}}
+    if "residual" in ranks_own:
+        residual = ranks_own["residual"]
+        compressor["residual"] = {"mean" if policy == "mean" else "per_rank":
+                                  pieces(residual, by_name["residual"]) if "residual" in by_name else residual}
+    model = {name: trained.get(name) or snap(f"model/{name}", t) for name, t in contents.model.state_dict().items()}
+    tree = {"config": contents.cfg.to_json(), "model": model,
+            "optimizer": {"param_groups": json.dumps(opt["param_groups"]), "state": state},
+            "compressor": compressor, "rng": {"torch_cpu": ranks_own["rng"]}}
+    if averaging is not None:
+        tree["averaging"] = {"inner_state": (ranks_own["inner_state"], "float32"),
+                             **({"momentum": snap("averaging/momentum", averaging.momentum)}
+                                if averaging.momentum is not None else {}),
+                             **({"local_params": (local, "float32")} if local is not None else {})}
+    if extra:
+        tree["user"] = {key: snap(f"user/{key}", v) for key, v in extra.items()}
+    if extra_json is not None:
+        tree["user_json"] = json.dumps(extra_json)
+    group_attrs = {"optimizer": {"param_names": json.dumps(names)}, "compressor": {"name": contents.cfg.compressor}}
+    return tree, group_attrs, local[0] if local is not None else flat  # rank 0's parameters, as they are
 
 
 def write_tree(group: h5py.Group, values: dict):

@@ -18,9 +18,13 @@ def lines(run_dir, kind="train"):
 
 
 def checkpoint(run_dir, step):
+    """(the model's arrays, the residuals' arrays), by name."""
     with h5py.File(run_dir / "checkpoints" / f"ckpt-{step:09d}.h5", "r") as f:
-        return ({k: f["model"][k][()] for k in f["model"]},
-                {k: v[()] for k, v in f["compressor/residual"].items()} if "compressor/residual" in f else {})
+        residual = {}
+        if "compressor/residual" in f:
+            f["compressor/residual"].visititems(lambda k, v: residual.__setitem__(k, v[()])
+                                                if isinstance(v, h5py.Dataset) else None)
+        return {k: f["model"][k][()] for k in f["model"]}, residual
 
 
 def test_accumulated_micro_batches_equal_one_batch_k_times_as_large(tmp_path):
