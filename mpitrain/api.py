@@ -258,8 +258,8 @@ def save_checkpoint(run_dir: str, step: int, exchange: Exchange, optimizer: torc
     background: rank 0 copies the state into host buffers and returns; a thread writes and fsyncs
     (one write at a time; `wait_for_checkpoints()` before exiting). Returns the path on rank 0
     (on disk once `latest` names it), None elsewhere."""
-    contents = _contents(exchange, optimizer, run_dir=str(run_dir), keep_last=exchange.cfg.keep_last
-                   if keep_last is None else keep_last)
+    contents = _contents(exchange, optimizer, run_dir=str(run_dir),
+                         keep_last=exchange.cfg.keep_last if keep_last is None else keep_last)
     total = exchange.wire_bytes_total if wire_bytes_total is None else wire_bytes_total
     return checkpoint.save(contents, exchange.world, step, epoch, total, extra or {}, extra_json, background)
 

@@ -5,10 +5,11 @@
     /config            the resolved configuration, JSON text
     /model/NAME        one dataset per state_dict entry (parameters and buffers)
     /optimizer/param_groups           JSON text
-    /optimizer/state/INDEX/KEY        per-parameter optimizer state
-    /compressor/shared/KEY            state identical on every rank, stored once
-    /compressor/residual/mean         ef_resume=mean: the sum of the ranks' residual shares
-    /compressor/residual/per_rank     ef_resume=gather: one row per rank
+    /optimizer/state/NAME/KEY         per-parameter optimizer state (format 2: INDEX for NAME)
+    /compressor/shared/KEY[/NAME]     state identical on every rank, stored once; per parameter
+                                      when the compressor lays it out so (format 2: flat)
+    /compressor/residual/mean/NAME    ef_resume=mean: the sum of the ranks' residual shares
+    /compressor/residual/per_rank/NAME  ef_resume=gather: one row per rank first
     /averaging/momentum               --average-every > 1 (/model holds the parameters the ranks agreed
                                       on at the last average): the outer (nesterov) momentum,
     /averaging/inner_state            each rank's own optimizer state, one float32 row per rank,
@@ -296,9 +297,11 @@ def fit_faults(f: h5py.File, contents: Contents) -> list[str]:
                               f"{key} {tuple(params[i].shape)}")
     fresh, by_name = contents.compressor.state_dict(), contents.compressor.state_layout()
     stored = {f"compressor/shared/{k}": k for k in (f["compressor/shared"] if "compressor/shared" in f else [])}
-    stored.update({f"compressor/residual/{k}": "residual" for k in ("mean", "per_rank") if f"compressor/residual/{k}" in f})
+    stored.update({f"compressor/residual/{k}": "residual" for k in ("mean", "per_rank")
+                   if f"compressor/residual/{k}" in f})
+    fresh = {**fresh.get("shared", {}), **fresh.get("local", {})}
     for where, key in stored.items():
-        have, item = {**fresh.get("shared", {}), **fresh.get("local", {})}.get(key), f[where]
+        have, item = fresh.get(key), f[where]
         if isinstance(item, h5py.Group):
             want = dict(by_name.get(key, []))
             got = {name: ds.shape[1:] if where.endswith("per_rank") else
@@ -421,7 +424,7 @@ def load(path: Path, contents: Contents, world) -> tuple[dict, dict, object]:
             def flat(where: str, key: str, row: int | None = None) -> np.ndarray:  # format 2 stored it flat
                 item = f[where]
                 if isinstance(item, h5py.Group):
-                    return joined(item, by_name[key], read, row)
+                    return joined(item, by_name[key], read, where.endswith("per_rank"), row)
                 return read(item) if row is None else item[row]
             comp = {"shared": {k: flat(f"compressor/shared/{k}", k) for k in f["compressor/shared"]}
                     if "compressor/shared" in f else {}, "local": {}}

@@ -27,14 +27,15 @@ def pieces(flat, layout: list[tuple[str, tuple]]) -> dict:
     return out
 
 
-def joined(group, layout: list[tuple[str, tuple]], read, row: int | None = None) -> np.ndarray:
-    """The flat array an HDF5 group of per-parameter pieces stands for (rows kept, if stored per rank);
-    `row`: that rank's row only, read from each piece without the others."""
+def joined(group, layout: list[tuple[str, tuple]], read, per_rank: bool = False, row: int | None = None) -> np.ndarray:
+    """The flat array an HDF5 group of per-parameter pieces stands for; pieces stored `per_rank`
+    (a row per rank first) give one row per rank, or with `row` that rank's row alone, read from
+    each piece without the others."""
     parts = [read(group[name]) if row is None else group[name][row] for name, _ in layout]
+    rows = per_rank and row is None
     if not parts:
-        return np.zeros(0, dtype=np.float32)
-    per_rank = row is None and parts[0].ndim > len(layout[0][1])
-    return np.concatenate([p.reshape(p.shape[0], -1) if per_rank else p.reshape(-1) for p in parts], axis=-1)
+        return np.zeros((group.file.attrs["world_size"], 0) if rows else 0, dtype=np.float32)
+    return np.concatenate([p.reshape(p.shape[0], -1) if rows else p.reshape(-1) for p in parts], axis=-1)
 
 
 def optimizer_names(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> list[str]:

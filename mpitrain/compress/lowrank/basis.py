@@ -58,6 +58,7 @@ class Basis:
         self.ranks = list(ranks)  # directions sent last step, per matrix (tracking: W's width)
         self.refreshed_at = -1
         self.rebroadcasts = 0
+        self._exact: Buffer | None = None  # --scores exact's full projections (diagnostics)
 
     def is_refresh(self, step: int) -> bool:
         s0 = self.cfg.start_compress_step
@@ -231,7 +232,9 @@ class TrackingBasis(Basis):
             # picks displaced tracked directions and cost 0.04 bpc on the LM)
             energies.append(energy.add_(e[t:].square().mean(0) / noise_peak(self.k, len(energy) - t)))
         if self.cfg.scores == "exact":  # diagnostics: the true energies over the rotated bases (d x D each)
-            exact = Buffer([(d, D) for d, D in zip(self.d, self.D)])
+            if self._exact is None:
+                self._exact = Buffer([(d, D) for d, D in zip(self.d, self.D)])
+            exact = self._exact
             for x, basis, out in zip(xs, self.bases.views, exact.views):
                 torch.matmul(basis.t(), x, out=out)
             self.world.allreduce_(exact.np)
