@@ -164,3 +164,28 @@ def test_error_feedback_adds_keeps_swaps_and_stores_its_residual():
     assert set(on.state_dict()) == {"residual"} and none.state_dict() == {} and none.array() is None
     on.load(None)
     assert float(on.array().sum()) == 0.0
+
+
+@pytest.mark.parametrize("name,compiled", [("dense", False), ("powersgd", True), ("greedylore", True),
+                                           ("sparse-dither", True)])
+def test_a_compressor_that_runs_compiled_loops_loads_them_when_built_not_in_its_first_steps(name, compiled):
+    # numba's import and its first kernel load cost ~0.7 s, which the first training steps paid
+    # (the job's training time) before they were moved into building the compressor; dense never loads it
+    import subprocess
+    import sys
+    script = ("import sys, dataclasses\n"
+              "from mpitrain import compress\n"
+              "from mpitrain.bench.common import layout_of\n"
+              "from mpitrain.config import Config\n"
+              "from tests.test_parts import OneRank\n"
+              f"cfg = dataclasses.replace(Config(), compressor={name!r})\n"
+              "world = OneRank()\n"
+              "world.cores_per_rank = lambda: 1\n"
+              "compress.build(cfg, layout_of('mlp', 'digits'), world)\n"
+              "loaded = 'numba' in sys.modules\n"
+              "from numba.core.registry import cpu_target\n"
+              "print(loaded, len(cpu_target.target_context._registries) > 0)\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                         cwd=str(__import__("pathlib").Path(__file__).resolve().parent.parent))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == [str(compiled), str(compiled)]

@@ -1,6 +1,8 @@
 """The interface every compressor implements, and the registry that names them."""
 from __future__ import annotations
 
+import numpy as np
+
 
 class Compressor:
     """Turns each rank's gradient share (in the layout's flat buffer) into the global mean, in place.
@@ -24,6 +26,9 @@ class Compressor:
     reshardable = True
     # Biased compressors need error feedback to converge; --error-feedback auto turns it on for them.
     biased = True
+    # Runs compiled loops (`kernels`): numba's import and its first kernel load (its type registries)
+    # are then paid while the compressor is built, with the rest of the set-up, not in the first steps.
+    compiled = False
 
     def __init__(self, layout, world, cfg):
         self.layout = layout
@@ -31,6 +36,8 @@ class Compressor:
         self.cfg = cfg
         self.stats: dict = {}
         self.error_feedback = cfg.error_feedback == "on" or (cfg.error_feedback == "auto" and self.biased)
+        if self.compiled:
+            load_kernels()
 
     # Overlap with backward (--bucket-mb): `begin()` before backward, `ready(slot)` from each
     # matrix's post-accumulate-grad hook, `aggregate` then finishes what is in flight.
@@ -124,6 +131,12 @@ def kernels():
     """The compiled loops: numba loads with the first compressor that uses them, not with the package."""
     from . import kernels as compiled
     return compiled
+
+
+def load_kernels():
+    """numba imported and one kernel loaded from its cache: the first load of any initialises numba's
+    type registries, the larger part of its one-time cost."""
+    kernels().position_weights(np.zeros(1, dtype=np.uint64))
 
 
 REGISTRY: dict[str, type[Compressor]] = {}

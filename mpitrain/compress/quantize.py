@@ -38,6 +38,8 @@ class Exchanged(Compressor):
     sends. New residuals go to a second buffer until the step's gradients are known to be finite.
     """
 
+    compiled = True
+
     linear = False
     reshardable = False
 

@@ -22,6 +22,7 @@ class LowRank(Compressor):
     consecutive in `slots`). `dense_first`: the uncompressed tensors ride in the first round
     rather than in the payload's (set when the payload round carries integers)."""
 
+    compiled = True
     dense_first = False
 
     def __init__(self, layout, world, cfg):
