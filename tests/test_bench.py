@@ -1,8 +1,9 @@
 """The benchmarks run and write their figures (speed itself is measured, never asserted)."""
 import json
-
 import sys
 
+import numpy as np
+import pytest
 from helpers import mpi, run
 from mpitrain import checkpoint
 
@@ -42,7 +43,7 @@ def test_bench_rejects_an_unknown_benchmark(tmp_path):
 
 
 def test_bench_convergence_rejects_an_unknown_job_or_arm_in_one_line(tmp_path):
-    for flag, name in (("--jobs", "nosuch"), ("--arms", "dense,zip")):
+    for flag, name in (("--jobs", "nosuch"), ("--arms", "dense,zip"), ("--seeds", "0,x1"), ("--seeds", "1,1")):
         r = mpi(2, ["-m", "mpitrain", "bench", "convergence", flag, name, "--out", tmp_path])
         assert r.returncode == 2 and r.stderr.count("mpitrain: error:") == 1, r.stderr
         assert "Traceback" not in r.stderr and name.split(",")[-1] in r.stderr
@@ -80,6 +81,26 @@ def test_bench_convergence_averaging_arms_write_rounds_and_bytes_to_dense(tmp_pa
     assert rows[0]["mb_to_dense_final"] is not None and rows[1]["wire_mb_per_rank"] < rows[0]["wire_mb_per_rank"] / 3
     from matplotlib import image
     assert image.imread(tmp_path / "convergence.png").shape[0] > 100
+
+
+def test_bench_convergence_over_seeds_tables_each_run_and_the_spread_per_arm(tmp_path):
+    r = mpi(2, ["-m", "mpitrain", "bench", "convergence", "--jobs", "digits-mlp", "--arms", "dense,powersgd",
+                "--steps", 30, "--seeds", "3,5", "--out", tmp_path], timeout=300)
+    assert r.returncode == 0, r.stderr
+    tables = json.loads((tmp_path / "convergence-n2.json").read_text())["tables"]
+    rows, spread = tables["convergence"], tables["across_seeds"]
+    assert [(row["arm"], row["seed"]) for row in rows] == [("dense", 3), ("dense", 5), ("powersgd", 3), ("powersgd", 5)]
+    assert len({row["run_dir"] for row in rows}) == 4
+    accuracy = {(row["arm"], row["seed"]): row["eval_accuracy"] for row in rows}
+    assert accuracy[("dense", 3)] != accuracy[("dense", 5)]  # another seed: another initialisation and order
+    assert [(s["arm"], s["seeds"]) for s in spread] == [("dense", 2), ("powersgd", 2)]
+    for s in spread:
+        mine = [accuracy[(s["arm"], seed)] for seed in (3, 5)]
+        gaps = [accuracy[(s["arm"], seed)] - accuracy[("dense", seed)] for seed in (3, 5)]
+        assert s["mean"] == pytest.approx(np.mean(mine)) and s["sd"] == pytest.approx(np.std(mine, ddof=1))
+        assert (s["min"], s["max"]) == (min(mine), max(mine))
+        assert s["minus_dense_mean"] == pytest.approx(np.mean(gaps))
+    assert spread[0]["minus_dense_mean"] == 0 and spread[0]["reached_dense_final"] == 2
 
 
 def test_bench_overlap_measures_each_named_compressor(tmp_path):

@@ -87,6 +87,8 @@ def parse(argv, world):
     parser.add_argument("--rank", type=int, default=4, help="convergence: --rank of every low-rank arm")
     parser.add_argument("--steps", type=int, default=0, help="convergence, peer: steps per job (0: the job's own; "
                         "fewer for a quick look, not for figures)")
+    parser.add_argument("--seeds", default="", help="convergence: comma-separated seeds, each job and arm trained "
+                        "once per seed, their mean and spread tabled (default: the job's own seed, once)")
     parser.add_argument("--links", default=",".join(LINKS), help="network: comma-separated link rates of the "
                         "emulated clusters (default " + ",".join(LINKS) + ")")
     parser.add_argument("--compressors", default="dense", help="overlap: comma-separated compressors whose "
@@ -99,6 +101,7 @@ def parse(argv, world):
             parser.error(f"--{flag} must be >= {least}; got {getattr(args, flag)}")
     if not args.list:
         check_folder(args.out, "--out")
+    args.seeds = _seeds(parser, args.seeds)
     if args.what == "network":
         args.jobs = _choose(parser, "job", args.jobs, NETWORK_JOBS, list(NETWORK_JOBS))
         args.arms = _choose(parser, "arm", args.arms, NETWORK_ARMS, list(NETWORK_ARMS))
@@ -111,6 +114,13 @@ def parse(argv, world):
                             CONVERGENCE_ARMS, [arm for arm in CONVERGENCE_ARMS if "-h" not in arm])
     args.compressors = _choose(parser, "compressor", args.compressors, dict.fromkeys(OVERLAPPING), ["dense"])
     return args
+
+
+def _seeds(parser, text: str) -> list[int]:
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    if not all(x.isdigit() for x in names) or len(set(names)) != len(names):
+        parser.error(f"--seeds takes distinct non-negative integers separated by commas; got {text!r}")
+    return [int(x) for x in names]
 
 
 def _choose(parser, what: str, text: str, known: dict, default: list[str]) -> list[str]:

@@ -50,35 +50,66 @@ AVERAGING_ARMS = ["dense", "dense-h4", "dense-h16", "dense-h64", "greedylore", "
                   "greedylore-h64", "greedylore-h16-r16"]
 
 
-def bench_convergence(world, out: str, jobs: list[str], arms: list[str], rank: int = 4, steps: int = 0) -> list[dict]:
+def bench_convergence(world, out: str, jobs: list[str], arms: list[str], rank: int = 4, steps: int = 0,
+                      seeds: list[int] | None = None) -> list[dict]:
+    """One row per job, arm and seed (`seeds`: None for the job's own seed, its run folders unsuffixed)."""
     rows = []
     for job in jobs:
         for arm in arms:
-            settings, overrides = CONVERGENCE_JOBS[job], dict(CONVERGENCE_ARMS[arm])
-            factor = overrides.pop("inner_lr_factor", 1.0)
-            cfg = dataclasses.replace(Config(), **{
-                "rank": rank, "progress": "never", "log_every": 10**9, "resume": "none",
-                "contraction_every": 50 if overrides.get("compressor", "dense") != "dense"
-                and "average_every" not in overrides else 0,
-                "run_dir": os.path.join(out, "convergence", f"{job}-{arm}"), **settings, **overrides})
-            cfg.steps, cfg.lr = steps or cfg.steps, cfg.lr * factor
-            run = train.prepare(cfg, world)
-            train.resume(run, world)
-            summary = train.train(run, world)
-            metric = "eval_bpc" if "eval_bpc" in summary else "eval_accuracy"
-            # the measuring Allreduce (contraction_every) is counted in wire bytes: take it out
-            train_bytes = summary["wire_bytes_per_rank"] - _measuring_bytes(cfg.run_dir)
-            captured = _mean_of(cfg.run_dir, "captured"), _mean_of(cfg.run_dir, "captured_optimal")
-            rows.append({"job": job, "arm": arm, "rank": cfg.rank, "steps": cfg.steps, "lr": cfg.lr,
-                         "average_every": cfg.average_every,
-                         "rounds": _rounds(cfg), metric: summary[metric], "wire_mb_per_rank": train_bytes / 1e6,
-                         "dense_over_wire": summary["dense_bytes_per_rank"] / train_bytes,
-                         "captured": captured[0], "captured_optimal": captured[1],
-                         "wall_time_s": summary["wall_time_s"], "run_dir": cfg.run_dir})
+            for seed in seeds or [None]:
+                rows.append(_train_arm(world, out, job, arm, rank, steps, seed))
     _bytes_to_dense_final(rows)
     if world.rank == 0:
         _plot_convergence(rows, os.path.join(out, "convergence.png"))
     return rows
+
+
+def _train_arm(world, out: str, job: str, arm: str, rank: int, steps: int, seed: int | None) -> dict:
+    settings, overrides = CONVERGENCE_JOBS[job], dict(CONVERGENCE_ARMS[arm])
+    factor = overrides.pop("inner_lr_factor", 1.0)
+    cfg = dataclasses.replace(Config(), **{
+        "rank": rank, "progress": "never", "log_every": 10**9, "resume": "none",
+        "contraction_every": 50 if overrides.get("compressor", "dense") != "dense"
+        and "average_every" not in overrides else 0,
+        "run_dir": os.path.join(out, "convergence", f"{job}-{arm}" + ("" if seed is None else f"-s{seed}")),
+        **settings, **overrides, **({} if seed is None else {"seed": seed})})
+    cfg.steps, cfg.lr = steps or cfg.steps, cfg.lr * factor
+    run = train.prepare(cfg, world)
+    train.resume(run, world)
+    summary = train.train(run, world)
+    metric = "eval_bpc" if "eval_bpc" in summary else "eval_accuracy"
+    # the measuring Allreduce (contraction_every) is counted in wire bytes: take it out
+    train_bytes = summary["wire_bytes_per_rank"] - _measuring_bytes(cfg.run_dir)
+    captured = _mean_of(cfg.run_dir, "captured"), _mean_of(cfg.run_dir, "captured_optimal")
+    return {"job": job, "arm": arm, "seed": cfg.seed, "rank": cfg.rank, "steps": cfg.steps, "lr": cfg.lr,
+            "average_every": cfg.average_every,
+            "rounds": _rounds(cfg), metric: summary[metric], "wire_mb_per_rank": train_bytes / 1e6,
+            "dense_over_wire": summary["dense_bytes_per_rank"] / train_bytes,
+            "captured": captured[0], "captured_optimal": captured[1],
+            "wall_time_s": summary["wall_time_s"], "run_dir": cfg.run_dir}
+
+
+def across_seeds(rows: list[dict]) -> list[dict]:
+    """Per job and arm, over its seeds: the metric's mean, sample standard deviation and range, and
+    its difference from the dense arm of the same seed (paired: the seeds move every arm together,
+    so a claim between arms rests on the spread of the differences, not of the metrics)."""
+    summary = []
+    for job, arm in dict.fromkeys((r["job"], r["arm"]) for r in rows):
+        mine = [r for r in rows if r["job"] == job and r["arm"] == arm]
+        metric = "eval_bpc" if "eval_bpc" in mine[0] else "eval_accuracy"
+        values = np.array([r[metric] for r in mine])
+        dense = {r["seed"]: r[metric] for r in rows if r["job"] == job and r["arm"] == "dense"}
+        gaps = np.array([r[metric] - dense[r["seed"]] for r in mine if r["seed"] in dense])
+        reached = [r["mb_to_dense_final"] for r in mine if r["mb_to_dense_final"] is not None]
+        summary.append({"job": job, "arm": arm, "seeds": len(mine), "metric": metric,
+                        "mean": float(values.mean()), "sd": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
+                        "min": float(values.min()), "max": float(values.max()),
+                        "minus_dense_mean": float(gaps.mean()) if len(gaps) else None,
+                        "minus_dense_sd": float(gaps.std(ddof=1)) if len(gaps) > 1 else None,
+                        "wire_mb_per_rank": float(np.mean([r["wire_mb_per_rank"] for r in mine])),
+                        "reached_dense_final": len(reached),
+                        "mb_to_dense_final_mean": float(np.mean(reached)) if reached else None})
+    return summary
 
 
 def _rounds(cfg) -> int:
@@ -87,10 +118,10 @@ def _rounds(cfg) -> int:
 
 
 def _bytes_to_dense_final(rows: list[dict]):
-    """Per row: the wire MB per rank at its first evaluation as good as the every-step dense arm's final
-    one (None when it never got there, or when no dense arm ran)."""
+    """Per row: the wire MB per rank at its first evaluation as good as the final one of the every-step
+    dense arm of its seed (None when it never got there, or when no dense arm ran)."""
     for row in rows:
-        dense = next((r for r in rows if r["job"] == row["job"] and r["arm"] == "dense"), None)
+        dense = next((r for r in rows if (r["job"], r["arm"], r["seed"]) == (row["job"], "dense", row["seed"])), None)
         row["mb_to_dense_final"] = None
         if dense is None:
             continue
@@ -132,9 +163,10 @@ def _plot_convergence(rows: list[dict], path: str):
             evals = _lines(r["run_dir"], "eval")
             metric = "eval_bpc" if "eval_bpc" in evals[0] else "eval_accuracy"
             ys = [e[metric] for e in evals]
-            row_axes[0].plot([e["step"] for e in evals], ys, marker=".", label=r["arm"])
-            row_axes[1].plot([e["wire_bytes_total"] / 1e6 for e in evals], ys, marker=".", label=r["arm"])
-            row_axes[2].plot([-(-e["step"] // r["average_every"]) for e in evals], ys, marker=".", label=r["arm"])
+            label = r["arm"] + (f" seed {r['seed']}" if len({x["seed"] for x in rows}) > 1 else "")
+            row_axes[0].plot([e["step"] for e in evals], ys, marker=".", label=label)
+            row_axes[1].plot([e["wire_bytes_total"] / 1e6 for e in evals], ys, marker=".", label=label)
+            row_axes[2].plot([-(-e["step"] // r["average_every"]) for e in evals], ys, marker=".", label=label)
         for ax, xlabel in zip(row_axes, ("step", "cumulative wire MB per rank", "exchange rounds")):
             ax.set_xlabel(xlabel)
             ax.set_ylabel(metric.replace("eval_", "eval "))
@@ -148,4 +180,5 @@ def _plot_convergence(rows: list[dict], path: str):
 
 
 def run(world, args) -> dict:
-    return {"convergence": bench_convergence(world, args.out, args.jobs, args.arms, args.rank, args.steps)}
+    rows = bench_convergence(world, args.out, args.jobs, args.arms, args.rank, args.steps, args.seeds or None)
+    return {"convergence": rows, **({"across_seeds": across_seeds(rows)} if len(args.seeds) > 1 else {})}
