@@ -38,13 +38,17 @@ CONVERGENCE_ARMS = {"dense": {}, "powersgd": {"compressor": "powersgd"},
                     **{f"{name}-h{h}": {**({"compressor": name} if name != "dense" else {}), "average_every": h,
                                         "outer_optimizer": "nesterov", "outer_lr": 1.0, "outer_momentum": 0.5,
                                         "inner_lr_factor": 2.0}
-                       for name in ("dense", "greedylore") for h in (4, 16, 64)},
+                       for name in ("dense", "greedylore") for h in (4, 8, 16, 64)},
                     # deltas of Adam steps are of higher rank than gradients: 4x the directions, and
                     # compression from the 3rd round, still >= 50x fewer bytes than every-step dense
                     "greedylore-h16-r16": {"compressor": "greedylore", "average_every": 16,
                                            "outer_optimizer": "nesterov", "outer_lr": 1.0, "outer_momentum": 0.5,
                                            "inner_lr_factor": 2.0, "rank": 16, "start_compress_step": 2},
                     "dense-h16-dil": {"average_every": 16, "outer_optimizer": "nesterov"},
+                    # the outer step's defaults against the README's advice, one part at a time
+                    "dense-h8-dil": {"average_every": 8, "outer_optimizer": "nesterov"},
+                    "dense-h8-lr1": {"average_every": 8, "outer_optimizer": "nesterov", "outer_lr": 1.0,
+                                     "outer_momentum": 0.5},
                     "dense-h16-avg": {"average_every": 16, "outer_optimizer": "average"}}
 AVERAGING_ARMS = ["dense", "dense-h4", "dense-h16", "dense-h64", "greedylore", "greedylore-h4", "greedylore-h16",
                   "greedylore-h64", "greedylore-h16-r16"]
