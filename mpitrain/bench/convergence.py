@@ -44,9 +44,11 @@ CONVERGENCE_ARMS = {"dense": {}, "powersgd": {"compressor": "powersgd"},
                     "greedylore-h16-r16": {"compressor": "greedylore", "average_every": 16,
                                            "outer_optimizer": "nesterov", "outer_lr": 1.0, "outer_momentum": 0.5,
                                            "inner_lr_factor": 2.0, "rank": 16, "start_compress_step": 2},
-                    "dense-h16-dil": {"average_every": 16, "outer_optimizer": "nesterov"},
+                    "dense-h16-dil": {"average_every": 16, "outer_optimizer": "nesterov", "outer_lr": 0.7,
+                                      "outer_momentum": 0.9},
                     # the outer step's defaults against the README's advice, one part at a time
-                    "dense-h8-dil": {"average_every": 8, "outer_optimizer": "nesterov"},
+                    "dense-h8-dil": {"average_every": 8, "outer_optimizer": "nesterov", "outer_lr": 0.7,
+                                     "outer_momentum": 0.9},
                     "dense-h8-lr1": {"average_every": 8, "outer_optimizer": "nesterov", "outer_lr": 1.0,
                                      "outer_momentum": 0.5},
                     "dense-h16-avg": {"average_every": 16, "outer_optimizer": "average"}}
