@@ -3,6 +3,9 @@
 Their exchanges run on a world of one rank, whose sums are the values themselves: what is under
 test here is each part's arithmetic; how the parts sum across real ranks is test_lowrank's."""
 import dataclasses
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -171,8 +174,6 @@ def test_error_feedback_adds_keeps_swaps_and_stores_its_residual():
 def test_a_compressor_that_runs_compiled_loops_loads_them_when_built_not_in_its_first_steps(name, compiled):
     # numba's import and its first kernel load cost ~0.7 s, which the first training steps paid
     # (the job's training time) before they were moved into building the compressor; dense never loads it
-    import subprocess
-    import sys
     script = ("import sys, dataclasses\n"
               "from mpitrain import compress\n"
               "from mpitrain.bench.common import layout_of\n"
@@ -186,6 +187,6 @@ def test_a_compressor_that_runs_compiled_loops_loads_them_when_built_not_in_its_
               "from numba.core.registry import cpu_target\n"
               "print(loaded, len(cpu_target.target_context._registries) > 0)\n")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
-                         cwd=str(__import__("pathlib").Path(__file__).resolve().parent.parent))
+                         cwd=Path(__file__).resolve().parent.parent)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == [str(compiled), str(compiled)]

@@ -83,7 +83,7 @@ def _train_arm(world, out: str, job: str, arm: str, rank: int, steps: int, seed:
     run = train.prepare(cfg, world)
     train.resume(run, world)
     summary = train.train(run, world)
-    metric = "eval_bpc" if "eval_bpc" in summary else "eval_accuracy"
+    metric = _metric(summary)
     # the measuring Allreduce (contraction_every) is counted in wire bytes: take it out
     train_bytes = summary["wire_bytes_per_rank"] - _measuring_bytes(cfg.run_dir)
     captured = _mean_of(cfg.run_dir, "captured"), _mean_of(cfg.run_dir, "captured_optimal")
@@ -102,7 +102,7 @@ def across_seeds(rows: list[dict]) -> list[dict]:
     summary = []
     for job, arm in dict.fromkeys((r["job"], r["arm"]) for r in rows):
         mine = [r for r in rows if r["job"] == job and r["arm"] == arm]
-        metric = "eval_bpc" if "eval_bpc" in mine[0] else "eval_accuracy"
+        metric = _metric(mine[0])
         values = np.array([r[metric] for r in mine])
         dense = {r["seed"]: r[metric] for r in rows if r["job"] == job and r["arm"] == "dense"}
         gaps = np.array([r[metric] - dense[r["seed"]] for r in mine if r["seed"] in dense])
@@ -118,6 +118,11 @@ def across_seeds(rows: list[dict]) -> list[dict]:
     return summary
 
 
+def _metric(result: dict) -> str:
+    """The job's final metric: bits per character for a language model, else accuracy."""
+    return "eval_bpc" if "eval_bpc" in result else "eval_accuracy"
+
+
 def _rounds(cfg) -> int:
     """Exchange rounds: one per step, or one per H steps with parameter averaging (and one at the end)."""
     return -(-cfg.steps // cfg.average_every)
@@ -131,7 +136,7 @@ def _bytes_to_dense_final(rows: list[dict]):
         row["mb_to_dense_final"] = None
         if dense is None:
             continue
-        metric = "eval_bpc" if "eval_bpc" in row else "eval_accuracy"
+        metric = _metric(row)
         better = (lambda v: v <= dense[metric]) if metric == "eval_bpc" else (lambda v: v >= dense[metric])
         reached = [e for e in _lines(row["run_dir"], "eval") if better(e[metric])]
         if reached:
@@ -167,7 +172,7 @@ def _plot_convergence(rows: list[dict], path: str):
     for row_axes, job in zip(axes, jobs):
         for r in (r for r in rows if r["job"] == job):
             evals = _lines(r["run_dir"], "eval")
-            metric = "eval_bpc" if "eval_bpc" in evals[0] else "eval_accuracy"
+            metric = _metric(evals[0])
             ys = [e[metric] for e in evals]
             label = r["arm"] + (f" seed {r['seed']}" if len({x["seed"] for x in rows}) > 1 else "")
             row_axes[0].plot([e["step"] for e in evals], ys, marker=".", label=label)
