@@ -35,6 +35,8 @@ FAST = [
     "test_lowrank.py::test_jobs_run_in_one_dispatch_give_the_bits_of_one_job_at_a_time",
     "test_lowrank.py::test_basis_pass_rotates_multiplies_and_checks_in_one_pass_the_same_at_any_thread_count",
     "test_lowrank.py::test_shared_streams_are_keyed_by_seed_step_slot_and_purpose",
+    "test_lowrank.py::test_torch_operations_meet_the_compiled_loops_bounds_and_checksum",
+    "test_lowrank.py::test_the_torch_path_chooses_as_the_compiled_one_within_rounding_and_the_same_bits_on_every_rank[3-flags2]",
     "test_checkpoint.py::test_resume_equals_an_uninterrupted_run[greedylore-sgd-extra2]",
     "test_checkpoint.py::test_keep_last_and_latest",
     "test_checkpoint.py::test_non_finite_gradients_are_skipped_on_every_rank",

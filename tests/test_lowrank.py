@@ -474,19 +474,21 @@ def test_x_times_skinny_is_the_same_bits_at_any_thread_count():
         assert all(torch.equal(a, b) for a, b in zip(got, results[0]))
 
 
-def test_gram_schmidt_is_orthonormal_to_working_accuracy_and_keeps_a_zero_column_finite():
+@pytest.mark.parametrize("kernels", ["compiled", "torch"])
+def test_gram_schmidt_is_orthonormal_to_working_accuracy_and_keeps_a_zero_column_finite(kernels):
     """PowerSGD's P: classical Gram-Schmidt applied twice keeps orthogonality to a small multiple
     of the unit roundoff even for a nearly dependent column (condition ~1e3, where one pass loses
     it to ~cond^2 u); bound: r sqrt(n) u, the rounding of an n-term fp32 update per column pair.
-    The first column is only scaled; an all-zero column stays zero and finite."""
-    from mpitrain.compress import kernels
+    The first column is only scaled; an all-zero column stays zero and finite. Both paths."""
+    from mpitrain.compress.lowrank import Products, TorchProducts
+    mm = Products() if kernels == "compiled" else TorchProducts()
     g, u = np.random.default_rng(0), 2.0 ** -24
     for n, r in [(768, 4), (3000, 6), (32000, 8)]:
         p = g.standard_normal((n, r)).astype(np.float32)
         p[:, 2] = p[:, 1] + 1e-3 * p[:, 2]
         p[:, r - 1] = 0.0
         q = p.copy()
-        kernels.orthogonalize(q, 1e-8, np.zeros(r, dtype=np.float32))
+        mm.orthogonalize(torch.from_numpy(q), 1e-8)
         full = q[:, :r - 1].astype(np.float64)
         assert np.abs(full.T @ full - np.eye(r - 1)).max() <= r * np.sqrt(n) * u
         assert np.abs(q[:, 0] - p[:, 0] / np.linalg.norm(p[:, 0].astype(np.float64))).max() <= 2 * u
@@ -596,7 +598,7 @@ def test_basis_pass_rotates_multiplies_and_checks_in_one_pass_the_same_at_any_th
     finally:
         torch.set_num_threads(before)
     for b, product, check in results[1:]:
-        assert torch.equal(b, results[0][0]) and np.array_equal(product, results[0][1]) and check == results[0][2]
+        assert torch.equal(b, results[0][0]) and torch.equal(product, results[0][1]) and check == results[0][2]
     b, product, check = results[0]
     b64, tri64, vt64 = b0.double(), tri.double(), vt.double()
     exact = b64 - b64 @ vt64.t() @ tri64 @ vt64
@@ -604,7 +606,7 @@ def test_basis_pass_rotates_multiplies_and_checks_in_one_pass_the_same_at_any_th
     k, ulp = d + 2 * t + 2, 2.0 ** -24  # each value: a d-term, a t-term and a t-term sum, then the subtraction
     bound = 2 * k * ulp / (1 - k * ulp) * (b64.abs() + b64.abs() @ vt64.abs().t() @ tri64.abs() @ vt64.abs())
     assert (np.abs((b.double() - exact).numpy()) <= bound.numpy()).all()
-    assert (np.abs(product - (yt.double() @ b.double()).numpy()) <= _gamma_bound(yt, b)).all()
+    assert (np.abs(product.numpy() - (yt.double() @ b.double()).numpy()) <= _gamma_bound(yt, b)).all()
     assert check == _checksum(b.numpy(), 1000)
     nothing = b[:, :0]
     for row, col in [(0, 0), (d - 1, d - 1), (150, 7), (299, 300)]:
@@ -615,6 +617,82 @@ def test_basis_pass_rotates_multiplies_and_checks_in_one_pass_the_same_at_any_th
         assert other != check, (row, col)
     _, same = Products().rotate_and_check([(b.clone(), nothing, nothing.t(), nothing, b[:0], 1000)])
     assert same == check  # not rotated: the bits alone decide it
+
+
+def test_torch_operations_meet_the_compiled_loops_bounds_and_checksum():
+    """--kernels torch: the products in each layout, the residual pass and the basis pass within the
+    rounding bounds the compiled loops meet; the bases' checksum equal to the one written out
+    independently (so a torch rank and a compiled one would agree on the same bits), and changed
+    by any one value moved by one ulp."""
+    from mpitrain.compress.lowrank import TorchProducts
+    mm, g = TorchProducts(), torch.Generator().manual_seed(5)
+    x, s = torch.randn(193, 70, generator=g), torch.randn(70, 5, generator=g)
+    plus = torch.randn(193, 70, generator=g)
+    for a, b in [(x, s), (s.t(), x.t()), (x.t(), torch.randn(193, 3, generator=g))]:
+        out = torch.empty(a.shape[0], b.shape[1])
+        mm.product(a, b, out)
+        assert (np.abs(out.double().numpy() - (a.double() @ b.double()).numpy()) <= _gamma_bound(a, b)).all()
+    added, out = x.clone(), torch.empty(193, 5)
+    mm.product(added, s, out, plus)
+    assert torch.equal(added, x + plus) and (np.abs(out.double().numpy() - (added.double() @ s.double()).numpy())
+                                             <= _gamma_bound(added, s)).all()
+    sent = (torch.randn(193, 3, generator=g), torch.randn(3, 70, generator=g))
+    summed = (torch.randn(193, 4, generator=g), torch.randn(4, 70, generator=g))
+    got, e = x.clone(), torch.empty_like(x)
+    mm.residuals_and_sums([(got, e, sent, summed)])
+    assert (np.abs(got.double().numpy() - (summed[0].double() @ summed[1].double()).numpy())
+            <= _gamma_bound(*summed)).all()
+    k, u = sent[0].shape[1] + 2, 2.0 ** -24
+    bound = 2 * k * u / (1 - k * u) * (x.abs().double() + sent[0].abs().double() @ sent[1].abs().double()).numpy()
+    assert (np.abs(e.double().numpy() - (x.double() - sent[0].double() @ sent[1].double()).numpy()) <= bound).all()
+    d, t = 301, 3
+    b0 = torch.linalg.qr(torch.randn(d, d, generator=g)).Q.contiguous()
+    tri, vt = torch.randn(t, t, generator=g), torch.randn(t, d, generator=g)
+    u_, yt = torch.linalg.qr(torch.randn(d, t, generator=g)).Q, torch.randn(7, d, generator=g)
+    b = b0.clone()
+    (product,), check = mm.rotate_and_check([(b, tri, vt, u_, yt, 1000)])
+    b64, tri64, vt64 = b0.double(), tri.double(), vt.double()
+    exact = b64 - b64 @ vt64.t() @ tri64 @ vt64
+    exact[:, :t] = u_.double()
+    k = d + 2 * t + 2
+    bound = 2 * k * u / (1 - k * u) * (b64.abs() + b64.abs() @ vt64.abs().t() @ tri64.abs() @ vt64.abs())
+    assert (np.abs((b.double() - exact).numpy()) <= bound.numpy()).all()
+    assert (np.abs(product.numpy() - (yt.double() @ b.double()).numpy()) <= _gamma_bound(yt, b)).all()
+    assert check == _checksum(b.numpy(), 1000)
+    nothing = b[:, :0]
+    for row, col in [(0, 0), (d - 1, d - 1), (150, 7)]:
+        moved = b.clone()
+        moved.numpy()[row, col] = np.nextafter(moved.numpy()[row, col], np.float32(np.inf))
+        assert mm.rotate_and_check([(moved, nothing, nothing.t(), nothing, b[:0], 1000)])[1] != check
+
+
+KERNEL_CASES = [(2, ["--compressor", "powersgd"]),
+                (3, ["--compressor", "greedylore-paper", "--refresh-every", "5"]),
+                (3, ["--compressor", "greedylore"]),  # tracking basis, 16-bit factors
+                (2, ["--compressor", "greedylore", "--factor-bits", "32"]),
+                (2, ["--compressor", "greedylore", "--allocation", "global"]),
+                (2, ["--compressor", "greedylore", "--basis", "fixed", "--refresh-every", "4"])]
+
+
+@pytest.mark.parametrize("n,flags", KERNEL_CASES)
+def test_the_torch_path_chooses_as_the_compiled_one_within_rounding_and_the_same_bits_on_every_rank(tmp_path, n,
+                                                                                                   flags):
+    """Every step the torch compressor starts from the compiled one's state and aggregates the same
+    gradients (tests/workers/kernels_agree.py): the same directions chosen (projectors within a tenth
+    of what tells one basis column from another), each result within the bound the two paths'
+    rounding and their projectors' gap allow (16-bit: plus one level of each rank's rounding), the
+    uncompressed tensors bitwise equal, and the torch path's results the same bits on every rank,
+    its bases never rebroadcast."""
+    r = mpi(n, [WORKERS / "kernels_agree.py", tmp_path, 14, "--rank", 3, "--start-compress-step", 2, *flags])
+    assert r.returncode == 0, r.stderr
+    ranks = [dict(np.load(tmp_path / f"rank-{k}.npz")) for k in range(n)]
+    first = ranks[0]
+    assert first["dense_equal"].all() and first["ranks_equal"].all()
+    assert first["projector_gap"].max() < 1.0 and first["result_ratio"].max() <= 1.0
+    assert (first["result_ratio"] > 0).sum() >= 8  # the compressed steps were compared, and differ in rounding
+    for other in ranks[1:]:
+        assert np.array_equal(other["torch_result"], first["torch_result"])
+    assert all(int(rank["rebroadcasts"]) == 0 for rank in ranks)
 
 
 def test_shared_streams_are_keyed_by_seed_step_slot_and_purpose():

@@ -169,17 +169,18 @@ def test_error_feedback_adds_keeps_swaps_and_stores_its_residual():
     assert float(on.array().sum()) == 0.0
 
 
-@pytest.mark.parametrize("name,compiled", [("dense", False), ("greedylore", True),
-                                           ("sparse-dither", True)])
-def test_a_compressor_that_runs_compiled_loops_loads_them_when_built_not_in_its_first_steps(name, compiled):
+@pytest.mark.parametrize("name,kernels,compiled", [("dense", "compiled", False), ("greedylore", "compiled", True),
+                                                   ("greedylore", "torch", False), ("sparse-dither", "compiled", True)])
+def test_a_compressor_that_runs_compiled_loops_loads_them_when_built_not_in_its_first_steps(name, kernels, compiled):
     # numba's import and its first kernel load cost ~0.7 s, which the first training steps paid
-    # (the job's training time) before they were moved into building the compressor; dense never loads it
+    # (the job's training time) before they were moved into building the compressor; dense never
+    # loads it, nor does a low-rank compressor on torch operations (--kernels torch)
     script = ("import sys, dataclasses\n"
               "from mpitrain import compress\n"
               "from mpitrain.bench.common import layout_of\n"
               "from mpitrain.config import Config\n"
               "from tests.test_parts import OneRank\n"
-              f"cfg = dataclasses.replace(Config(), compressor={name!r})\n"
+              f"cfg = dataclasses.replace(Config(), compressor={name!r}, kernels={kernels!r})\n"
               "world = OneRank()\n"
               "world.cores_per_rank = lambda: 1\n"
               "compress.build(cfg, layout_of('mlp', 'digits'), world)\n"

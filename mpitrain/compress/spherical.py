@@ -8,6 +8,7 @@ import numpy as np
 from .base import kernels
 from .bitcodec import PayloadError
 from .codecs import Codec, check_finite, norm64, output_array, rice_parameter
+from .streams import mix64
 
 
 def cap_fraction(alpha: float, m: int) -> float:
@@ -22,21 +23,9 @@ def cap_fraction(alpha: float, m: int) -> float:
     return float(part / whole)
 
 
-_MASK = np.uint64(0xFFFFFFFFFFFFFFFF)
-
-
-def _mix(x: np.ndarray) -> np.ndarray:
-    """SplitMix64's finaliser: a counter-based generator is this applied to (key, block, t, j)."""
-    with np.errstate(over="ignore"):
-        x = (x + np.uint64(0x9E3779B97F4A7C15)) & _MASK
-        x = ((x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)) & _MASK
-        x = ((x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)) & _MASK
-        return x ^ (x >> np.uint64(31))
-
-
 def block_bases(key: int, blocks) -> np.ndarray:
     """Each block's stream of the counter-based generator."""
-    return _mix(_mix(np.array([key], dtype=np.uint64)) ^ np.asarray(blocks, dtype=np.uint64))
+    return mix64(mix64(np.array([key], dtype=np.uint64)) ^ np.asarray(blocks, dtype=np.uint64))
 
 
 def candidates(key: int, blocks, ts, m: int) -> np.ndarray:
@@ -47,7 +36,7 @@ def candidates(key: int, blocks, ts, m: int) -> np.ndarray:
     base = np.broadcast_to(block_bases(key, np.atleast_1d(blocks)), ts.shape)[:, None]
     with np.errstate(over="ignore"):
         counters = ts[:, None] * np.uint64(2 * pairs) + np.arange(2 * pairs, dtype=np.uint64)[None, :]
-        u = (_mix(base ^ _mix(counters)) >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
+        u = (mix64(base ^ mix64(counters)) >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
     radius = np.sqrt(-2.0 * np.log1p(-u[:, 0::2]))  # Box-Muller: 1 - u is in (0, 1]
     z = np.concatenate([radius * np.cos(2 * np.pi * u[:, 1::2]), radius * np.sin(2 * np.pi * u[:, 1::2])], axis=1)
     z = z[:, :m]

@@ -37,3 +37,16 @@ def rounding_key(seed: int, rank: int, step: int, slot: int) -> int:
 def numpy_stream(seed: int, step: int, slot: int, purpose: Purpose) -> np.random.Generator:
     """A numpy generator for the key."""
     return np.random.default_rng(_key(seed, step, slot, purpose))
+
+
+_MASK = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+def mix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser on uint64 arrays (the compiled loops' `_mix`): a counter-based
+    generator is this applied to its counters, and the bases' checksum weighs by it."""
+    with np.errstate(over="ignore"):
+        x = (x + np.uint64(0x9E3779B97F4A7C15)) & _MASK
+        x = ((x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)) & _MASK
+        x = ((x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)) & _MASK
+        return x ^ (x >> np.uint64(31))

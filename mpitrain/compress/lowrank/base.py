@@ -10,7 +10,7 @@ from ..base import Buckets, Compressor
 from ..buffer import Buffer
 from ..feedback import ErrorFeedback
 from . import contraction
-from .products import Products
+from .products import Products, TorchProducts
 
 
 class LowRank(Compressor):
@@ -22,14 +22,13 @@ class LowRank(Compressor):
     consecutive in `slots`). `dense_first`: the uncompressed tensors ride in the first round
     rather than in the payload's (set when the payload round carries integers)."""
 
-    compiled = True
     dense_first = False
 
     def __init__(self, layout, world, cfg):
         super().__init__(layout, world, cfg)
         skip = re.compile(cfg.uncompressed) if cfg.uncompressed else None
         self.slots = [s for s in layout.matrices if self.eligible(s) and not (skip and skip.search(s.name))]
-        self.mm = Products()
+        self.mm = Products() if cfg.kernels == "compiled" else TorchProducts()
         self.sent_q = None  # see own_q
         self.r = [min(cfg.rank, s.n, s.m) for s in self.slots]
         self.d = [min(s.n, s.m) for s in self.slots]
@@ -49,6 +48,10 @@ class LowRank(Compressor):
         self.buckets = Buckets(layout, world, int(cfg.bucket_mb * 2**20), self.start_bucket)
         self.position = {s.index: i for i, s in enumerate(self.slots)}
         self.next_step = None  # known once a step was aggregated: only then can backward start one
+
+    @property
+    def compiled(self) -> bool:
+        return self.cfg.kernels == "compiled"
 
     def eligible(self, slot) -> bool:
         raise NotImplementedError

@@ -112,7 +112,7 @@ class Basis:
         self.rebroadcasts += 1
         return True
 
-    def rotate_and_check(self, us: list, yts: list) -> tuple[list[np.ndarray], int]:
+    def rotate_and_check(self, us: list, yts: list) -> tuple[list[torch.Tensor], int]:
         """Each basis B rotated so that its first t columns are us[i] (t = 0: left as it is), then
         (yts[i] @ B for each, the bases' checksum): one pass over each basis."""
         jobs = [(basis, tri, vt, u, yt, int(first)) for basis, (tri, vt), u, yt, first
@@ -135,11 +135,7 @@ class Basis:
             a, tau = torch.geqrf(utb.t())
             v = a.tril(-1)
             v.diagonal().fill_(1.0)
-            gram, tau, tri = (v.t() @ v).numpy(), tau.numpy(), np.zeros((t, t), dtype=np.float32)
-            for j in range(t):  # LAPACK's larft: the triangular factor T, column by column
-                tri[j, j] = tau[j]
-                tri[:j, j] = -tau[j] * (tri[:j, :j] @ gram[:j, j])
-            reflectors.append((torch.from_numpy(tri), v.t()))
+            reflectors.append((self.mm.triangular_factor(v, tau), v.t()))
         return reflectors
 
     def state_dict(self, copy: bool = True) -> dict:
@@ -225,7 +221,7 @@ class TrackingBasis(Basis):
         if self.verify(check):  # before any choice is made from them: rank 0's replaced ours
             products = self.rotate_and_check([y[:, :0] for y in sketch.views], yts)[0]
         energies = []
-        for e, t in zip(map(torch.from_numpy, products), self.ranks):
+        for e, t in zip(products, self.ranks):
             energy = e[:t].square().sum(0)
             # exact inside span(W); on its complement a probe estimate, discounted by the peak that
             # noise alone reaches among the complement's directions (measured: undiscounted noisy

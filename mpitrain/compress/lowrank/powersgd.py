@@ -1,10 +1,9 @@
 """PowerSGD (Vogels et al. 2019)."""
 from __future__ import annotations
 
-import numpy as np
 import torch
 
-from ..base import kernels, register
+from ..base import register
 from ..buffer import Buffer
 from ..streams import Purpose, torch_stream
 from .base import LowRank
@@ -29,7 +28,6 @@ class PowerSGD(LowRank):
         self.p = Buffer([(s.n, r) for s, r in zip(self.slots, self.r)])
         self.payload = Buffer([(s.m, r) for s, r in zip(self.slots, self.r)], extra=self.dense_numel)
         self.q = Buffer([(s.m, r) for s, r in zip(self.slots, self.r)])
-        self.coefs = np.zeros(max(self.r, default=0), dtype=np.float32)  # Gram-Schmidt's scratch
         for s, q in zip(self.slots, self.q.views):
             q.copy_(torch.randn(q.shape, generator=torch_stream(cfg.seed, 0, s.index, Purpose.POWER_INIT)))
 
@@ -66,8 +64,8 @@ class PowerSGD(LowRank):
             self.record_contraction(xbar)
 
     def orthogonalize(self, p: torch.Tensor):
-        """Gram-Schmidt on the columns, in place (`kernels.orthogonalize`)."""
-        kernels().orthogonalize(p.numpy(), self.cfg.orthogonalization_epsilon, self.coefs)
+        """Gram-Schmidt on the columns, in place."""
+        self.mm.orthogonalize(p, self.cfg.orthogonalization_epsilon)
 
     def state_dict(self, copy: bool = True) -> dict:
         state = super().state_dict(copy)

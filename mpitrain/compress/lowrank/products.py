@@ -1,4 +1,6 @@
-"""The compiled products the low-rank compressors are made of."""
+"""The products the low-rank compressors are made of: in torch operations on any device (the
+path a GPU runs, and on the CPU the check of the compiled one: --kernels torch), and in compiled
+loops on the CPU (the default there)."""
 from __future__ import annotations
 
 import math
@@ -8,27 +10,116 @@ import numpy as np
 import torch
 
 from ..base import kernels
+from ..streams import mix64
 
 NOTHING = np.zeros((0, 0), dtype=np.float32)  # no residual kept, no factors for it
 NOTHING_T = torch.from_numpy(NOTHING)
 _POOLS: dict[int, ThreadPoolExecutor] = {}
 
 
-class Products:
-    """Products of one large matrix with skinny factors, and the residual-and-reconstruction pass,
-    at about memory speed on the CPU: scratch buffers kept between steps, compiled loops run on
-    this rank's torch threads."""
+def odd_weights(first: int, n: int) -> np.ndarray:
+    """mix64(first + i) | 1 for i < n as uint64: the bases' checksum's weights (columns from 0, rows
+    from each basis's offset), the same numbers the compiled pass computes."""
+    return mix64(np.arange(first, first + n, dtype=np.uint64)) | np.uint64(1)
 
-    def __init__(self):
+
+class TorchProducts:
+    """The products, the residual-and-reconstruction pass, the basis pass and Gram-Schmidt in torch
+    operations, on the device the tensors live on. The same algorithm as the compiled loops and
+    the same bits on every rank of a run (each rank runs the same operations on the same inputs),
+    not the compiled loops' bits: their sums take another order."""
+
+    def __init__(self, device: str | torch.device = "cpu"):
+        self.device = torch.device(device)
         self._scratch: dict[str, torch.Tensor] = {}
-        self._weights = np.zeros(0, dtype=np.uint64)  # the bases' checksum's, grown to the widest basis
+        self._checksum_weights: dict[tuple[int, int], torch.Tensor] = {}
 
     def scratch(self, purpose: str, shape) -> torch.Tensor:
         """A buffer for `purpose` that grows to the largest shape asked for once, then stays."""
         n = math.prod(shape)
         if purpose not in self._scratch or self._scratch[purpose].numel() < n:
-            self._scratch[purpose] = torch.empty(n)
+            self._scratch[purpose] = torch.empty(n, device=self.device)
         return self._scratch[purpose][:n].view(*shape)
+
+    def product(self, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, plus: torch.Tensor | None = None) -> None:
+        """out = a @ b (see `products`)."""
+        self.products([(a, b, out, plus)])
+
+    def products(self, jobs: list[tuple]) -> None:
+        """out = a @ b for each job (a, b, out, plus); `plus` (a's shape, or None) is added into a in
+        place first."""
+        for a, b, out, plus in jobs:
+            if plus is not None:
+                a.add_(plus)
+            torch.mm(a, b, out=out)
+
+    def residuals_and_sums(self, jobs: list[tuple]) -> None:
+        """For each job (x, e, sent, summed): e = x - sent[0] @ sent[1] (unless e is None), then
+        x = summed[0] @ summed[1]."""
+        for x, e, sent, summed in jobs:
+            if e is not None:
+                torch.addmm(x, sent[0], sent[1], alpha=-1.0, out=e)
+            torch.mm(summed[0], summed[1], out=x)
+
+    def rotate_and_check(self, jobs: list[tuple]) -> tuple[list[torch.Tensor], int]:
+        """For each job (basis, tri, vt, u, yt, first): basis -= basis @ vt^T @ tri @ vt and its first
+        t columns set to u (t = u's columns, 0: no rotation); then (yt @ basis for each, the
+        checksum of the bases' bits, rows numbered from each job's `first`)."""
+        products, check = [], 0
+        for basis, tri, vt, u, yt, first in jobs:
+            t = u.shape[1]
+            if t:
+                basis.sub_(((basis @ vt.t()) @ tri) @ vt)
+                basis[:, :t] = u
+            products.append(yt @ basis)
+            check += self.checksum(basis, first)
+        return products, check % 2**64
+
+    def checksum(self, basis: torch.Tensor, first: int) -> int:
+        """sum over rows i of (mix64(first + i) | 1) * sum_j bits[i, j] * (mix64(j) | 1) mod 2^64, bits
+        the basis's values as uint32: the compiled pass's checksum. int64 arithmetic wraps as
+        uint64's does, so the sums agree mod 2^64."""
+        n, m = basis.shape
+        bits = basis.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+        rows = (bits * self.checksum_weights(0, m)).sum(1)
+        return int((rows * self.checksum_weights(first, n)).sum()) % 2**64
+
+    def checksum_weights(self, first: int, n: int) -> torch.Tensor:
+        key = (first, n)
+        if key not in self._checksum_weights:
+            weights = torch.from_numpy(odd_weights(first, n).view(np.int64)).to(self.device)
+            self._checksum_weights[key] = weights
+        return self._checksum_weights[key]
+
+    def triangular_factor(self, v: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+        """LAPACK's larft: T with I - V T V^T the product of the reflectors (V's columns, tau)."""
+        t, gram = tau.shape[0], v.t() @ v
+        tri = torch.zeros((t, t), device=v.device)
+        for j in range(t):
+            tri[j, j] = tau[j]
+            tri[:j, j] = -tau[j] * (tri[:j, :j] @ gram[:j, j])
+        return tri
+
+    def orthogonalize(self, p: torch.Tensor, eps: float) -> None:
+        """Classical Gram-Schmidt on p's columns in place, each projection applied twice, then each
+        column over (its norm + eps): the compiled loop's steps, its dot products and norms float64."""
+        for j in range(p.shape[1]):
+            column = p[:, j]
+            for _ in range(2 if j else 0):
+                coefs = (p[:, :j].double().t() @ column.double()).float()
+                column.sub_(p[:, :j] @ coefs)
+            column.div_((column.double().square().sum().sqrt() + eps).float())
+
+
+class Products(TorchProducts):
+    """Products of one large matrix with skinny factors, and the residual-and-reconstruction pass,
+    at about memory speed on the CPU: scratch buffers kept between steps, compiled loops run on
+    this rank's torch threads, every sum in a fixed order."""
+
+    def __init__(self):
+        super().__init__("cpu")
+        self._weights = np.zeros(0, dtype=np.uint64)  # the bases' checksum's, grown to the widest basis
+        self._coefs = np.zeros(0, dtype=np.float32)  # Gram-Schmidt's scratch
 
     @staticmethod
     def map(call, items: list) -> list:
@@ -56,10 +147,6 @@ class Products:
         done = self.map(lambda t: [call(t, *ranges[t]) if t < len(ranges) else None for call, ranges in plans],
                         list(range(width)))
         return [[done[t][j] for t in range(len(ranges))] for j, (_, ranges) in enumerate(plans)]
-
-    def product(self, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, plus: torch.Tensor | None = None) -> None:
-        """out = a @ b (see `products`)."""
-        self.products([(a, b, out, plus)])
 
     def products(self, jobs: list[tuple]) -> None:
         """out = a @ b for each job (a, b, out, plus): one large matrix X and one skinny S, X read
@@ -123,7 +210,7 @@ class Products:
             calls.append((x.shape[0], lambda t, lo, hi, a=args: kernels().residual_and_sum(*a, lo, hi), 1))
         self.in_chunks(calls)
 
-    def rotate_and_check(self, jobs: list[tuple]) -> tuple[list[np.ndarray], int]:
+    def rotate_and_check(self, jobs: list[tuple]) -> tuple[list[torch.Tensor], int]:
         """For each job (basis, tri, vt, u, yt, first): basis -= basis @ vt^T @ tri @ vt (the product
         of t reflectors in compact form, V = vt^T) and its first t columns set to u (t = u's
         columns, 0: no rotation); then (yt @ basis for each, the checksum of the bases' bits, rows
@@ -145,7 +232,7 @@ class Products:
             args = (b, b.view(np.uint32), tri, vt, bv, w, u, yt, views[-1][0], self.weights(b.shape[1]), first)
             calls.append((b.shape[0], lambda _, lo, hi, a=args: k.rotate_rows(*a, lo, hi), k.BASIS_BLOCK))
         checks = self.in_chunks(calls)
-        return ([np.sum(part, axis=0, out=total) for part, total in views],
+        return ([torch.from_numpy(np.sum(part, axis=0, out=total)) for part, total in views],
                 sum(int(c) for job in checks for c in job) % 2**64)
 
     def weights(self, n: int) -> np.ndarray:
@@ -153,6 +240,22 @@ class Products:
             self._weights = np.empty(n, dtype=np.uint64)
             kernels().position_weights(self._weights)
         return self._weights[:n]
+
+    def triangular_factor(self, v: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+        """As `TorchProducts.triangular_factor`, in numpy: a few small products per column, at a
+        fraction of torch's per-call cost."""
+        t, gram, tau = tau.shape[0], (v.t() @ v).numpy(), tau.numpy()
+        tri = np.zeros((t, t), dtype=np.float32)
+        for j in range(t):
+            tri[j, j] = tau[j]
+            tri[:j, j] = -tau[j] * (tri[:j, :j] @ gram[:j, j])
+        return torch.from_numpy(tri)
+
+    def orthogonalize(self, p: torch.Tensor, eps: float) -> None:
+        """Gram-Schmidt on p's columns in place (`kernels.orthogonalize`): one call a matrix."""
+        if self._coefs.shape[0] < p.shape[1]:
+            self._coefs = np.zeros(p.shape[1], dtype=np.float32)
+        kernels().orthogonalize(p.numpy(), eps, self._coefs)
 
     def contiguous(self, purpose: str, a: torch.Tensor) -> torch.Tensor:
         """a itself if it is contiguous, else its copy in a scratch buffer (copied by numpy: a few
