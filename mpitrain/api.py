@@ -30,9 +30,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import checkpoint, compress, launch
+from . import checkpoint, compress, device, launch
 from .config import Config, UsageError, checked
 from .averaging import ParameterAveraging, Round
+from .device import host_array
 from .layout import GradLayout, all_finite, global_norm
 from .named_state import optimizer_tensors
 
@@ -79,12 +80,16 @@ class Exchange:
         options.setdefault("model", type(model).__name__)
         options.setdefault("run_dir", default_run_dir(world))
         self.cfg = cfg or checked(compressor=compressor, **options)
+        self.device = device.choose(self.cfg.device, world.local_rank)
+        device.check_supported(self.cfg, self.device)
+        model.to(self.device)
         try:
             self.layout = GradLayout(model)
         except ValueError as e:
             raise UsageError(f"model {self.cfg.model}: {e}") from None
         self.model, self.world = model, world
         self.compressor = compress.build(self.cfg, self.layout, world)
+        self.wire = self.compressor.wire
         self.averaging = None if self.cfg.average_every == 1 else ParameterAveraging(
             self.layout, world, self.compressor, self.cfg.average_every, self.cfg.outer_optimizer,
             self.cfg.outer_lr, self.cfg.outer_momentum, self.cfg.seed)
@@ -144,7 +149,7 @@ class Exchange:
                                 launch.stop_requested())
         before = self.world.sent_bytes
         if local:
-            self.world.allreduce_(self.layout.flat_np[self.layout.numel:])
+            self.wire.allreduce_(self.layout.flat[self.layout.numel:])
         else:
             self.compressor.aggregate(step)
         if self._overlapping and not all_finite(grads):
@@ -207,9 +212,9 @@ class Exchange:
             agreed, state = self.averaging.anchor, self.averaging.outer_state()
         opt_crc = 0
         for tensor in state:
-            opt_crc = zlib.crc32(tensor.contiguous().numpy(), opt_crc)
+            opt_crc = zlib.crc32(host_array(tensor.contiguous(), copy=False), opt_crc)
         sums = np.zeros(world.size, dtype=np.uint64)
-        sums[world.rank] = (zlib.crc32(agreed.numpy()) << 32) | opt_crc
+        sums[world.rank] = (zlib.crc32(host_array(agreed, copy=False)) << 32) | opt_crc
         world.allreduce_(sums)
         differ = np.flatnonzero(sums != sums[0])
         if not differ.size:
@@ -218,8 +223,8 @@ class Exchange:
         if self.cfg.on_divergence == "abort":
             raise Diverged(f"sync check at step {step}: rank(s) {ranks} hold parameters or optimizer state "
                            "that differ from rank 0's (--on-divergence abort); no checkpoint written")
-        for tensor in [agreed] + state:  # contiguous CPU tensors, so numpy() shares their memory
-            world.bcast_(tensor.numpy())
+        for tensor in [agreed] + state:  # contiguous tensors, broadcast in place
+            self.wire.bcast_(tensor)
         if self.averaging is not None and not self.averaging.local_steps:
             self.layout.params.copy_(self.averaging.anchor)
         if world.rank == 0:
@@ -300,7 +305,7 @@ def load_checkpoint(exchange: Exchange, optimizer: torch.optim.Optimizer, resume
     if message[0] == 2:
         raise UsageError(text)
     if message[0] == 0:
-        world.bcast_(exchange.layout.params_np)
+        exchange.wire.bcast_(exchange.layout.params)
         if exchange.averaging is not None:
             exchange.averaging.reset_anchor()
         return None

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from .config import CannotWrite, Config, UsageError, one_line
-from .filewrite import WRITER, Sink, atomic_write, copy_into, on_disk_bytes, write_dataset
+from .filewrite import WRITER, Sink, as_array, atomic_write, copy_into, on_disk_bytes, write_dataset
 from .layout import all_finite
 from .named_state import flat_optimizer_state, joined, optimizer_names, pieces, set_optimizer_state
 from .schema import (DAMAGE, FORMAT, FORMAT_VERSION, ROOT_ATTRS, SCALAR, check_isolated, deadline_s, open_checkpoint,
@@ -189,7 +189,7 @@ def gather(contents: Contents, world, policy: str) -> dict:
     if averaging is not None:  # each rank's own optimizer state, and its own parameters between averages
         own["inner_state"] = gathered("averaging/inner_state", flat_optimizer_state(contents.optimizer))
         if averaging.local_steps:
-            own["local_params"] = gathered("averaging/local_params", contents.layout.params_np)
+            own["local_params"] = gathered("averaging/local_params", as_array(contents.layout.params)[0])
     return own
 
 
@@ -200,7 +200,7 @@ def snapshot(contents: Contents, ranks_own: dict, policy: str, extra: dict,
     writing, rank 0's own)."""
     snap, opt, averaging = WRITER.snapshot, contents.optimizer.state_dict(), contents.averaging
     # the trained parameters in one copy (the agreed ones when averaging), the model's arrays views of it
-    flat = snap("params", contents.layout.params_np if averaging is None else averaging.anchor)[0]
+    flat = snap("params", contents.layout.params if averaging is None else averaging.anchor)[0]
     trained = {slot.name: (flat[slot.offset: slot.offset + slot.numel].reshape(slot.shape), "float32")
                for slot in contents.layout.slots}
     local = ranks_own.get("local_params")

@@ -51,6 +51,8 @@ NODE_ENV = "MPITRAIN_NODE"  # set by `mpitrain emulate`: the emulated node this 
 
 def pieces(arr: np.ndarray, max_bytes: int) -> list[np.ndarray]:
     """arr's values in order, in views of at most max_bytes (MPI counts are 32-bit)."""
+    if not arr.flags.c_contiguous:  # reshape would copy, and the collective would fill the copy
+        raise ValueError("a collective needs a C-contiguous array")
     flat = arr.reshape(-1)
     step = max(1, max_bytes // max(1, arr.itemsize))
     return [flat] if flat.size <= step else [flat[i:i + step] for i in range(0, flat.size, step)]
@@ -104,7 +106,11 @@ class World:
 
     def node_names(self) -> list[str]:
         """Every rank's node name, in rank order (a collective)."""
-        return [bytes(b).decode() for b in self.allgatherv(np.frombuffer(self.node_name.encode(), dtype=np.uint8))]
+        return self.gather_text(self.node_name)
+
+    def gather_text(self, text: str) -> list[str]:
+        """Every rank's `text`, in rank order, on every rank (a collective)."""
+        return [bytes(b).decode() for b in self.allgatherv(np.frombuffer(text.encode(), dtype=np.uint8))]
 
     # -- counters -------------------------------------------------------------------------
     def take_sent_bytes(self) -> int:

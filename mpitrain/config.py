@@ -153,9 +153,10 @@ class Config:
     probes: int = _f(4, "greedylore: shared Gaussian probes per matrix", minimum=1)
     contraction_every: int = _f(0, "measure ||x - C(x)||^2/||x||^2 of the global average every N steps "
                                    "(one extra dense Allreduce; 0: off)", minimum=0)
-    kernels: str = _f("compiled", "low-rank compressors' products, bases and Gram-Schmidt: compiled (loops in a "
-                                  "fixed order, the CPU's fastest) or torch (torch operations: the path a GPU runs; "
-                                  "on the CPU it checks the compiled one)", choices=("compiled", "torch"))
+    kernels: str = _f("auto", "low-rank compressors' products, bases and Gram-Schmidt: compiled (loops in a fixed "
+                              "order, the CPU's fastest) or torch (torch operations: the path a GPU runs; on the CPU "
+                              "it checks the compiled one); auto: compiled on the CPU, torch on a GPU",
+                      choices=("auto", "compiled", "torch"))
     warm_start: bool = _f(True, "powersgd: start each power iteration from the last Q")
     orthogonalization_epsilon: float = _f(1e-8, "powersgd: Gram-Schmidt guard for all-zero columns", minimum=0.0)
     # outputs
@@ -196,6 +197,9 @@ class Config:
     on_divergence: str = _f("abort", "when a rank's checksum differs from rank 0's: abort (exit 1, naming the ranks) "
                                      "or rebroadcast (rank 0's state wins, counted in metrics)",
                             choices=("abort", "rebroadcast"))
+    device: str = _f("auto", "where each rank computes: cpu, cuda (its GPU: local rank % GPUs on the node; "
+                             "ranks may share one), or auto (cuda where CUDA is available, else cpu)",
+                     choices=("auto", "cpu", "cuda"))
     threads: int = _f(0, "torch threads per rank (0: the node's cores divided by its ranks, or OMP_NUM_THREADS)",
                       minimum=0)
 

@@ -38,7 +38,7 @@ def global_norm(t: torch.Tensor) -> float:
     whole = t.numel() - t.numel() % NORM_BLOCK
     blocks = torch.linalg.vector_norm(t[:whole].view(-1, NORM_BLOCK), dim=1, dtype=torch.float64)
     rest = torch.linalg.vector_norm(t[whole:], dtype=torch.float64).reshape(1)
-    return math.sqrt(float(np.sum(np.square(torch.cat([blocks, rest]).numpy()))))
+    return math.sqrt(float(np.sum(np.square(torch.cat([blocks, rest]).cpu().numpy()))))
 
 
 class Control:
@@ -102,16 +102,19 @@ class GradLayout:
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not named:
             raise ValueError("the model has no trainable parameters")
-        bad = [n for n, p in named if p.dtype != torch.float32 or p.device.type != "cpu"]
+        self.device = named[0][1].device
+        bad = [n for n, p in named if p.dtype != torch.float32 or p.device != self.device]
         if bad:
-            raise ValueError(f"parameters must be float32 on the CPU; not so: {', '.join(bad[:3])}")
+            raise ValueError(f"parameters must be float32 on one device ({self.device}); not so: {', '.join(bad[:3])}")
         ordered = [x for x in named if x[1].dim() >= 2] + [x for x in named if x[1].dim() < 2]
         self.numel = sum(p.numel() for _, p in ordered)
-        self.params = torch.empty(self.numel, dtype=torch.float32)
-        self.flat = torch.zeros(self.numel + len(CONTROL), dtype=torch.float32)
+        self.params = torch.empty(self.numel, dtype=torch.float32, device=self.device)
+        self.flat = torch.zeros(self.numel + len(CONTROL), dtype=torch.float32, device=self.device)
         self.grads = self.flat[: self.numel]
         self.control = Control(self.flat[self.numel:])
-        self.flat_np, self.params_np = self.flat.numpy(), self.params.numpy()  # for collectives
+        # numpy views for collectives and the compiled loops (None on a device: its tensors go through a `Wire`)
+        on_cpu = self.device.type == "cpu"
+        self.flat_np, self.params_np = (self.flat.numpy(), self.params.numpy()) if on_cpu else (None, None)
         self.slots: list[Slot] = []
         self.tensors = []
         offset = 0

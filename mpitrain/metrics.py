@@ -65,6 +65,17 @@ def on_nodes(nodes: list[str], shown: int = 8) -> str:
     return f", on {len(unique)} node{'s' if len(unique) > 1 else ''} ({names})"
 
 
+def on_devices(nodes: list[str], devices: list[str]) -> str:
+    """'; devices: a (cuda:0 (name), cuda:1)' naming each node's devices, or nothing when every rank
+    computes on the CPU."""
+    if all(d == "cpu" for d in devices):
+        return ""
+    per_node = {}
+    for node, dev in zip(nodes, devices):
+        per_node.setdefault(node, {})[dev] = None  # each device once, in rank order
+    return "; devices: " + ", ".join(f"{node} ({', '.join(devs)})" for node, devs in per_node.items())
+
+
 class RunLog:
     def __init__(self, cfg, world, total_steps: int):
         self.active = world.rank == 0
@@ -82,7 +93,8 @@ class RunLog:
             from torch.utils.tensorboard import SummaryWriter
             self._tb = SummaryWriter(os.path.join(cfg.run_dir, "tensorboard"))
 
-    def start(self, size: int, batches, chosen: bool, first_step: int = 0, nodes: list[str] = ()):
+    def start(self, size: int, batches, chosen: bool, first_step: int = 0, nodes: list[str] = (),
+              devices: list[str] = ()):
         """The start-up line: what is trained, on how many ranks, with what batch; then the bar."""
         if not self.active:
             return
@@ -95,7 +107,7 @@ class RunLog:
         each = f"{micro} samples per rank" + (f" x {cfg.accumulate} micro-batches" if cfg.accumulate > 1 else "")
         print(f"mpitrain: {cfg.model} on {cfg.dataset} ({rows} training rows), {size} ranks x {each} "
               f"= global batch {size * batches.batch}{how}, {batches.steps_per_epoch} steps per "
-              f"epoch{on_nodes(nodes)}; compressor {cfg.compressor}{averaging}, {cfg.steps} steps, run dir "
+              f"epoch{on_nodes(nodes)}{on_devices(nodes, devices)}; compressor {cfg.compressor}{averaging}, {cfg.steps} steps, run dir "
               f"{cfg.run_dir}", flush=True)
         if cfg.progress == "always" or (cfg.progress == "auto" and sys.stdout.isatty()):
             self.bar = tqdm(total=self.total, initial=first_step, unit="step", dynamic_ncols=True, file=sys.stdout)

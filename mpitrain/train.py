@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import api, models
+from . import api, device, models
 from .config import Config, UsageError
 from .data import ShardedBatches, batch_for, check_isolated, open_dataset
 from .metrics import RunLog, check_folder, require_tensorboard
@@ -98,7 +98,7 @@ class Evaluator:
     """The held-out split, sharded over ranks, read once; metrics summed with one Allreduce."""
 
     def __init__(self, run: Run, world, batch: int = 256):
-        self.world, self.model, self.task = world, run.model, run.dataset.info["task"]
+        self.world, self.model, self.task, self.device = world, run.model, run.dataset.info["task"], run.exchange.device
         self.x, self.y = run.dataset.rows("test", np.arange(world.rank, run.dataset.n_test, world.size))
         self.batch = batch
 
@@ -106,9 +106,8 @@ class Evaluator:
         totals = torch.zeros(3, dtype=torch.float64)  # loss sum, metric sum, count
         with torch.no_grad():
             for i in range(0, len(self.x), self.batch):
-                y = torch.from_numpy(self.y[i:i + self.batch])
-                loss, metric = models.loss_and_metric(self.model(torch.from_numpy(self.x[i:i + self.batch])), y,
-                                                      self.task)
+                x, y = (torch.from_numpy(a[i:i + self.batch]).to(self.device) for a in (self.x, self.y))
+                loss, metric = models.loss_and_metric(self.model(x), y, self.task)
                 totals += torch.tensor([float(loss) * y.numel(), float(metric), y.numel()], dtype=torch.float64)
         self.world.allreduce_(totals.numpy())
         loss = float(totals[0] / totals[2])
@@ -120,19 +119,19 @@ class Evaluator:
 def backward(run: Run, step: int):
     """This rank's share of the step's gradient, micro-batch by micro-batch (the control words ride
     on the exchange)."""
-    x, y = run.batches.batch_at(step)
+    x, y = (torch.from_numpy(a).to(run.exchange.device, non_blocking=True) for a in run.batches.batch_at(step))
     run.exchange.zero_grad()
     micro = run.cfg.batch_size
     for at in range(0, len(x), micro):
-        loss, _ = models.loss_and_metric(run.model(torch.from_numpy(x[at:at + micro])),
-                                         torch.from_numpy(y[at:at + micro]), run.dataset.info["task"])
+        loss, _ = models.loss_and_metric(run.model(x[at:at + micro]), y[at:at + micro], run.dataset.info["task"])
         run.exchange.backward(loss)
 
 
 def train(run: Run, world) -> dict:
     cfg, exchange, optimizer = run.cfg, run.exchange, run.optimizer
     evaluate, log = Evaluator(run, world), RunLog(cfg, world, cfg.steps)
-    log.start(world.size, run.batches, run.batch_chosen, run.start_step, world.node_names())
+    log.start(world.size, run.batches, run.batch_chosen, run.start_step, world.node_names(),
+              world.gather_text(device.describe(exchange.device)))
     world.take_sent_bytes()
     wire_total, eval_bytes, skipped, skipped_rounds, rebroadcasts = run.wire_bytes_total, 0, 0, 0, 0
     started = time.perf_counter()

@@ -17,6 +17,7 @@ from mpitrain.compress.lowrank import FixedBasis, Products, TrackingBasis
 from mpitrain.compress.lowrank.codec import Fp32Factors, Int16Factors
 from mpitrain.compress.lowrank.selector import Global, Lazy, PerMatrix, Random, selector_class
 from mpitrain.config import Config
+from mpitrain.device import Wire
 
 
 class OneRank:
@@ -72,7 +73,7 @@ def basis(kind, d=(6, 4), D=(9, 7), every=-1, **cfg):
     cfg = dataclasses.replace(Config(), refresh_every=every, start_compress_step=10, **cfg)
     dims = [(a, b, 2) for a, b in zip(d, D)]
     sums = []
-    b = kind(dims, [2] * len(d), list(range(len(d))), cfg, Products(), OneRank(), sums.append, 0)
+    b = kind(dims, [2] * len(d), list(range(len(d))), cfg, Products(), Wire(OneRank(), "cpu"), sums.append, 0)
     return b, sums
 
 
@@ -126,7 +127,7 @@ def test_tracking_energies_are_exact_inside_the_tracked_span():
 
 
 def test_int16_factors_send_integers_on_shared_scales_and_keep_the_rounding_in_the_payload():
-    codec = Int16Factors(cap=[3, 2], D=[5, 4], world=OneRank())
+    codec = Int16Factors(cap=[3, 2], D=[5, 4], wire=Wire(OneRank(), "cpu"))
     payload = Buffer([(3, 5), (2, 4)])
     torch.manual_seed(0)
     for v in payload.views:
@@ -145,7 +146,7 @@ def test_int16_factors_send_integers_on_shared_scales_and_keep_the_rounding_in_t
 
 
 def test_fp32_factors_travel_as_they_are_with_the_uncompressed_tensors():
-    codec, payload, calls = Fp32Factors([2], [3], OneRank()), Buffer([(2, 3)]), []
+    codec, payload, calls = Fp32Factors([2], [3], Wire(OneRank(), "cpu")), Buffer([(2, 3)]), []
     payload.views[0].copy_(torch.arange(6.0).view(2, 3))
     codec.round(payload, rows=2)
     codec.exchange(payload, calls.append)

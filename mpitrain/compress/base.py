@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..device import Wire
+
 
 class Compressor:
     """Turns each rank's gradient share (in the layout's flat buffer) into the global mean, in place.
@@ -33,6 +35,7 @@ class Compressor:
     def __init__(self, layout, world, cfg):
         self.layout = layout
         self.world = world
+        self.wire = Wire(world, layout.device)  # collectives on tensors, wherever the layout lives
         self.cfg = cfg
         self.stats: dict = {}
         self.error_feedback = cfg.error_feedback == "on" or (cfg.error_feedback == "auto" and self.biased)
@@ -83,7 +86,9 @@ class Buckets:
     reads `step`, the step backward is preparing; `finish` refuses any other."""
 
     def __init__(self, layout, world, bucket_bytes: int, start):
-        buckets = layout.buckets(bucket_bytes) if bucket_bytes else []
+        # on a device, one exchange after backward for now: its buckets would stage through the host
+        # on a side stream, which is not built yet
+        buckets = layout.buckets(bucket_bytes) if bucket_bytes and layout.device.type == "cpu" else []
         self.buckets = buckets if len(buckets) > 1 else []  # one bucket would only add a collective
         self.world, self.start = world, start
         self._bucket_of = {slot.index: i for i, (_, _, slots) in enumerate(self.buckets) for slot in slots}

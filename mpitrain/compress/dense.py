@@ -24,7 +24,7 @@ class Dense(Compressor):
 
     def aggregate(self, step: int) -> None:
         if not self.buckets.in_flight:  # not overlapped: one Allreduce of gradients and control words
-            self.world.allreduce_(self.layout.flat_np)
+            self.wire.allreduce_(self.layout.flat)
             return
         tail = self.layout.flat_np[self.layout.dense_offset:]  # dense tensors and control words, last
         self.buckets.finish(lambda: self.world.start_allreduce_(tail))

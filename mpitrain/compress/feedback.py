@@ -17,9 +17,9 @@ class ErrorFeedback:
     writes the new residual while the old is still being added (an encode overlapped with
     backward) writes it to `spare()`, and `swap()` makes that e once the step is known finite."""
 
-    def __init__(self, shapes: list[tuple[int, int]] | None, enabled: bool):
+    def __init__(self, shapes: list[tuple[int, int]] | None, enabled: bool, device="cpu"):
         self.enabled = enabled
-        self.buffer = None if shapes is None else Buffer(shapes)
+        self.buffer = None if shapes is None else Buffer(shapes, device=device)
         self._spare: Buffer | None = None
 
     def add_to(self, i: int, x) -> None:
@@ -54,18 +54,18 @@ class ErrorFeedback:
             self.buffer, self._spare = self._spare, self.buffer
 
     def reset(self) -> None:
-        self.buffer.np[...] = 0.0
+        self.buffer.flat.zero_()
 
     def array(self, copy: bool = True) -> np.ndarray | None:
         """e as a checkpoint stores it (a view of the live buffer with copy=False), None if none is kept."""
         if self.buffer is None:
             return None
-        return self.buffer.np.copy() if copy else self.buffer.np
+        return self.buffer.state(copy)
 
     def load(self, residual: np.ndarray | None) -> None:
         """e from a checkpoint; None (dropped by --ef-resume reset) starts it at zero."""
         if self.buffer is not None:
-            self.buffer.np[...] = 0.0 if residual is None else residual
+            self.buffer.flat.zero_() if residual is None else self.buffer.load(residual)
 
     def state_dict(self, copy: bool = True) -> dict:
         residual = self.array(copy)

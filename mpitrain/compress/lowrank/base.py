@@ -28,12 +28,12 @@ class LowRank(Compressor):
         super().__init__(layout, world, cfg)
         skip = re.compile(cfg.uncompressed) if cfg.uncompressed else None
         self.slots = [s for s in layout.matrices if self.eligible(s) and not (skip and skip.search(s.name))]
-        self.mm = Products() if cfg.kernels == "compiled" else TorchProducts()
+        self.mm = Products() if self.compiled else TorchProducts(layout.device)
         self.sent_q = None  # see own_q
         self.r = [min(cfg.rank, s.n, s.m) for s in self.slots]
         self.d = [min(s.n, s.m) for s in self.slots]
         self.D = [max(s.n, s.m) for s in self.slots]
-        self.feedback = ErrorFeedback([(s.n, s.m) for s in self.slots], self.error_feedback)
+        self.feedback = ErrorFeedback([(s.n, s.m) for s in self.slots], self.error_feedback, layout.device)
         # stretches of the flat buffer that travel uncompressed (control words included)
         compressed = {s.index for s in self.slots}
         self.dense_runs, start = [], 0
@@ -51,7 +51,7 @@ class LowRank(Compressor):
 
     @property
     def compiled(self) -> bool:
-        return self.cfg.kernels == "compiled"
+        return self.cfg.kernels == "compiled" or (self.cfg.kernels == "auto" and self.layout.device.type == "cpu")
 
     def eligible(self, slot) -> bool:
         raise NotImplementedError
@@ -79,7 +79,7 @@ class LowRank(Compressor):
         raise NotImplementedError
 
     def exchange_first_round(self, buf: Buffer) -> None:
-        self.allreduce_with_dense(buf) if self.dense_first else self.world.allreduce_(buf.np)
+        self.allreduce_with_dense(buf) if self.dense_first else self.wire.allreduce_(buf.flat)
 
     def first_round_tail(self) -> list:
         """Collectives that end an overlapped first round, after every bucket's: the uncompressed
@@ -144,7 +144,7 @@ class LowRank(Compressor):
 
     # -- rounds -----------------------------------------------------------------------------
     def dense_round(self):
-        self.world.allreduce_(self.layout.flat_np)
+        self.wire.allreduce_(self.layout.flat)
 
     def add_residuals(self):
         for i in range(len(self.slots)):
@@ -153,7 +153,7 @@ class LowRank(Compressor):
     def allreduce_with_dense(self, buf: Buffer):
         """buf summed, the uncompressed tensors riding in its tail."""
         self.pack_dense(buf.tail)
-        self.world.allreduce_(buf.np)
+        self.wire.allreduce_(buf.flat)
         self.unpack_dense(buf.tail)
 
     def pack_dense(self, tail: torch.Tensor):
@@ -174,7 +174,7 @@ class LowRank(Compressor):
         if not self.error_feedback:
             return None
         if self.sent_q is None:  # as large as the payload's factors can be
-            self.sent_q = Buffer([tuple(v.shape) for v in self.payload.views])
+            self.sent_q = Buffer([tuple(v.shape) for v in self.payload.views], device=self.layout.device)
         own = self.sent_q.carve([tuple(v.shape) for v in payload.views])
         own.flat.copy_(payload.flat[:own.flat.numel()])
         return own
@@ -198,7 +198,7 @@ class LowRank(Compressor):
         self.stats = {"compressed_matrices": len(self.slots) if compressed else 0}
 
     def state_dict(self, copy: bool = True) -> dict:
-        return {"local": self.feedback.state_dict(copy), "shared": {}}
+        return {"local": self.feedback.state_dict(copy), "shared": {}}  # host arrays
 
     def state_layout(self) -> dict:
         return {"residual": [(s.name, tuple(s.shape)) for s in self.slots]}

@@ -43,18 +43,19 @@ class Basis:
         """What each direction sent adds to the next step's first round."""
         return 0
 
-    def __init__(self, dims: list[tuple[int, int, int]], ranks: list[int], indices: list[int], cfg, mm, world,
+    def __init__(self, dims: list[tuple[int, int, int]], ranks: list[int], indices: list[int], cfg, mm, wire,
                  exchange, tail: int):
         self.d, self.D, self.cap = ([dim[j] for dim in dims] for j in range(3))
-        self.indices, self.cfg, self.mm, self.world, self.exchange, self.tail = indices, cfg, mm, world, exchange, tail
+        self.indices, self.cfg, self.mm, self.wire, self.exchange, self.tail = indices, cfg, mm, wire, exchange, tail
+        device = wire.device
         self.every = cfg.refresh_every if cfg.refresh_every >= 0 else self.every
         self.k = cfg.probes
-        self.bases = Buffer([(d, d) for d in self.d])
-        self.warm = Buffer([(c, D) for c, D in zip(self.cap, self.D)])   # rows: last step's Q
-        self.right = Buffer([(D, c + self.k) for c, D in zip(self.cap, self.D)])  # probes (and W) per matrix
+        self.bases = Buffer([(d, d) for d in self.d], device=device)
+        self.warm = Buffer([(c, D) for c, D in zip(self.cap, self.D)], device=device)   # rows: last step's Q
+        self.right = Buffer([(D, c + self.k) for c, D in zip(self.cap, self.D)], device=device)  # probes (and W)
         width = {"probe": self.k, "exact": None}[cfg.scores]
         self.scores = Buffer([(d, (c if self.sketches else 0) + (width or D)) for d, c, D in
-                              zip(self.d, self.cap, self.D)], extra=tail)
+                              zip(self.d, self.cap, self.D)], extra=tail, device=device)
         self.ranks = list(ranks)  # directions sent last step, per matrix (tracking: W's width)
         self.refreshed_at = -1
         self.rebroadcasts = 0
@@ -91,7 +92,7 @@ class Basis:
                 torch.matmul(basis.t(), x, out=out)
             else:  # O(d D k + d^2 k), never the O(d^2 D) full projection
                 stream = torch_stream(self.cfg.seed, step, self.indices[i], Purpose.PROBE)
-                torch.randn(probes.views[i].shape, generator=stream, out=probes.views[i])
+                probes.views[i].copy_(torch.randn(probes.views[i].shape, generator=stream))  # drawn on the host
                 torch.matmul(basis.t(), x @ probes.views[i], out=out)
         self.exchange(scores)  # signed projections of the global x-bar
         return [v.square().mean(1) for v in scores.views]
@@ -105,10 +106,10 @@ class Basis:
             check = self.rotate_and_check([b[:, :0] for b in self.bases.views], [b[:0] for b in self.bases.views])[1]
         check &= 2**63 - 1
         both = np.array([check, -check], dtype=np.int64)
-        self.world.allreduce_(both, op="max")
+        self.wire.world.allreduce_(both, op="max")
         if both[0] == -both[1]:
             return False
-        self.world.bcast_(self.bases.np)
+        self.wire.bcast_(self.bases.flat)
         self.rebroadcasts += 1
         return True
 
@@ -139,8 +140,7 @@ class Basis:
         return reflectors
 
     def state_dict(self, copy: bool = True) -> dict:
-        arrays = (self.bases.np, self.warm.np)
-        bases, warm = (a.copy() for a in arrays) if copy else arrays
+        bases, warm = self.bases.state(copy), self.warm.state(copy)
         return {"bases": bases, "refreshed_at": self.refreshed_at, "warm": warm,
                 "ranks": np.array(self.ranks, dtype=np.int64)}
 
@@ -150,10 +150,10 @@ class Basis:
                 "ranks": [(n, ()) for n in names]}
 
     def load_state_dict(self, shared: dict) -> None:
-        self.bases.np[...] = shared["bases"]
+        self.bases.load(shared["bases"])
         self.refreshed_at = int(shared["refreshed_at"])
         if "warm" in shared:
-            self.warm.np[...] = shared["warm"]
+            self.warm.load(shared["warm"])
             self.ranks = [int(r) for r in shared["ranks"]]
 
 
@@ -201,7 +201,7 @@ class TrackingBasis(Basis):
         right = self.right.carve([(t + self.k, D) for t, D in zip(self.ranks, self.D)]).views[i]  # rows: W^T, probes
         w, probes = right[:t], right[t:]
         stream = torch_stream(self.cfg.seed, step, self.indices[i], Purpose.PROBE)
-        torch.randn(probes.shape, generator=stream, out=probes)
+        probes.copy_(torch.randn(probes.shape, generator=stream))  # drawn on the host: the same draws anywhere
         if t:
             w.copy_(torch.linalg.qr(self.warm.views[i][:t].t()).Q.t())
             probes.sub_((probes @ w.t()) @ w)
@@ -229,10 +229,10 @@ class TrackingBasis(Basis):
             energies.append(energy.add_(e[t:].square().mean(0) / noise_peak(self.k, len(energy) - t)))
         if self.cfg.scores == "exact":  # diagnostics: the true energies over the rotated bases (d x D each)
             if self._exact is None:
-                self._exact = Buffer([(d, D) for d, D in zip(self.d, self.D)])
+                self._exact = Buffer([(d, D) for d, D in zip(self.d, self.D)], device=self.wire.device)
             exact = self._exact
             for x, basis, out in zip(xs, self.bases.views, exact.views):
                 torch.matmul(basis.t(), x, out=out)
-            self.world.allreduce_(exact.np)
+            self.wire.allreduce_(exact.flat)
             energies = [v.square().sum(1) for v in exact.views]
         return energies

@@ -12,7 +12,7 @@ class Fp32Factors:
     dense_first = False  # the uncompressed tensors ride in the payload round
     linear = True
 
-    def __init__(self, cap: list[int], D: list[int], world):
+    def __init__(self, cap: list[int], D: list[int], wire):
         pass
 
     @staticmethod
@@ -35,11 +35,11 @@ class Int16Factors:
     dense_first = True
     linear = False
 
-    def __init__(self, cap: list[int], D: list[int], world):
-        self.world = world
-        self.levels = max(1, 32767 // world.size)  # per rank, so that the sum of all ranks fits int16
-        self.ints = Buffer([(c, n) for c, n in zip(cap, D)], dtype=torch.int16)
-        self.peaks, self.scales = torch.zeros(sum(cap)), torch.zeros(sum(cap))
+    def __init__(self, cap: list[int], D: list[int], wire):
+        self.wire = wire
+        self.levels = max(1, 32767 // wire.world.size)  # per rank, so that the sum of all ranks fits int16
+        self.ints = Buffer([(c, n) for c, n in zip(cap, D)], dtype=torch.int16, device=wire.device)
+        self.peaks, self.scales = torch.zeros(sum(cap), device=wire.device), torch.zeros(sum(cap), device=wire.device)
         self.carved: Buffer | None = None
 
     @staticmethod
@@ -54,7 +54,7 @@ class Int16Factors:
         for q in payload.views:
             torch.amax(q.abs(), dim=1, out=peaks[at:at + q.shape[0]])
             at += q.shape[0]
-        self.world.allreduce_(peaks.numpy(), op="max")
+        self.wire.allreduce_(peaks, op="max")
         self.scales[:rows] = peaks / self.levels
         self.carved, at = self.ints.carve([tuple(q.shape) for q in payload.views]), 0
         for q, n in zip(payload.views, self.carved.views):
@@ -64,7 +64,7 @@ class Int16Factors:
             torch.mul(n, scale, out=q)
 
     def exchange(self, payload: Buffer, allreduce_with_dense) -> None:
-        self.world.allreduce_(self.carved.np)  # exact integer sums, identical on every rank
+        self.wire.allreduce_(self.carved.flat)  # exact integer sums, identical on every rank
         at = 0
         for q, n in zip(payload.views, self.carved.views):
             torch.mul(n, self.scales[at:at + q.shape[0], None], out=q)

@@ -14,11 +14,11 @@ def measuring(cfg, step: int) -> bool:
 
 def global_inputs(c) -> Buffer:
     """x-bar of every matrix compressor `c` compresses (an Allreduce counted like any other)."""
-    xbar = Buffer([(s.n, s.m) for s in c.slots])
+    xbar = Buffer([(s.n, s.m) for s in c.slots], device=c.layout.device)
     for i, v in enumerate(xbar.views):
         v.copy_(c.grad(i))
-    c.world.allreduce_(xbar.np)
-    c.stats["measuring_bytes"] = xbar.np.nbytes  # counted in wire bytes; not part of the method
+    c.wire.allreduce_(xbar.flat)
+    c.stats["measuring_bytes"] = xbar.flat.nbytes  # counted in wire bytes; not part of the method
     return xbar
 
 

@@ -58,12 +58,12 @@ class GreedyLore(LowRank):
         cap = [max(r, min(d, int(d * D / ((d + D) * rate)))) if allocation == "global" else r
                for r, d, D in zip(self.r, self.d, self.D)]
         indices = [s.index for s in self.slots]
-        self.codec = Codec(cap, self.D, world)
-        self.basis = Basis(list(zip(self.d, self.D, cap)), self.r, indices, cfg, self.mm, world,
+        self.codec = Codec(cap, self.D, self.wire)
+        self.basis = Basis(list(zip(self.d, self.D, cap)), self.r, indices, cfg, self.mm, self.wire,
                            self.exchange_first_round, self.dense_numel if self.dense_first else 0)
         self.selector = Selector(self.r, self.d, cap, self.cost, self.budget, cfg.seed, indices)
-        self.p = Buffer([(d, c) for d, c in zip(self.d, cap)])
-        self.payload = Buffer([(c, D) for c, D in zip(cap, self.D)], extra=self.dense_numel)
+        self.p = Buffer([(d, c) for d, c in zip(self.d, cap)], device=layout.device)
+        self.payload = Buffer([(c, D) for c, D in zip(cap, self.D)], extra=self.dense_numel, device=layout.device)
 
     def afford(self, spend: list[int]) -> list[int]:
         """Directions per matrix: each its own share of the budget rounded down, then what is left
@@ -98,7 +98,7 @@ class GreedyLore(LowRank):
         payload = self.payload.carve([(r, D) for r, D in zip(ranks, self.D)], tail)
         projectors = self.p.carve([(d, r) for d, r in zip(self.d, ranks)])
         for i, idx in enumerate(chosen):
-            torch.index_select(basis.bases.views[i], 1, idx, out=projectors.views[i])
+            torch.index_select(basis.bases.views[i], 1, idx.to(self.layout.device), out=projectors.views[i])
         self.mm.products([(p.t(), self.oriented(self.grad(i)), q, None)
                           for i, (p, q) in enumerate(zip(projectors.views, payload.views))])
         self.codec.round(payload, sum(ranks))
@@ -131,7 +131,7 @@ class GreedyLore(LowRank):
         the tracking sketch's round has run already."""
         xs = [self.oriented(self.grad(i)) for i in range(len(self.slots))]
         energies = self.basis.energies(step, xs, sketched) if self.selector.needs_energies else None
-        return self.selector.choose(step, energies)
+        return self.selector.choose(step, energies and [e.cpu() for e in energies])  # d values each: chosen on the host
 
     # -- the tracking sketch: the first round, which can start in backward -------------------
     def first_round_overlaps(self, step: int) -> bool:

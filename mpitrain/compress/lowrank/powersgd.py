@@ -25,9 +25,10 @@ class PowerSGD(LowRank):
 
     def __init__(self, layout, world, cfg):
         super().__init__(layout, world, cfg)
-        self.p = Buffer([(s.n, r) for s, r in zip(self.slots, self.r)])
-        self.payload = Buffer([(s.m, r) for s, r in zip(self.slots, self.r)], extra=self.dense_numel)
-        self.q = Buffer([(s.m, r) for s, r in zip(self.slots, self.r)])
+        device = layout.device
+        self.p = Buffer([(s.n, r) for s, r in zip(self.slots, self.r)], device=device)
+        self.payload = Buffer([(s.m, r) for s, r in zip(self.slots, self.r)], extra=self.dense_numel, device=device)
+        self.q = Buffer([(s.m, r) for s, r in zip(self.slots, self.r)], device=device)
         for s, q in zip(self.slots, self.q.views):
             q.copy_(torch.randn(q.shape, generator=torch_stream(cfg.seed, 0, s.index, Purpose.POWER_INIT)))
 
@@ -59,7 +60,7 @@ class PowerSGD(LowRank):
         sent = [(p, q.t()) for p, q in zip(self.p.views, own.views)] if own else [None] * len(self.slots)
         self.allreduce_with_dense(self.payload)
         self.residuals_and_sums(sent, [(p, q.t()) for p, q in zip(self.p.views, self.payload.views)])
-        self.q.np[...] = self.payload.np[:self.q.np.size]
+        self.q.flat.copy_(self.payload.flat[:self.q.flat.numel()])
         if xbar is not None:
             self.record_contraction(xbar)
 
@@ -69,7 +70,7 @@ class PowerSGD(LowRank):
 
     def state_dict(self, copy: bool = True) -> dict:
         state = super().state_dict(copy)
-        state["shared"] = {"q": self.q.np.copy() if copy else self.q.np}
+        state["shared"] = {"q": self.q.state(copy)}
         return state
 
     def state_layout(self) -> dict:
@@ -77,4 +78,4 @@ class PowerSGD(LowRank):
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
-        self.q.np[...] = state["shared"]["q"]
+        self.q.load(state["shared"]["q"])
