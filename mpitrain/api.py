@@ -33,7 +33,7 @@ import torch
 from . import checkpoint, compress, device, launch
 from .config import Config, UsageError, checked
 from .averaging import ParameterAveraging, Round
-from .device import host_array
+from .device import to_host
 from .layout import GradLayout, all_finite, global_norm
 from .named_state import optimizer_tensors
 
@@ -212,9 +212,9 @@ class Exchange:
             agreed, state = self.averaging.anchor, self.averaging.outer_state()
         opt_crc = 0
         for tensor in state:
-            opt_crc = zlib.crc32(host_array(tensor.contiguous(), copy=False), opt_crc)
+            opt_crc = zlib.crc32(to_host(tensor.contiguous(), copy=False), opt_crc)
         sums = np.zeros(world.size, dtype=np.uint64)
-        sums[world.rank] = (zlib.crc32(host_array(agreed, copy=False)) << 32) | opt_crc
+        sums[world.rank] = (zlib.crc32(to_host(agreed, copy=False)) << 32) | opt_crc
         world.allreduce_(sums)
         differ = np.flatnonzero(sums != sums[0])
         if not differ.size:

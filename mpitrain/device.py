@@ -86,7 +86,7 @@ class Wire:
         return t
 
 
-def host_array(t: torch.Tensor, copy: bool = True):
+def to_host(t: torch.Tensor, copy: bool = True):
     """t as a numpy array on the host: a view of a CPU tensor's memory unless `copy`; a device
     tensor's values copied."""
     if t.device.type != "cpu":

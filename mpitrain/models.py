@@ -92,7 +92,7 @@ class TransformerLM(nn.Module):
         self.head = nn.Linear(d, vocab_size)
 
     def forward(self, idx):
-        x = self.embed(idx) + self.pos(torch.arange(idx.shape[1]))
+        x = self.embed(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device))
         for block in self.blocks:
             x = block(x)
         return self.head(self.ln(x))

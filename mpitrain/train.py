@@ -98,7 +98,8 @@ class Evaluator:
     """The held-out split, sharded over ranks, read once; metrics summed with one Allreduce."""
 
     def __init__(self, run: Run, world, batch: int = 256):
-        self.world, self.model, self.task, self.device = world, run.model, run.dataset.info["task"], run.exchange.device
+        self.world, self.model, self.task = world, run.model, run.dataset.info["task"]
+        self.device = next(run.model.parameters()).device
         self.x, self.y = run.dataset.rows("test", np.arange(world.rank, run.dataset.n_test, world.size))
         self.batch = batch
 

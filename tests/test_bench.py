@@ -54,7 +54,7 @@ def test_bench_list_names_every_benchmark_and_each_writes_csv_and_png(tmp_path):
     assert r.returncode == 0, r.stderr
     names = [line.split()[0] for line in r.stdout.splitlines()]
     assert names == ["allreduce", "compress", "convergence", "checkpoint", "bytes-to-target", "guard", "peer", "project",
-                     "overlap", "network"]
+                     "overlap", "network", "gpu"]
     r = mpi(2, ["-m", "mpitrain", "bench", "allreduce", "--repeats", 2, "--out", tmp_path])
     assert r.returncode == 0, r.stderr
     rows = (tmp_path / "allreduce-n2.csv").read_text().splitlines()
@@ -70,6 +70,21 @@ def test_bench_peer_runs_torch_ddp_beside_ours_from_one_launch(tmp_path):
     assert [(row["ranks"], row["arm"]) for row in rows] == [(n, arm) for n in (2, 4) for arm in (
         "ddp-dense", "ddp-powersgd", "dense", "powersgd", "greedylore")]
     assert all(row["median_step_ms"] > 0 and 0 < row["eval_accuracy"] <= 1 for row in rows)
+
+
+def test_bench_gpu_runs_every_arm_and_ddp_at_one_and_two_ranks_and_the_device_tests(tmp_path):
+    """Here, without CUDA, its dry run: a small transformer on the CPU through the same code (our
+    exchange on the torch path, staged where a device would stage), DDP on gloo."""
+    r = run([sys.executable, "-m", "mpitrain", "bench", "gpu", "--steps", "1", "--out", str(tmp_path)], timeout=600)
+    assert r.returncode == 0, r.stderr
+    tables = json.loads((tmp_path / "gpu-n1.json").read_text())["tables"]
+    rows = tables["gpu"]
+    assert [(row["ranks"], row["arm"]) for row in rows] == [(n, arm) for n in (1, 2) for arm in (
+        "dense", "powersgd-r4", "powersgd-r8", "greedylore-r4", "greedylore-r8", "ddp-dense", "ddp-powersgd-r4")]
+    assert all(row["step_ms"] >= row["forward_backward_ms"] > 0 and row["step_over_ddp"] > 0 for row in rows)
+    assert all(row["exchange_ms"] > 0 for row in rows if not row["arm"].startswith("ddp"))
+    assert [row["backend"] for row in rows if row["arm"].startswith("ddp")] == ["gloo"] * 4
+    assert tables["tests"][0]["exit"] == 0 and "passed" in tables["tests"][0]["result"]
 
 
 def test_bench_convergence_averaging_arms_write_rounds_and_bytes_to_dense(tmp_path):

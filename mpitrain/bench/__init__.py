@@ -42,6 +42,11 @@
               compression time, bytes and collectives per step: tables and a PNG of speedup over
               dense (its assumptions are in mpitrain/bench/project.py).
 
+  gpu         on a GPU machine (run without mpiexec: it launches 1 and 2 ranks sharing the GPU):
+              a 125M transformer's forward+backward, exchange and step for dense, powersgd and
+              greedylore at r = 4 and 8, beside torch DDP with and without PowerSGD's hook; and
+              the CUDA tests. Without CUDA, a small transformer on the CPU: a dry run of the code.
+
 Each writes WHAT-n<ranks>.json, .md, .csv (one per table) and .png (when matplotlib is there)
 into --out (rank 0) and prints the table.
 """
@@ -61,7 +66,7 @@ from .overlap import OVERLAPPING
 from .common import write_tables
 
 MODULES = ("allreduce", "compress", "convergence", "checkpoint", "target", "guard", "peer", "project", "overlap",
-           "network")
+           "network", "gpu")
 
 
 def benchmarks() -> dict:
@@ -86,7 +91,7 @@ def parse(argv, world):
                         + ",".join(AVERAGING_ARMS) + ")")
     parser.add_argument("--rank", type=int, default=4, help="convergence: --rank of every low-rank arm")
     parser.add_argument("--steps", type=int, default=0, help="convergence, peer: steps per job (0: the job's own; "
-                        "fewer for a quick look, not for figures)")
+                        "fewer for a quick look, not for figures); gpu: timed steps per arm (0: 10)")
     parser.add_argument("--seeds", default="", help="convergence: comma-separated seeds, each job and arm trained "
                         "once per seed, their mean and spread tabled (default: the job's own seed, once)")
     parser.add_argument("--links", default=",".join(LINKS), help="network: comma-separated link rates of the "

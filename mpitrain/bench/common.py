@@ -4,6 +4,8 @@ from __future__ import annotations
 import csv
 import json
 import os
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -27,6 +29,26 @@ def launch_env() -> dict:
     per rank (the launched ranks share the cores)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "MPIR_", "HYDRA_", "MPITRAIN_"))}
     return {**env, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+
+
+def under_mpiexec() -> bool:
+    return any(k in os.environ for k in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK"))
+
+
+def launch_each_size(what: str, sizes, out: str, args: list[str], env: dict) -> list[dict]:
+    """Rank 0 alone: `python -m mpitrain.bench.WHAT ROWS_PATH ARGS...` under mpiexec -n N for each N
+    (the module writes its rows as JSON to ROWS_PATH); every size's rows, in order."""
+    from ..emulate import mpiexec_path
+    rows = []
+    for n in sizes:
+        path = os.path.join(out, f"{what}-rows-n{n}.json")
+        done = subprocess.run([mpiexec_path(), "-n", str(n), sys.executable, "-m", f"mpitrain.bench.{what}", path,
+                               *args], env=env, capture_output=True, text=True, timeout=1800)
+        if done.returncode != 0:
+            raise RuntimeError(f"bench {what} at {n} ranks failed: {done.stderr.strip()[-2000:]}")
+        with open(path) as fh:
+            rows += json.load(fh)
+    return rows
 
 
 def median_max(world, samples: np.ndarray) -> float:

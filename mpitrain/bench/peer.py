@@ -18,7 +18,6 @@ import json
 import os
 import socket
 import struct
-import subprocess
 import sys
 import time
 from types import SimpleNamespace
@@ -29,8 +28,7 @@ import torch
 from .. import api, models, train
 from ..config import Config
 from ..data import ShardedBatches, batch_for, open_dataset
-from ..emulate import mpiexec_path
-from .common import launch_env
+from .common import launch_each_size, launch_env, under_mpiexec
 
 NAME = "peer"
 ABOUT = "torch DDP (gloo) +/- powerSGD_hook against our dense, powersgd and greedylore: step time, accuracy"
@@ -139,29 +137,15 @@ def bench_peer(world, out: str, steps: int = 0) -> list[dict]:
     return rows
 
 
-def _launch(out: str, steps: int) -> list[dict]:
-    """Rank 0 alone: run this module under mpiexec -n N for each N, collect the rows."""
-    mpiexec, env, rows = mpiexec_path(), launch_env(), []
-    for n in SIZES:
-        path = os.path.join(out, f"peer-rows-n{n}.json")
-        done = subprocess.run([mpiexec, "-n", str(n), sys.executable, "-m", "mpitrain.bench.peer", out, path, str(steps)],
-                              env=env, capture_output=True, text=True, timeout=1800)
-        if done.returncode != 0:
-            raise RuntimeError(f"bench peer at {n} ranks failed: {done.stderr.strip()[-2000:]}")
-        with open(path) as fh:
-            rows += json.load(fh)
-    return rows
-
-
 def run(world, args) -> dict:
-    under_mpiexec = any(k in os.environ for k in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK"))
-    alone = world.size == 1 and not under_mpiexec
-    return {"peer": _launch(args.out, args.steps) if alone else bench_peer(world, args.out, args.steps)}
+    if world.size == 1 and not under_mpiexec():
+        return {"peer": launch_each_size(NAME, SIZES, args.out, [args.out, str(args.steps)], launch_env())}
+    return {"peer": bench_peer(world, args.out, args.steps)}
 
 
 if __name__ == "__main__":
     world = api.init()
-    found = bench_peer(world, sys.argv[1], int(sys.argv[3]))
+    found = bench_peer(world, sys.argv[2], int(sys.argv[3]))
     if world.rank == 0:
-        with open(sys.argv[2], "w") as fh:
+        with open(sys.argv[1], "w") as fh:
             json.dump(found, fh)

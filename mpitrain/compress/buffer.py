@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..device import host_array
+from ..device import to_host
 
 
 class Buffer:
@@ -35,7 +35,7 @@ class Buffer:
 
     def state(self, copy: bool = True) -> np.ndarray:
         """The values as a host array (a view of a CPU buffer's memory unless `copy`)."""
-        return host_array(self.flat, copy)
+        return to_host(self.flat, copy)
 
     def load(self, values) -> None:
         """The values from a host array of the same size, onto wherever the buffer lives."""
