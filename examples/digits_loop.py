@@ -31,10 +31,11 @@ def lr_at(step: int, steps: int, peak: float = 0.05, warmup: int = 20) -> float:
     return peak * (0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup))))
 
 
-def accuracy(model, x, y, world) -> float:
+def accuracy(model, x, y, world, device) -> float:
     """Correct predictions over this rank's share of the test rows, summed over the ranks."""
     with torch.no_grad():
-        correct = int((model(torch.from_numpy(x)).argmax(-1) == torch.from_numpy(y)).sum())
+        x, y = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
+        correct = int((model(x).argmax(-1) == y).sum())
     totals = world.allreduce_(np.array([correct, len(y)], dtype=np.float64))
     return float(totals[0] / totals[1])
 
@@ -63,9 +64,9 @@ def main() -> int:
     resumed = mpitrain.load_checkpoint(exchange, optimizer, run_dir=run_dir)  # or rank 0's initial weights
 
     for step in range(resumed.step if resumed else 0, args.steps):
-        x, y = batches.batch_at(step)
+        x, y = (torch.from_numpy(a).to(exchange.device) for a in batches.batch_at(step))  # the rank's GPU, or CPU
         exchange.zero_grad()
-        exchange.backward(F.cross_entropy(model(torch.from_numpy(x)), torch.from_numpy(y)))
+        exchange.backward(F.cross_entropy(model(x), y))
         averaged = exchange.average(step)  # the global mean gradient, the same on every rank
         if not averaged.nonfinite:  # some rank's gradient was NaN/Inf: every rank skips the step
             for group in optimizer.param_groups:
@@ -81,7 +82,7 @@ def main() -> int:
     mpitrain.wait_for_checkpoints()
 
     x, y = data.rows("test", np.arange(world.rank, data.n_test, world.size))
-    result = {"eval_accuracy": accuracy(model, x, y, world), "steps": args.steps,
+    result = {"eval_accuracy": accuracy(model, x, y, world, exchange.device), "steps": args.steps,
               "wire_bytes": exchange.wire_bytes_total}
     if world.rank == 0:
         print(json.dumps(result), flush=True)

@@ -10,10 +10,6 @@ import torch
 
 from .config import UsageError
 
-# what runs on a CUDA device today; the quantizers' codecs and parameter averaging run on the CPU
-ON_DEVICE = ("dense", "powersgd", "greedylore", "greedylore-paper")
-
-
 def choose(request: str, local_rank: int) -> torch.device:
     """--device: cpu; cuda (an error when this rank sees none); auto: cuda:(local_rank % devices)
     when CUDA is available, else the CPU. Two ranks may share a device."""
@@ -31,9 +27,6 @@ def check_supported(cfg, device: torch.device) -> None:
     """What a device rank cannot run yet, as one line."""
     if device.type == "cpu":
         return
-    if cfg.compressor not in ON_DEVICE:
-        raise UsageError(f"--compressor {cfg.compressor} runs on the CPU only; on {device.type} use one of "
-                         f"{', '.join(ON_DEVICE)}, or --device cpu")
     if cfg.kernels == "compiled":
         raise UsageError(f"--kernels compiled runs on the CPU only; on {device.type} use --kernels torch "
                          "(the default there)")

@@ -12,6 +12,7 @@ carries the dense tensors, so agreeing on them costs no extra message.
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -157,6 +158,17 @@ class GradLayout:
 
     def zero_grad(self):
         self.flat.zero_()
+
+    def host_twin(self) -> "GradLayout":
+        """The same slots over a flat gradient buffer in host memory (pinned when this layout lives on
+        a GPU), for a compressor that runs on the CPU while the model trains on a device: its
+        parameters stay this layout's."""
+        twin = copy.copy(self)
+        twin.device = torch.device("cpu")
+        twin.flat = torch.zeros(self.flat.numel(), dtype=torch.float32, pin_memory=self.device.type == "cuda")
+        twin.grads, twin.control = twin.flat[:self.numel], Control(twin.flat[self.numel:])
+        twin.flat_np, twin.params_np = twin.flat.numpy(), None
+        return twin
 
     def check_bound(self):
         """Raise if anything replaced a parameter or gradient tensor behind the layout's back."""

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from helpers import WORKERS, mpi, trainer
-from mpitrain import device
+from mpitrain import compress, device
 from mpitrain.config import Config, UsageError
 from mpitrain.metrics import on_devices
 
@@ -26,15 +26,14 @@ def test_auto_takes_the_cpu_without_cuda_and_cpu_is_always_the_cpu():
             device.choose("cuda", 0)
 
 
-@pytest.mark.parametrize("change,says", [({"compressor": "sparse-dither"}, "runs on the CPU only"),
-                                         ({"kernels": "compiled"}, "--kernels compiled runs on the CPU only"),
+@pytest.mark.parametrize("change,says", [({"kernels": "compiled"}, "--kernels compiled runs on the CPU only"),
                                          ({"average_every": 4}, "--average-every > 1 runs on the CPU only")])
 def test_a_device_rank_refuses_in_one_line_what_runs_only_on_the_cpu(change, says):
     gpu = torch.device("cuda", 0)
     with pytest.raises(UsageError, match=says):
         device.check_supported(dataclasses.replace(Config(), **change), gpu)
     device.check_supported(dataclasses.replace(Config(), **change), torch.device("cpu"))  # all fine there
-    for name in device.ON_DEVICE:
+    for name in compress.names():  # on the device, or the quantizers on a host twin of the layout
         device.check_supported(dataclasses.replace(Config(), compressor=name), gpu)
 
 
@@ -53,16 +52,17 @@ def test_the_start_up_line_names_each_nodes_devices_and_says_nothing_for_cpu_ran
 
 
 def test_collectives_staged_through_the_host_give_the_bits_and_bytes_of_direct_ones(tmp_path):
-    """A device rank's tensors go through a host buffer; run here on CPU tensors, every collective
-    and every device compressor's whole step gives the same bits and counts the same bytes as
-    handing the tensors' memory to MPI."""
+    """A device rank's tensors go through a host buffer, and its quantizers run on a host twin of
+    the layout; run here on CPU tensors, every collective, every device compressor's step and every
+    quantizer's step give the same bits and count the same bytes as on the layout's own memory."""
     n = 3
     r = mpi(n, [WORKERS / "staged_wire.py", tmp_path])
     assert r.returncode == 0, r.stderr
     for k in range(n):
         got = dict(np.load(tmp_path / f"rank-{k}.npz"))
         names = [key[:-len("_equal")] for key in got if key.endswith("_equal")]
-        assert set(names) >= {"sum", "max", "int16", "bcast", *device.ON_DEVICE}
+        assert set(names) >= {"sum", "max", "int16", "bcast", "dense", "powersgd", "greedylore", "greedylore-paper",
+                              "sparse-dither", "qsgd", "topk", "natural"}
         for name in names:
             assert got[f"{name}_equal"], name
             assert got[f"{name}_bytes"][0] == got[f"{name}_bytes"][1], name

@@ -24,4 +24,10 @@ def compressor_class(name: str):
 
 
 def build(cfg, layout, world):
-    return compressor_class(cfg.compressor)(layout, world, cfg)
+    """The compressor cfg names, on `layout`'s device, or (for those that run on the CPU only) on a
+    host twin of it."""
+    cls = compressor_class(cfg.compressor)
+    if layout.device.type != "cpu" and not cls.on_device:
+        from .host import OnHost
+        return OnHost(cls, layout, world, cfg)
+    return cls(layout, world, cfg)

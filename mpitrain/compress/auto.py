@@ -33,6 +33,7 @@ DENSE, TRIAL, CHOSEN = 0, 1, 2
 @register
 class Auto(Compressor):
     name = "auto"
+    on_device = True  # both of its choices are
 
     def __init__(self, layout, world, cfg):
         super().__init__(layout, world, cfg)

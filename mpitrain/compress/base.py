@@ -31,6 +31,9 @@ class Compressor:
     # Runs compiled loops (`kernels`): numba's import and its first kernel load (its type registries)
     # are then paid while the compressor is built, with the rest of the set-up, not in the first steps.
     compiled = False
+    # Exchanges a device's tensors where they are (dense, the low-rank compressors); the others run
+    # on a host twin of the layout when the model trains on a device (`host.OnHost`).
+    on_device = False
 
     def __init__(self, layout, world, cfg):
         self.layout = layout

@@ -9,6 +9,7 @@ from .base import Buckets, Compressor, register
 class Dense(Compressor):
     name = "dense"
     biased = False
+    on_device = True
 
     def __init__(self, layout, world, cfg):
         super().__init__(layout, world, cfg)

@@ -3,9 +3,10 @@ same bits and the same bytes counted as handing the tensors' memory to MPI.
 
     mpiexec -n N python staged_wire.py OUT [config flags...]
 
-OUT/rank-<i>.npz: for the Wire itself (float32 sum and max, int16 sum, a broadcast) and for each
-low-rank and dense compressor run 6 steps both ways: whether the results are bitwise equal, and
-the bytes each way counted.
+OUT/rank-<i>.npz: for the Wire itself (float32 sum and max, int16 sum, a broadcast), for each
+low-rank and dense compressor run 6 steps both ways, and for quantizers run on a host twin of the
+layout (as a device rank runs them) and on the layout itself: whether the results are bitwise
+equal, and the bytes each way counted.
 """
 import dataclasses
 import functools
@@ -19,6 +20,7 @@ from torch import nn
 from mpitrain import compress
 from mpitrain.comm import World
 from mpitrain.compress import base
+from mpitrain.compress.host import OnHost
 from mpitrain.config import Parser, add_arguments, resolve
 from mpitrain.device import Wire
 from mpitrain.layout import GradLayout
@@ -51,14 +53,17 @@ both("bcast", lambda: torch.full((9, 4), float(world.rank + 1)), lambda w, t: w.
 
 
 def run(name: str, stage: bool):
+    """`name` on staged collectives (stage) or direct ones; a quantizer on a host twin of its layout
+    (stage), as a device rank runs it, or on the layout itself."""
     model = nn.Module()
     for k, shape in enumerate([(24, 40), (6, 30), (48, 16), (5,)]):
         model.register_parameter(f"w{k}", nn.Parameter(torch.zeros(shape)))
     layout = GradLayout(model)
     base.Wire = functools.partial(Wire, stage=stage)  # what a device rank's compressor is built with
     try:
-        comp = compress.build(dataclasses.replace(cfg, compressor=name, kernels="torch", start_compress_step=2),
-                              layout, world)
+        chosen = dataclasses.replace(cfg, compressor=name, kernels="torch", start_compress_step=2)
+        cls = compress.compressor_class(name)
+        comp = OnHost(cls, layout, world, chosen) if stage and not cls.on_device else cls(layout, world, chosen)
     finally:
         base.Wire = Wire
     results, sent = [], 0
@@ -74,7 +79,7 @@ def run(name: str, stage: bool):
     return torch.stack(results), sent
 
 
-for name in ("dense", "powersgd", "greedylore", "greedylore-paper"):
+for name in ("dense", "powersgd", "greedylore", "greedylore-paper", "sparse-dither", "qsgd", "topk", "natural"):
     (direct, direct_sent), (staged, staged_sent) = run(name, False), run(name, True)
     record[f"{name}_equal"] = torch.equal(direct, staged)
     record[f"{name}_bytes"] = np.array([direct_sent, staged_sent])

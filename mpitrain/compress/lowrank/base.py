@@ -23,6 +23,7 @@ class LowRank(Compressor):
     rather than in the payload's (set when the payload round carries integers)."""
 
     dense_first = False
+    on_device = True
 
     def __init__(self, layout, world, cfg):
         super().__init__(layout, world, cfg)
