@@ -20,7 +20,9 @@ def choose(request: str, local_rank: int) -> torch.device:
             raise UsageError("--device cuda: this rank sees no CUDA device (torch.cuda.is_available() is False); "
                              "use --device cpu, or auto to take a GPU only where there is one")
         return torch.device("cpu")
-    return torch.device("cuda", local_rank % torch.cuda.device_count())
+    chosen = torch.device("cuda", local_rank % torch.cuda.device_count())
+    torch.cuda.set_device(chosen)  # this rank's context, pinned memory and synchronisation on its own GPU only
+    return chosen
 
 
 def check_supported(cfg, device: torch.device) -> None:

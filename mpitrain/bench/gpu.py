@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .. import api, models
-from ..device import describe
+from ..device import choose, describe
 from .common import launch_each_size, launch_env, under_mpiexec
 from .compress import LM_125M
 from .peer import _rendezvous
@@ -112,7 +112,8 @@ def ddp(world, arm: str, steps: int, device: torch.device) -> dict:
         dist.init_process_group(backend, init_method=_rendezvous(world), rank=world.rank, world_size=world.size)
     module, config = _model(device)
     size_mb = sum(p.numel() for p in module.parameters()) * 4 / 2**20
-    model = DistributedDataParallel(module, bucket_cap_mb=2 * size_mb + 1)  # one bucket: the hook hung on gloo with two
+    model = DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
+                                    bucket_cap_mb=2 * size_mb + 1)  # one bucket: the hook hung on gloo with two
     if arm != "ddp-dense":
         state = powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=_arm(arm)[1],
                                             start_powerSGD_iter=2, use_error_feedback=True, warm_start=True)
@@ -131,8 +132,7 @@ def ddp(world, arm: str, steps: int, device: torch.device) -> dict:
 
 
 def bench_gpu(world, steps: int) -> list[dict]:
-    device = torch.device("cuda", world.local_rank % torch.cuda.device_count()) if torch.cuda.is_available() \
-        else torch.device("cpu")
+    device = choose("auto", world.local_rank)
     rows = []
     for arm in ARMS:
         row = (ddp if arm.startswith("ddp") else ours)(world, arm, steps, device)
