@@ -65,24 +65,24 @@ class TorchProducts:
         """For each job (basis, tri, vt, u, yt, first): basis -= basis @ vt^T @ tri @ vt and its first
         t columns set to u (t = u's columns, 0: no rotation); then (yt @ basis for each, the
         checksum of the bases' bits, rows numbered from each job's `first`)."""
-        products, check = [], 0
+        products, checks = [], []
         for basis, tri, vt, u, yt, first in jobs:
             t = u.shape[1]
             if t:
                 basis.sub_(((basis @ vt.t()) @ tri) @ vt)
                 basis[:, :t] = u
             products.append(yt @ basis)
-            check += self.checksum(basis, first)
-        return products, check % 2**64
+            checks.append(self.checksum(basis, first))
+        return products, int(torch.stack(checks).sum()) % 2**64 if checks else 0  # one wait for the device
 
-    def checksum(self, basis: torch.Tensor, first: int) -> int:
+    def checksum(self, basis: torch.Tensor, first: int) -> torch.Tensor:
         """sum over rows i of (mix64(first + i) | 1) * sum_j bits[i, j] * (mix64(j) | 1) mod 2^64, bits
-        the basis's values as uint32: the compiled pass's checksum. int64 arithmetic wraps as
-        uint64's does, so the sums agree mod 2^64."""
+        the basis's values as uint32: the compiled pass's checksum, as an int64 tensor on the basis's
+        device. int64 arithmetic wraps as uint64's does, so the sums agree mod 2^64."""
         n, m = basis.shape
         bits = basis.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
         rows = (bits * self.checksum_weights(0, m)).sum(1)
-        return int((rows * self.checksum_weights(first, n)).sum()) % 2**64
+        return (rows * self.checksum_weights(first, n)).sum()
 
     def checksum_weights(self, first: int, n: int) -> torch.Tensor:
         key = (first, n)
