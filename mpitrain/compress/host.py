@@ -15,8 +15,8 @@ class OnHost(Compressor):
     def __init__(self, inner: type[Compressor], layout, world, cfg):
         self.twin = layout.host_twin()
         self.inner = inner(self.twin, world, dataclasses.replace(cfg, bucket_mb=0.0))
-        self.name, self.linear, self.reshardable, self.biased = inner.name, self.inner.linear, \
-            self.inner.reshardable, inner.biased
+        self.name, self.biased = inner.name, inner.biased  # before the base class reads `biased`
+        self.linear, self.reshardable = self.inner.linear, self.inner.reshardable
         super().__init__(layout, world, cfg)
 
     def aggregate(self, step: int) -> None:

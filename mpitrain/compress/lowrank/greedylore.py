@@ -131,7 +131,9 @@ class GreedyLore(LowRank):
         the tracking sketch's round has run already."""
         xs = [self.oriented(self.grad(i)) for i in range(len(self.slots))]
         energies = self.basis.energies(step, xs, sketched) if self.selector.needs_energies else None
-        return self.selector.choose(step, energies and [e.cpu() for e in energies])  # d values each: chosen on the host
+        if energies is not None:
+            energies = [e.cpu() for e in energies]  # d values a matrix: chosen on the host, wherever x lives
+        return self.selector.choose(step, energies)
 
     # -- the tracking sketch: the first round, which can start in backward -------------------
     def first_round_overlaps(self, step: int) -> bool:
