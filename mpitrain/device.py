@@ -10,6 +10,12 @@ import torch
 
 from .config import UsageError
 
+# One host buffer per dtype for the whole process: collectives here block, so every Wire (a
+# compressor's, and those of the two that --compressor auto holds) can share it, and pinned memory
+# as large as the gradients is held once.
+_HOST: dict[torch.dtype, torch.Tensor] = {}
+
+
 def choose(request: str, local_rank: int) -> torch.device:
     """--device: cpu; cuda (an error when this rank sees none); auto: cuda:(local_rank % devices)
     when CUDA is available, else the CPU. Two ranks may share a device."""
@@ -50,14 +56,13 @@ class Wire:
     def __init__(self, world, device: torch.device, stage: bool | None = None):
         self.world, self.device = world, torch.device(device)
         self.stage = self.device.type != "cpu" if stage is None else stage
-        self._host: dict[torch.dtype, torch.Tensor] = {}
 
     def host(self, like: torch.Tensor) -> torch.Tensor:
         """A host buffer of like's size and dtype, grown once to the largest asked for."""
-        held = self._host.get(like.dtype)
+        held = _HOST.get(like.dtype)
         if held is None or held.numel() < like.numel():
-            held = torch.empty(like.numel(), dtype=like.dtype, pin_memory=self.device.type == "cuda")
-            self._host[like.dtype] = held
+            held = torch.empty(like.numel(), dtype=like.dtype, pin_memory=torch.cuda.is_available())
+            _HOST[like.dtype] = held
         return held[:like.numel()]
 
     def allreduce_(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:

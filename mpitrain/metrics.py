@@ -107,8 +107,8 @@ class RunLog:
         each = f"{micro} samples per rank" + (f" x {cfg.accumulate} micro-batches" if cfg.accumulate > 1 else "")
         print(f"mpitrain: {cfg.model} on {cfg.dataset} ({rows} training rows), {size} ranks x {each} "
               f"= global batch {size * batches.batch}{how}, {batches.steps_per_epoch} steps per "
-              f"epoch{on_nodes(nodes)}{on_devices(nodes, devices)}; compressor {cfg.compressor}{averaging}, {cfg.steps} steps, run dir "
-              f"{cfg.run_dir}", flush=True)
+              f"epoch{on_nodes(nodes)}{on_devices(nodes, devices)}; compressor {cfg.compressor}{averaging}, "
+              f"{cfg.steps} steps, run dir {cfg.run_dir}", flush=True)
         if cfg.progress == "always" or (cfg.progress == "auto" and sys.stdout.isatty()):
             self.bar = tqdm(total=self.total, initial=first_step, unit="step", dynamic_ncols=True, file=sys.stdout)
 

@@ -27,10 +27,11 @@ from .. import api, models
 from ..device import choose, describe
 from .common import launch_each_size, launch_env, under_mpiexec
 from .compress import LM_125M
-from .peer import _rendezvous
+from . import peer
 
 NAME = "gpu"
-ABOUT = "125M transformer on the GPU: forward+backward, exchange and step per arm beside DDP + powerSGD_hook; CUDA tests"
+ABOUT = ("125M transformer on the GPU: forward+backward, exchange and step per arm beside DDP + powerSGD_hook; "
+         "CUDA tests")
 SMALL_LM = {"vocab_size": 256, "seq_len": 64, "d": 128, "layers": 2, "heads": 4, "ffn": 512}  # the CPU's dry run
 ARMS = ("dense", "powersgd-r4", "powersgd-r8", "greedylore-r4", "greedylore-r8", "ddp-dense", "ddp-powersgd-r4")
 SIZES = (1, 2)
@@ -104,20 +105,11 @@ def ddp(world, arm: str, steps: int, device: torch.device) -> dict:
     """The same step through torch DDP: its exchange runs inside backward, so only the step is timed
     whole, with forward+backward and the optimizer step apart for comparison."""
     import torch.distributed as dist
-    from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook
-    from torch.nn.parallel import DistributedDataParallel
 
     backend = "nccl" if device.type == "cuda" and world.size == 1 else "gloo"
-    if not dist.is_initialized():
-        dist.init_process_group(backend, init_method=_rendezvous(world), rank=world.rank, world_size=world.size)
     module, config = _model(device)
-    size_mb = sum(p.numel() for p in module.parameters()) * 4 / 2**20
-    model = DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
-                                    bucket_cap_mb=2 * size_mb + 1)  # one bucket: the hook hung on gloo with two
-    if arm != "ddp-dense":
-        state = powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=_arm(arm)[1],
-                                            start_powerSGD_iter=2, use_error_feedback=True, warm_start=True)
-        model.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
+    model = peer.ddp(world, module, backend, 0 if arm == "ddp-dense" else _arm(arm)[1], start=2,
+                     device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     clock = Clock(device)
     for step in range(steps + WARM):

@@ -69,27 +69,37 @@ def _rendezvous(world) -> str:
     return message.tobytes().rstrip(b"\0").decode()
 
 
-def ddp_train(world, cfg: Config, powersgd: bool) -> list[dict]:
-    """The job through torch DDP on gloo (with PowerSGD's hook when asked), evaluated as our loop is,
-    every cfg.eval_every steps and at the end: its train lines (step times) and eval lines."""
+def ddp(world, module, backend: str, powersgd_rank: int = 0, start: int = 0, device_ids=None):
+    """`module` under torch DDP on `backend` (the process group started once per job, never destroyed:
+    a rank stuck tearing it down hangs the job), with PowerSGD's hook at `powersgd_rank` from step
+    `start` when given (error feedback, warm start)."""
     import torch.distributed as dist
     from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook
     from torch.nn.parallel import DistributedDataParallel
 
-    if not dist.is_initialized():  # once per job, never destroyed: a rank stuck tearing it down hangs the job
-        dist.init_process_group("gloo", init_method=_rendezvous(world), rank=world.rank, world_size=world.size)
-    dataset = open_dataset(cfg.dataset, cfg.data_dir)
-    torch.manual_seed(cfg.seed)  # the same initial weights as our arms (rank 0's, broadcast by DDP)
-    module = models.build(cfg.model, dataset.info)
+    if not dist.is_initialized():
+        dist.init_process_group(backend, init_method=_rendezvous(world), rank=world.rank, world_size=world.size)
     # PowerSGD's hook on gloo hung with two buckets (each bucket's callback waits on its own all_reduce,
     # in another order on each rank): its arm exchanges one bucket, after backward
     size_mb = sum(p.numel() for p in module.parameters()) * 4 / 2**20
-    model = DistributedDataParallel(module, **({"bucket_cap_mb": 2 * size_mb + 1} if powersgd else {}))
-    if powersgd:
-        state = powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=cfg.rank,
-                                            start_powerSGD_iter=cfg.start_compress_step, use_error_feedback=True,
-                                            warm_start=True)
+    model = DistributedDataParallel(module, device_ids=device_ids,
+                                    **({"bucket_cap_mb": 2 * size_mb + 1} if powersgd_rank else {}))
+    if powersgd_rank:
+        state = powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=powersgd_rank,
+                                            start_powerSGD_iter=start, use_error_feedback=True, warm_start=True)
         model.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
+    return model
+
+
+def ddp_train(world, cfg: Config, powersgd: bool) -> list[dict]:
+    """The job through torch DDP on gloo (with PowerSGD's hook when asked), evaluated as our loop is,
+    every cfg.eval_every steps and at the end: its train lines (step times) and eval lines."""
+    import torch.distributed as dist
+
+    dataset = open_dataset(cfg.dataset, cfg.data_dir)
+    torch.manual_seed(cfg.seed)  # the same initial weights as our arms (rank 0's, broadcast by DDP)
+    module = models.build(cfg.model, dataset.info)
+    model = ddp(world, module, "gloo", cfg.rank if powersgd else 0, cfg.start_compress_step)
     optimizer = train.make_optimizer(cfg, model.parameters())
     batches = ShardedBatches(dataset, batch_for(dataset.n_train, world.size, cfg.batch_size), world.rank,
                              world.size, cfg.seed)

@@ -90,7 +90,8 @@ for t in range(steps):
             # R = P P^T X on each path: what P's gap moves, plus both paths' rounding of the products
             rounding = 2 * gamma(p.shape[0] + p.shape[1] + world.size) * a @ (a.T @ x)  # P^T x, the sum, P Q
             bound = dp @ (a.T @ x) + a @ (dp.T @ x) + dp @ (dp.T @ x) + rounding
-            if getattr(getattr(compiled, "codec", None), "levels", None):  # 16-bit: each rank's rounding may differ by one level
+            # 16-bit factors: each rank's rounding may differ by one level between the paths
+            if getattr(getattr(compiled, "codec", None), "levels", None):
                 peaks = world.allreduce_(np.abs(p.T @ xs[i]).max(1) * (1 + gamma(p.shape[0])), op="max")
                 bound = bound + 2 * world.size * (a @ (peaks / levels))[:, None]
             got = [view(compiled, c.grad(i)) for c in (compiled, torched)]

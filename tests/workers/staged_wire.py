@@ -46,8 +46,12 @@ def both(name, make, collective):
     record[f"{name}_bytes"] = np.array(sent)
 
 
-both("sum", lambda: torch.randn(1000, generator=torch.Generator().manual_seed(world.rank)), lambda w, t: w.allreduce_(t))
-both("max", lambda: torch.randn(77, generator=torch.Generator().manual_seed(world.rank)), lambda w, t: w.allreduce_(t, "max"))
+def draws(n: int) -> torch.Tensor:
+    return torch.randn(n, generator=torch.Generator().manual_seed(world.rank))
+
+
+both("sum", lambda: draws(1000), lambda w, t: w.allreduce_(t))
+both("max", lambda: draws(77), lambda w, t: w.allreduce_(t, "max"))
 both("int16", lambda: torch.arange(-50, 50, dtype=torch.int16) * (world.rank + 1), lambda w, t: w.allreduce_(t))
 both("bcast", lambda: torch.full((9, 4), float(world.rank + 1)), lambda w, t: w.bcast_(t))
 

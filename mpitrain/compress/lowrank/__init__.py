@@ -9,7 +9,8 @@ n <= m, X^T otherwise, so the basis is always d x d and the payload r x D. Each 
 contiguous Allreduce over every matrix; the tensors that are not compressed and the layout's
 control words ride in the fp32 round (with Q, or with greedylore's sketch when Q is 16-bit).
 
-Rooms: `products` (the products, in torch operations and in compiled loops), `base` (what both share), `powersgd`, and greedylore
+Rooms: `products` (the products, in torch operations and in compiled loops), `base` (what both
+share), `powersgd`, and greedylore
 composed of a `basis`, a `selector` and a factor `codec`.
 """
 from .base import LowRank
@@ -18,5 +19,6 @@ from .greedylore import GreedyLore, GreedyLorePaper
 from .powersgd import PowerSGD
 from .products import Products, TorchProducts
 
-__all__ = ["FixedBasis", "GreedyLore", "GreedyLorePaper", "LowRank", "PowerSGD", "Products", "TorchProducts", "TrackingBasis",
+__all__ = ["FixedBasis", "GreedyLore", "GreedyLorePaper", "LowRank", "PowerSGD", "Products", "TorchProducts",
+           "TrackingBasis",
            "noise_peak"]
