@@ -72,7 +72,70 @@ def _same_memory(a: np.ndarray, b: np.ndarray) -> bool:
     return a.shape == b.shape and a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
 
 
-class World:
+def _spec(counts: np.ndarray, parts: list[np.ndarray] | None = None) -> list:
+    """A v-collective's [buffer, counts, displacements, BYTE]: the parts end to end, or room for them."""
+    displs = np.zeros(counts.size, dtype=np.int64)
+    np.cumsum(counts[:-1], out=displs[1:])
+    buf = np.concatenate(parts) if parts else np.empty(int(counts.sum()), dtype=np.uint8)
+    return [buf, counts, displs, MPI.BYTE]
+
+
+def _in_rounds(recv_counts: np.ndarray, largest: int, c: int, one_round) -> list[np.ndarray]:
+    """What a v-collective receives from each rank, in rounds that keep every count within an MPI
+    int: one_round(k, receive_spec) moves bytes [k*c, (k+1)*c) of every rank's part. A single round
+    leaves the parts where MPI put them."""
+    rounds = max(1, -(-largest // c))
+    got = None if rounds == 1 else [np.empty(int(n), dtype=np.uint8) for n in recv_counts]
+    for k in range(rounds):
+        recv = _spec(np.clip(recv_counts - k * c, 0, c))
+        one_round(k, recv)
+        parts = [recv[0][d:d + n] for d, n in zip(recv[2], recv[1])]
+        if got is None:
+            return parts
+        for whole, part in zip(got, parts):
+            whole[k * c:k * c + part.size] = part
+    return got
+
+
+class PayloadCollectives:
+    """World's collectives on byte payloads whose sizes differ by rank: a size exchange, then the
+    v-collective, in rounds when a part would pass max_message_bytes / size."""
+
+    def allgatherv(self, payload: np.ndarray) -> list[np.ndarray]:
+        """Every rank's uint8 payload, in rank order."""
+        mine = np.ascontiguousarray(payload, dtype=np.uint8).reshape(-1)
+        counts = np.zeros(self.size, dtype=np.int64)
+        counts[self.rank] = mine.size
+        self.allreduce_(counts)
+        self.sent_bytes += mine.nbytes
+        c = max(1, self.max_message_bytes // self.size)
+
+        def one_round(k, recv):
+            part = mine[k * c:(k + 1) * c]
+            self._run("Allgatherv", lambda: self._comm.Iallgatherv(part, recv),
+                      lambda: self._comm.Allgatherv(part, recv))
+        return _in_rounds(counts, int(counts.max()), c, one_round)
+
+    def alltoallv(self, parts: list[np.ndarray]) -> list[np.ndarray]:
+        """parts[j] (uint8) to rank j; returns what each rank sent this one, in rank order. The sizes
+        go by Allgather, so that every rank knows how many rounds the largest part takes. Counted:
+        the sizes, and the bytes this rank sends to the others (its own part stays)."""
+        mine = [np.ascontiguousarray(p, dtype=np.uint8).reshape(-1) for p in parts]
+        send_counts = np.array([p.size for p in mine], dtype=np.int64)
+        counts = np.zeros((self.size, self.size), dtype=np.int64)  # [sender, receiver]
+        self.sent_bytes += send_counts.nbytes + int(send_counts.sum() - send_counts[self.rank])
+        self._run("Allgather", lambda: self._comm.Iallgather(send_counts, counts),
+                  lambda: self._comm.Allgather(send_counts, counts))
+        c = max(1, self.max_message_bytes // self.size)
+
+        def one_round(k, recv):
+            out = [p[k * c:(k + 1) * c] for p in mine]
+            send = _spec(np.array([p.size for p in out], dtype=np.int64), out)
+            self._run("Alltoallv", lambda: self._comm.Ialltoallv(send, recv), lambda: self._comm.Alltoallv(send, recv))
+        return _in_rounds(counts[:, self.rank], int(counts.max()), c, one_round)
+
+
+class World(PayloadCollectives):
     """Rank, size, node-local rank/size and counted collectives over MPI.COMM_WORLD. A node is what
     MPI calls one (the ranks that share memory), or under `mpitrain emulate` the emulated node that
     MPITRAIN_NODE names; `host_size` counts the ranks sharing this machine's cores either way."""
@@ -155,35 +218,6 @@ class World:
         for piece in pieces(arr, self.max_message_bytes):
             self._run("Bcast", lambda: self._comm.Ibcast(piece, root=root), lambda: self._comm.Bcast(piece, root=root))
         return arr
-
-    def allgatherv(self, payload: np.ndarray) -> list[np.ndarray]:
-        """Every rank's uint8 payload (sizes may differ), in rank order: one size exchange, then
-        one Allgatherv, or rounds of them when a count or the total would pass max_message_bytes."""
-        mine = np.ascontiguousarray(payload, dtype=np.uint8).reshape(-1)
-        counts = np.zeros(self.size, dtype=np.int64)
-        counts[self.rank] = mine.size
-        self.allreduce_(counts)
-        displs = np.zeros(self.size, dtype=np.int64)
-        np.cumsum(counts[:-1], out=displs[1:])
-        recv = np.empty(int(counts.sum()), dtype=np.uint8)
-        self.sent_bytes += mine.nbytes
-        if recv.size <= self.max_message_bytes:
-            self._allgatherv(mine, recv, counts, displs)
-        else:  # round k: every rank sends bytes [k*c, (k+1)*c) of its payload
-            c = max(1, self.max_message_bytes // self.size)
-            for k in range(-(-int(counts.max()) // c)):
-                part = np.clip(counts - k * c, 0, c)
-                part_displs = np.zeros(self.size, dtype=np.int64)
-                np.cumsum(part[:-1], out=part_displs[1:])
-                got = np.empty(int(part.sum()), dtype=np.uint8)
-                self._allgatherv(mine[k * c:k * c + part[self.rank]], got, part, part_displs)
-                for r in np.flatnonzero(part):
-                    recv[displs[r] + k * c:displs[r] + k * c + part[r]] = got[part_displs[r]:part_displs[r] + part[r]]
-        return [recv[d:d + c] for d, c in zip(displs, counts)]
-
-    def _allgatherv(self, mine, recv, counts, displs):
-        spec = [recv, counts, displs, MPI.BYTE]
-        self._run("Allgatherv", lambda: self._comm.Iallgatherv(mine, spec), lambda: self._comm.Allgatherv(mine, spec))
 
     def gather(self, arr: np.ndarray, root: int = 0, out: np.ndarray | None = None) -> np.ndarray | None:
         """Stack every rank's equal-shaped array on `root` (None elsewhere), into `out` if given. On

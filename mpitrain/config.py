@@ -167,7 +167,12 @@ class Config:
                        choices=("auto", "always", "never"))
     tensorboard: bool = _f(False, "also write the metrics as TensorBoard events into RUN_DIR/tensorboard "
                                   "(pip install 'mpitrain[tensorboard]')")
-    # quantizers and sparsifiers (payloads exchanged with Allgatherv)
+    # quantizers and sparsifiers (payloads that cannot be summed)
+    quantizer_exchange: str = _f("auto", "quantizers: gather (every rank decodes every other rank's payload: (N-1)*d "
+                                         "values) or sharded (each rank decodes and re-encodes the sum of its 1/N share, "
+                                         "the sums are gathered: under 2d values whatever N); auto: sharded from 4 ranks "
+                                         "on",
+                                 choices=("auto", "sharded", "gather"))
     nu: float = _f(0.1, "sparse-dither: error level nu (det: ||C(x)-x||^2 <= nu||x||^2; rand: variance omega = nu)",
                    minimum=1e-12)
     dither: str = _f("det", "sparse-dither rounding: det (nearest, biased, contractive) or rand (stochastic, "

@@ -54,7 +54,7 @@ def test_bench_list_names_every_benchmark_and_each_writes_csv_and_png(tmp_path):
     assert r.returncode == 0, r.stderr
     names = [line.split()[0] for line in r.stdout.splitlines()]
     assert names == ["allreduce", "compress", "convergence", "checkpoint", "bytes-to-target", "guard", "peer", "project",
-                     "overlap", "network", "gpu"]
+                     "overlap", "network", "gpu", "quantizers"]
     r = mpi(2, ["-m", "mpitrain", "bench", "allreduce", "--repeats", 2, "--out", tmp_path])
     assert r.returncode == 0, r.stderr
     rows = (tmp_path / "allreduce-n2.csv").read_text().splitlines()
@@ -70,6 +70,22 @@ def test_bench_peer_runs_torch_ddp_beside_ours_from_one_launch(tmp_path):
     assert [(row["ranks"], row["arm"]) for row in rows] == [(n, arm) for n in (2, 4) for arm in (
         "ddp-dense", "ddp-powersgd", "dense", "powersgd", "greedylore")]
     assert all(row["median_step_ms"] > 0 and 0 < row["eval_accuracy"] <= 1 for row in rows)
+
+
+def test_bench_quantizers_tables_both_exchanges_against_dense(tmp_path):
+    n = 3
+    r = mpi(n, ["-m", "mpitrain", "bench", "quantizers", "--steps", 15, "--repeats", 1, "--out", tmp_path])
+    assert r.returncode == 0, r.stderr
+    rows = json.loads((tmp_path / f"quantizers-n{n}.json").read_text())["tables"]["quantizers"]
+    assert [row["arm"] for row in rows] == ["dense", "sparse-dither-gather", "sparse-dither-sharded", "qsgd-gather",
+                                            "qsgd-sharded"]
+    d = rows[0]["numel"]
+    for row in rows:
+        assert row["wall_s"] > 0 and 0 < row["eval_accuracy"] <= 1 and row["sent_bytes"] > 0
+        # what each exchange decodes a step: nothing (dense), every payload, or a share of each and every sum
+        want = {"dense": 0, "gather": n - 1, "sharded": (n - 2) * (d // n) / d + 1}[row["arm"].rpartition("-")[2]]
+        assert row["decoded_over_d"] == pytest.approx(want, abs=1e-12)  # rank 0's share: the first d // n
+    assert rows[0]["wall_over_dense"] == 1
 
 
 def test_bench_gpu_runs_every_arm_and_ddp_at_one_and_two_ranks_and_the_device_tests(tmp_path):

@@ -50,11 +50,12 @@ def test_n_ranks_follow_the_trajectory_of_one_process_with_n_times_the_batch(tmp
 QUANTIZER_THREADS = ["--overlap-encoding", "on"]
 
 
-@pytest.mark.parametrize("n,compressor", [(2, "dense"), (4, "dense"), (2, "powersgd"), (4, "greedylore"),
-                                          (2, "sparse-dither")])
-def test_overlapped_buckets_give_the_same_bits_and_bytes_as_one_exchange(tmp_path, n, compressor):
+@pytest.mark.parametrize("n,compressor,extra", [(2, "dense", []), (4, "dense", []), (2, "powersgd", []),
+                                                (4, "greedylore", []), (2, "sparse-dither", []),
+                                                (3, "sparse-dither", ["--quantizer-exchange", "sharded"])])
+def test_overlapped_buckets_give_the_same_bits_and_bytes_as_one_exchange(tmp_path, n, compressor, extra):
     flags = ["--steps", 12, "--model", "cnn", "--optimizer", "adam", "--lr", 0.003, "--eval-every", 0,
-             "--log-every", 1, "--compressor", compressor, "--start-compress-step", 2]
+             "--log-every", 1, "--compressor", compressor, "--start-compress-step", 2, *extra]
     quantizer = compressor == "sparse-dither"
     runs = {}
     for bucket_mb in (0, 0.02):  # 0.02 MB: the cnn's matrices make several buckets

@@ -313,9 +313,72 @@ EXCHANGED = [("sparse-dither", []), ("sparse-dither", ["--dither", "rand"]), ("q
              ("topk", ["--ratio", "0.2"]), ("spherical", ["--alpha", "0.5", "--block", "4"])]
 
 
+SHAPES = [(24, 40), (6, 30), (48, 16), (12, 12), (8, 3, 2, 2), (5,)]  # compress_stream.py's tensors
+FRAME = 1 + 4 * len(CONTROL) + 4  # version, control words, CRC; and 4 bytes of length a piece
+
+
 @pytest.mark.parametrize("name,extra", EXCHANGED)
 def test_every_rank_decodes_the_same_sum_of_what_each_sent(tmp_path, name, extra):
     n, steps = 3, 4
+    ranks = stream(tmp_path, n, steps, name, extra)
+    d = sum(math.prod(s) for s in SHAPES)
+    for t in range(steps):
+        stats = [eval_stats(rr["stats"][t]) for rr in ranks]
+        for rr, st in zip(ranks, stats):  # each rank's wire bytes: its payload + the size exchange
+            payload = sum(math.ceil(b / 8) for b in st["segment_bits"]) + FRAME + 4 * len(SHAPES)
+            assert rr["wire"][t] == payload + 8 * n
+            assert st["decoded_values"] == (n - 1) * d  # every other rank's payload, whole
+
+
+@pytest.mark.parametrize("name,extra", [EXCHANGED[i] for i in (0, 2, 4, 5)])
+def test_the_sharded_exchange_decodes_two_gradients_a_rank_and_keeps_every_residual(tmp_path, name, extra):
+    """At 4 ranks (auto: sharded) every rank decodes the ~d/4 values of its share from each other
+    rank's pieces, and the other shares' encoded sums: under 2d, where the gather exchange decodes
+    3d. The second
+    encoding's error joins the residual of the rank that encoded the sum, so what every rank
+    gets is still the sum of what each rank's residual says it sent."""
+    n, steps = 4, 4
+    ranks = stream(tmp_path, n, steps, name, extra)
+    d = sum(math.prod(s) for s in SHAPES)
+    ends = np.cumsum([0] + [math.prod(s) for s in SHAPES])
+    bounds = [j * d // n for j in range(n + 1)]
+    pieces = [sum(1 for a, b in zip(ends, ends[1:]) if max(a, lo) < min(b, hi)) for lo, hi in zip(bounds, bounds[1:])]
+    for t in range(steps):
+        for rank, rr in enumerate(ranks):
+            st = eval_stats(rr["stats"][t])
+            share = bounds[rank + 1] - bounds[rank]  # d / n, give or take a value
+            assert st["decoded_values"] == (n - 1) * share + d - share < 2 * d
+            bits = st["segment_bits"]  # its pieces of every share in share order, then its share's sum
+            assert len(bits) == sum(pieces) + pieces[rank]
+            sizes, at = [], 0
+            for count in pieces + [pieces[rank]]:
+                sizes.append(sum(math.ceil(b / 8) for b in bits[at:at + count]) + FRAME + 4 * count)
+                at += count
+            # the size exchange and the pieces for the other ranks; the size exchange and the sum
+            assert rr["wire"][t] == 8 * n + sum(sizes[:n]) - sizes[rank] + 8 * n + sizes[n]
+
+
+def test_the_sharded_exchange_of_an_unbiased_codec_stays_unbiased(tmp_path):
+    """qsgd without error feedback, sharded over 4 ranks: each share's sum is rounded twice, each
+    time without bias, so what every rank gets regresses on the true sum with slope 1, within five
+    standard errors of the slope (its errors are independent roundings given the true values)."""
+    n, steps = 4, 30
+    r = mpi(n, [WORKERS / "compress_stream.py", tmp_path, "noise", steps, "--compressor", "qsgd", "--levels", 2,
+                "--start-compress-step", 0, "--quantizer-exchange", "sharded"])
+    assert r.returncode == 0, r.stderr
+    ranks = [dict(np.load(tmp_path / f"rank-{k}.npz")) for k in range(n)]
+    true = sum(rr["g"].astype(np.float64) for rr in ranks)
+    error = ranks[0]["result"].astype(np.float64) - true
+    assert np.abs(error).max() > 0.1 * np.abs(true).max()  # two levels: coarse, and not vacuous
+    slope_error = np.sum(error * true) / np.sum(true ** 2)
+    standard_error = np.sqrt(np.sum(error ** 2 * true ** 2)) / np.sum(true ** 2)
+    assert abs(slope_error) < 5 * standard_error
+
+
+def stream(tmp_path, n: int, steps: int, name: str, extra: list) -> list[dict]:
+    """Each rank's record of `steps` exchanges of Gaussian noise with error feedback, checked for
+    what every exchange must hold: the same bits on every rank, and their sum what the ranks'
+    residuals say each sent, step by step and over all steps."""
     r = mpi(n, [WORKERS / "compress_stream.py", tmp_path, "noise", steps, "--compressor", name,
                 "--error-feedback", "on", *extra])
     assert r.returncode == 0, r.stderr
@@ -325,15 +388,11 @@ def test_every_rank_decodes_the_same_sum_of_what_each_sent(tmp_path, name, extra
         for rr in ranks:
             assert np.array_equal(rr["result"][t], ranks[0]["result"][t])  # bitwise, on every rank
         np.testing.assert_allclose(ranks[0]["result"][t], np.sum(sent, axis=0), rtol=1e-5, atol=1e-6)
-        stats = [eval_stats(rr["stats"][t]) for rr in ranks]
-        for rr, st in zip(ranks, stats):  # each rank's wire bytes: its payload + the size exchange
-            frame = 1 + 4 * len(CONTROL) + 4 * 6 + 4
-            payload = sum(math.ceil(b / 8) for b in st["segment_bits"]) + frame
-            assert rr["wire"][t] == payload + 8 * n
     # error feedback telescopes: sum of what was sent = sum of gradients - the last residual
     for rr in ranks:
         sent_total = sum(rr["g"][t].astype(np.float64) + rr["e_old"][t] - rr["e_new"][t] for t in range(steps))
         np.testing.assert_allclose(sent_total, rr["g"].astype(np.float64).sum(0) - rr["e_new"][-1], atol=1e-5)
+    return ranks
 
 
 def eval_stats(text):

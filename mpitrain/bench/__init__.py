@@ -31,6 +31,11 @@
               against our dense, powersgd and greedylore, at N = 2 and 4 (run it without mpiexec:
               it launches both) or at the launched N: median step time, final accuracy.
 
+  quantizers  the default job with sparse-dither and qsgd through the gather and the sharded exchange
+              (--quantizer-exchange), against dense, at N = 4 and 16 (run it without mpiexec: it
+              launches both) or at the launched N: wall time over dense's, values decoded a rank a
+              step over d, bytes, final accuracy beside the gather arm's.
+
   network     time to accuracy on an emulated cluster (root; run without mpiexec): 4 nodes x 1 rank
               at 0.1, 1 and 10 Gbit/s links and on shared memory, for the wide MLP and the 600-step
               LM: our dense, powersgd, greedylore, parameter averaging, auto, and torch DDP with and
@@ -66,7 +71,7 @@ from .overlap import OVERLAPPING
 from .common import write_tables
 
 MODULES = ("allreduce", "compress", "convergence", "checkpoint", "target", "guard", "peer", "project", "overlap",
-           "network", "gpu")
+           "network", "gpu", "quantizers")
 
 
 def benchmarks() -> dict:

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import torch
 
-from .. import models
+from .. import models, train
 from ..data import Dataset, locate
 from ..layout import GradLayout
 
@@ -21,6 +21,15 @@ DEFAULT_MODELS = (("mlp", "digits"), ("cnn", "digits"), ("transformer", "shakesp
 def layout_of(model_name: str, dataset: str, seed: int = 0) -> GradLayout:
     torch.manual_seed(seed)
     return GradLayout(models.build(model_name, Dataset(locate(dataset)).info))
+
+
+def train_job(world, cfg) -> tuple[list[dict], dict]:
+    """The command's loop on `cfg` (into cfg.run_dir): its metrics lines and its summary."""
+    run = train.prepare(cfg, world)
+    train.resume(run, world)
+    summary = train.train(run, world)
+    with open(os.path.join(cfg.run_dir, "metrics.jsonl")) as fh:
+        return [json.loads(line) for line in fh], summary
 
 
 def launch_env() -> dict:

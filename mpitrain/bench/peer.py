@@ -28,22 +28,13 @@ import torch
 from .. import api, models, train
 from ..config import Config
 from ..data import ShardedBatches, batch_for, open_dataset
-from .common import launch_each_size, launch_env, under_mpiexec
+from .common import launch_each_size, launch_env, train_job, under_mpiexec
 
 NAME = "peer"
 ABOUT = "torch DDP (gloo) +/- powerSGD_hook against our dense, powersgd and greedylore: step time, accuracy"
 ARMS = ("ddp-dense", "ddp-powersgd", "dense", "powersgd", "greedylore")
 SIZES = (2, 4)
 WARM = 20  # steps left out of the median (first-touch allocations, PowerSGD's dense start)
-
-
-def _ours(world, cfg: Config) -> tuple[list[float], float]:
-    run = train.prepare(cfg, world)
-    train.resume(run, world)
-    summary = train.train(run, world)
-    with open(os.path.join(cfg.run_dir, "metrics.jsonl")) as fh:
-        times = [x["step_time_s"] for x in map(json.loads, fh) if x["kind"] == "train"]
-    return times, summary["eval_accuracy"]
 
 
 def _address() -> str:
@@ -134,7 +125,8 @@ def bench_peer(world, out: str, steps: int = 0) -> list[dict]:
             lines = ddp_train(world, cfg, arm == "ddp-powersgd")
             times, accuracy = [x["step_time_s"] for x in lines if x["kind"] == "train"], lines[-1]["eval_accuracy"]
         else:
-            times, accuracy = _ours(world, cfg)
+            lines, summary = train_job(world, cfg)
+            times, accuracy = [x["step_time_s"] for x in lines if x["kind"] == "train"], summary["eval_accuracy"]
         wall = time.perf_counter() - t0
         step = np.array([np.median(times[WARM:])])
         world.allreduce_(step, op="max")

@@ -28,10 +28,11 @@ def torch_stream(seed: int, step: int, slot: int, purpose: Purpose) -> torch.Gen
     return torch.Generator().manual_seed(int(state >> 1))
 
 
-def rounding_key(seed: int, rank: int, step: int, slot: int) -> int:
-    """The Philox key of one rank's stochastic rounding of one tensor: the one stream that is not
-    shared, since each rank rounds its own values independently."""
-    return int(np.random.SeedSequence([int(seed), int(rank), int(step), int(slot)]).generate_state(1, np.uint64)[0])
+def rounding_key(seed: int, rank: int, step: int, slot: int, *part: int) -> int:
+    """The Philox key of one rank's stochastic rounding of one tensor (or of a `part` of it): the one
+    stream that is not shared, since each rank rounds its own values independently."""
+    words = [int(seed), int(rank), int(step), int(slot), *map(int, part)]
+    return int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0])
 
 
 def numpy_stream(seed: int, step: int, slot: int, purpose: Purpose) -> np.random.Generator:

@@ -1,4 +1,4 @@
-"""Allgatherv, Allreduce, Bcast and Gather (also with the root's part in place) with the per-call
+"""Allgatherv, Alltoallv, Allreduce, Bcast and Gather (also with the root's part in place) with the per-call
 limit lowered to a few hundred bytes, so that payloads go in pieces and rounds, compared with the
 same calls made whole.
 
@@ -36,6 +36,15 @@ def gathered_in_place():
 
 in_place_whole = gathered_in_place()
 
+
+def part(sender: int, to: int) -> np.ndarray:
+    """What `sender` sends `to` in the Alltoallv: uneven sizes, rank 1's part for rank 0 empty."""
+    size = 0 if (sender, to) == (1, 0) else 300 + 211 * sender + 57 * to
+    return np.random.default_rng([sender, to]).integers(0, 256, size=size, dtype=np.uint8)
+
+
+swapped_whole = world.alltoallv([part(world.rank, j) for j in range(world.size)])
+
 world.max_message_bytes = 256
 gathered = [world.allgatherv(p) for p in payloads]
 calls_in_pieces = world.calls - calls
@@ -43,9 +52,12 @@ summed = world.allreduce_(floats.copy())
 shared = world.bcast_(floats.copy() if world.rank == 0 else np.zeros_like(floats))
 stacked = world.gather(floats[:900].copy())
 in_place = gathered_in_place()
+swapped = world.alltoallv([part(world.rank, j) for j in range(world.size)])
 
 equal = all(np.array_equal(a, b) for whole, part in zip(gathered_whole, gathered) for a, b in zip(whole, part))
 equal &= all(len(whole) == world.size for whole in gathered)
+equal &= all(np.array_equal(a, part(i, world.rank)) and np.array_equal(b, a)
+             for i, (a, b) in enumerate(zip(swapped_whole, swapped, strict=True)))
 equal &= np.array_equal(summed_whole, summed) and np.array_equal(shared_whole, shared)
 equal &= world.rank != 0 or all(np.array_equal(stacked_whole, x) for x in (stacked, in_place_whole, in_place))
 # one size exchange + one Allgatherv per payload whole; in pieces, the largest payload alone takes
