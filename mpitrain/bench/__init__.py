@@ -101,6 +101,8 @@ def parse(argv, world):
                         "once per seed, their mean and spread tabled (default: the job's own seed, once)")
     parser.add_argument("--links", default=",".join(LINKS), help="network: comma-separated link rates of the "
                         "emulated clusters (default " + ",".join(LINKS) + ")")
+    parser.add_argument("--quantizer-exchange", default="auto", choices=("auto", "sharded", "gather"),
+                        help="bytes-to-target: the quantizers' exchange (auto: sharded from 4 ranks on)")
     parser.add_argument("--compressors", default="dense", help="overlap: comma-separated compressors whose "
                         "exchange (dense), first round (powersgd, greedylore) or encoding (quantizers) overlaps backward")
     args = parser.parse_args(argv)

@@ -46,12 +46,13 @@ def logistic_problem(world, lam: float = 1e-2):
 
 
 def bench_bytes_to_target(world, out: str, error_feedback: str, target: float = 1e-4,
-                          max_steps: int = 20000) -> list[dict]:
+                          max_steps: int = 20000, quantizer_exchange: str = "auto") -> list[dict]:
     """error_feedback "off" is the paper's plain compressed gradient descent; "auto" the product's."""
     a, y, mine, lam, x_star, smooth = logistic_problem(world)
     rows, curves = [], {}
     for arm, overrides in TARGET_ARMS.items():
-        cfg = dataclasses.replace(Config(), error_feedback=error_feedback, **overrides)
+        cfg = dataclasses.replace(Config(), error_feedback=error_feedback, quantizer_exchange=quantizer_exchange,
+                                  **overrides)
         holder = torch.nn.Module()
         holder.x = torch.nn.Parameter(torch.zeros(a.shape[1]))
         layout = GradLayout(holder)
@@ -78,7 +79,8 @@ def bench_bytes_to_target(world, out: str, error_feedback: str, target: float = 
         rows.append({"arm": arm, "ranks": world.size, "reached": reached, "steps": step + 1,
                      "final_error": error, "wire_bytes_to_target": wire if reached else None,
                      "codec_bytes_to_target": codec_bits / 8 if reached else None,
-                     "error_feedback": comp.error_feedback})
+                     "error_feedback": comp.error_feedback,
+                     "exchange": {True: "sharded", False: "gather"}.get(getattr(comp, "sharded", None), "-")})
     basic = rows[0]
     topks = [r for r in rows if r["arm"].startswith("topk") and r["reached"]]
     best = min(topks, key=lambda r: r["wire_bytes_to_target"]) if topks else None
@@ -117,4 +119,5 @@ def _plot_target(curves: dict, arms: list[str], path: str, target: float, title:
 
 
 def run(world, args) -> dict:
-    return {f"error feedback {ef}": bench_bytes_to_target(world, args.out, ef) for ef in ("off", "auto")}
+    return {f"error feedback {ef}": bench_bytes_to_target(world, args.out, ef, quantizer_exchange=args.quantizer_exchange)
+            for ef in ("off", "auto")}
