@@ -9,7 +9,8 @@ and sharded (each rank decodes its share of every payload and the encoded sums o
 Per arm: the training loop's wall time (the slowest rank's) and its ratio to dense's in the same
 run, the median step, the values each rank decodes a step (its ratio to d, the gradient's
 values), the bytes each rank sends a step, and the final eval accuracy beside the gather arm's.
-With --repeats R each arm trains R times, arms interleaved, and the medians are tabled.
+With --repeats R each arm trains min(R, 3) times (R defaults to 100, a count meant for the
+micro-benchmarks), arms interleaved, and the medians are tabled.
 """
 from __future__ import annotations
 
