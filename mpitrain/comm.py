@@ -150,6 +150,7 @@ class World(PayloadCollectives):
         self.host_size = host.Get_size()
         self.local_rank = self._node.Get_rank()
         self.local_size = self._node.Get_size()
+        self._network = None  # the ranks of this local rank on every node, for two-level collectives
         self._watch = StallWatch(self, self._comm.Dup())  # its communicator never carries data
         self.sent_bytes = 0
         self.calls = 0  # collective calls made (a piece of a large message is a call)
@@ -294,9 +295,24 @@ class World(PayloadCollectives):
             return
         self._watch.wait(what, start().Test)
 
-    # -- for benchmarks only: the bare library call, uncounted -----------------------------
+    # -- for benchmarks only: bare library calls, uncounted ----------------------------------
     def raw_allreduce_(self, arr: np.ndarray):
         self._comm.Allreduce(MPI.IN_PLACE, arr, op=MPI.SUM)
+
+    def two_level_allreduce_(self, arr: np.ndarray):
+        """arr (contiguous) summed over every rank in two levels: within the node (Reduce_scatter:
+        each local rank gets the node's sum of its 1/local_size share), across the nodes among the
+        ranks that hold the same share (Allreduce), within the node again (Allgatherv). Needs every
+        node to have the same number of ranks. `bench allreduce` times it against the flat call."""
+        if self._network is None:  # made on first use, by every rank at once (a collective)
+            self._network = self._comm.Split(self.local_rank, key=self.rank)
+        flat, k = arr.reshape(-1), self.local_size
+        bounds = np.array([j * flat.size // k for j in range(k + 1)])
+        counts, displs = np.diff(bounds), bounds[:-1]
+        share = np.empty(int(counts[self.local_rank]), dtype=flat.dtype)
+        self._node.Reduce_scatter(flat, share, recvcounts=counts, op=MPI.SUM)
+        self._network.Allreduce(MPI.IN_PLACE, share, op=MPI.SUM)
+        self._node.Allgatherv(share, [flat, (counts, displs)])
 
     @staticmethod
     def library_version() -> str:

@@ -10,9 +10,9 @@ import h5py
 import numpy as np
 import pytest
 
-from helpers import ROOT, WORKERS, env, mpi, trainer
+from helpers import MPIEXEC, ROOT, WORKERS, env, mpi, run, trainer
 from mpitrain import compress
-from mpitrain.comm import STALLED
+from mpitrain.comm import NODE_ENV, STALLED
 from test_checkpoint import COMMON, run_and_dump
 
 
@@ -163,6 +163,19 @@ def test_a_hostile_checkpoint_is_one_line_exit_2_and_auto_falls_back(tmp_path, e
     r = trainer(2, "--run-dir", tmp_path, "--steps", 6, *COMMON)
     assert r.returncode == 0, r.stderr
     assert "ckpt-000000004.h5 failed verification" in r.stdout and "at step 2" in r.stdout
+
+
+def test_the_two_level_allreduce_is_the_flat_one_bit_for_bit_over_two_nodes(tmp_path):
+    """Two nodes of two ranks (named by MPITRAIN_NODE, as `mpitrain emulate` names them): node
+    reduce-scatter, network Allreduce, node allgather give the flat sum of integer-valued floats
+    exactly, for fewer values than ranks, uneven shares and even ones."""
+    block = lambda node: ["-n", "2", "env", f"{NODE_ENV}={node}", sys.executable,  # noqa: E731
+                          WORKERS / "two_level.py", tmp_path]
+    r = run([MPIEXEC, *block("a"), ":", *block("b")], timeout=60)
+    assert r.returncode == 0, r.stderr
+    got = [json.loads((tmp_path / f"rank-{rank}.json").read_text()) for rank in range(4)]
+    assert [(g["node"], g["local"]) for g in got] == [("a", [0, 2]), ("a", [1, 2]), ("b", [0, 2]), ("b", [1, 2])]
+    assert all(g["agree"] == [True] * 4 for g in got)
 
 
 def test_a_nodes_ranks_share_one_run_of_node_first_and_its_result(tmp_path):

@@ -2,7 +2,9 @@
 `python -m mpitrain bench --list` names them. One module per benchmark, shared helpers in common.py.
 
   allreduce   the trainer's dense aggregation path against a bare mpi4py Allreduce of the same
-              bytes, interleaved in one run, for the default models.
+              bytes, interleaved in one run, for the default models; on several nodes of the
+              same number of ranks (e.g. under `mpitrain emulate --ranks-per-node 2`) also a
+              two-level sum: node reduce-scatter, network Allreduce, node allgather.
   compress    per model and compressor (dense, greedylore, greedylore-paper, powersgd, random, lazy
               at r = 4, 8, 32): bytes counted on a refresh and on a compressed step, amortised
               over the refresh schedule; compressor time against one forward+backward; the
