@@ -270,23 +270,11 @@ class Exchanged(Compressor):
         kernels().narrow(self.total[lo:hi], self.grads[lo:hi])  # this share's sum, to encode again
         residual = self.feedback.target()
         for piece in mine:
-            self.encode_piece(piece, step, residual, 2, self.sum_norm(piece))
+            self.encode_piece(piece, step, residual, 2)
         self.segment_bits += [self.segments[2, p.index][1] for p in mine]
         self.total[lo:hi] = 0.0
         self.receive(self.world.allgatherv(self.payloads.frame(self.segments, mine, summed, 2)), step, self.shares, 2, summed)
         return summed
-
-    def sum_norm(self, piece: Piece) -> float | None:
-        """The norm a piece of a share's sum is encoded with, where the codec scales by one: its own
-        scaled up to its whole tensor's length, sqrt(numel / piece) ||piece||. The owner holds only
-        its share of the summed tensor, so this is the whole one's norm were its energy spread as in
-        the piece. It bounds every value, so the levels stay unbiased, and prices the piece at about
-        its part of the whole tensor's bits (the default job's qsgd at 16 ranks: 4.77 KB a rank a
-        step, 4.93 with the piece's own norm; gather 4.26)."""
-        size = piece.hi - piece.lo
-        if not self.codec.norm_scaled or size == piece.slot.numel:
-            return None
-        return norm64(self.grads[piece.lo:piece.hi]) * math.sqrt(piece.slot.numel / size)
 
     def state_dict(self, copy: bool = True) -> dict:
         return {"local": self.feedback.state_dict(copy), "shared": {}}
