@@ -216,24 +216,6 @@ def test_qsgd_unbiased_variance_levels_and_bits():
         assert bits == codec.bits(v, 7), name  # the same key: the same random levels
 
 
-def test_a_qsgd_piece_encoded_with_its_tensors_norm_rounds_as_the_whole_tensors_encoding():
-    """The sharded exchange cuts tensors in pieces: given the whole tensor's norm, a piece carries
-    that norm and (with the same draws) exactly the levels the whole tensor's encoding gives its
-    values, so it costs its part of the gather exchange's bits; with its own, smaller norm it would
-    round to more nonzero levels."""
-    codec = codecs.QSGD(cfg(levels=4))
-    x = vectors(1000)["gaussian"]
-    whole, own = codec.encode(x, BitWriter(), 7).copy(), []
-    piece = x[:250]
-    for norm in (codecs.norm64(x), None):
-        w = BitWriter()
-        y = codec.encode(piece, w, 7, norm=norm)
-        assert np.array_equal(codec.decode(BitReader(w.bytes()), piece.size, 7), y)
-        own.append(np.count_nonzero(y))
-    assert np.array_equal(codec.encode(piece, BitWriter(), 7, norm=codecs.norm64(x)), whole[:250])
-    assert own[0] == np.count_nonzero(whole[:250]) < own[1]
-
-
 def test_natural_compression_powers_of_two_unbiased_nine_bits_no_clamping():
     codec = codecs.Natural(cfg())
     x = np.array([1.0, 0.75, -3.0, 1e30, -1e-30, 2.0 ** -126, 1e-44, 0.0, 2.0 ** 17 * 1.3], dtype=np.float32)

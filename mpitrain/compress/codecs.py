@@ -63,14 +63,8 @@ class Codec:
         self.cfg = cfg
         self._kept: dict[str, np.ndarray] = {}
 
-    # Scales a tensor by its norm (qsgd): a piece of one, encoded with the whole tensor's norm, draws
-    # its levels as the whole tensor's encoding would, and costs that encoding's bits for its part
-    norm_scaled = False
-
-    def encode(self, x: np.ndarray, w: BitWriter, key: int, out: np.ndarray | None = None,
-               norm: float | None = None) -> np.ndarray:
-        """Write x's code; return exactly what decode will produce (float32), in `out` if given.
-        `norm`: where x is a piece of a tensor, that tensor's norm (used where `norm_scaled`)."""
+    def encode(self, x: np.ndarray, w: BitWriter, key: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Write x's code; return exactly what decode will produce (float32), in `out` if given."""
         raise NotImplementedError
 
     def decode(self, r: BitReader, d: int, key: int, out: np.ndarray | None = None) -> np.ndarray:
@@ -140,7 +134,7 @@ class SparseDither(Codec):
         marked, param = options[zeros_marked]
         return zeros_marked, marked, param, bits[zeros_marked], nonzero_at, total
 
-    def encode(self, x, w, key, out=None, norm=None):
+    def encode(self, x, w, key, out=None):
         check_finite(x)
         d = x.size
         gamma, k = self.levels(x, key, self.kept("levels", d, np.int64))
@@ -177,12 +171,8 @@ class SparseDither(Codec):
 class QSGD(Codec):
     """Stochastic rounding of |x_i|/||x|| to s levels (unbiased), Elias-coded (Alistarh et al.)."""
 
-    norm_scaled = True
-
-    def levels(self, x, key, k=None, norm=None):
-        """(the scale, integer levels k <= s): |x_i| / scale rounded stochastically to s levels; the
-        scale is x's norm, or `norm` (>= every |x_i|: the norm of the tensor x is a piece of)."""
-        s, nrm = self.cfg.levels, np.float32(norm64(x) if norm is None else norm)
+    def levels(self, x, key, k=None):
+        s, nrm = self.cfg.levels, np.float32(norm64(x))
         k = np.empty(x.size, dtype=np.int64) if k is None else k
         if nrm != 0:
             kernels().stochastic_levels(x, float(s), float(nrm), _draws(key, x.size, self.kept("draws", x.size, np.float64)),
@@ -195,9 +185,9 @@ class QSGD(Codec):
         mag = (nrm / np.float32(self.cfg.levels)) * k.astype(np.float32)
         return np.where(negative, -mag, mag).astype(np.float32)
 
-    def encode(self, x, w, key, out=None, norm=None):
+    def encode(self, x, w, key, out=None):
         check_finite(x)
-        nrm, k = self.levels(x, key, self.kept("levels", x.size, np.int64), norm)
+        nrm, k = self.levels(x, key, self.kept("levels", x.size, np.int64))
         w.fixed(int(np.array(nrm).view(np.uint32)), 32)
         w.gamma([np.count_nonzero(k) + 1])
         w.body(kernels().write_sparse_gamma, kernels().sparse_gamma_bits(k), x, k)
@@ -249,7 +239,7 @@ class Natural(Codec):
         bits = (np.asarray(code, dtype=np.uint32) << 23) | (np.asarray(negative, dtype=np.uint32) << 31)
         return bits.view(np.float32)
 
-    def encode(self, x, w, key, out=None, norm=None):
+    def encode(self, x, w, key, out=None):
         check_finite(x)
         code = self.codes(x, key, self.kept("codes", x.size, np.int64))
         w.body(kernels().write_natural, 9 * x.size, _float_bits(x), code)
@@ -285,7 +275,7 @@ class TopK(Codec):
     def k(self, d):
         return min(d, max(1, math.ceil(self.cfg.ratio * d)))
 
-    def encode(self, x, w, key, out=None, norm=None):
+    def encode(self, x, w, key, out=None):
         check_finite(x)
         idx = top_k_indices(np.abs(x), self.k(x.size))
         w.fixed(idx, _width(x.size - 1))

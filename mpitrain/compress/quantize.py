@@ -19,7 +19,7 @@ from ..layout import all_finite
 from .base import Buckets, Compressor, kernels, register
 from .bitcodec import BitReader, BitWriter, PayloadError
 from .feedback import ErrorFeedback
-from .codecs import QSGD, Natural, SparseDither, TopK, norm64
+from .codecs import QSGD, Natural, SparseDither, TopK
 from .spherical import Spherical
 from .streams import Purpose, numpy_stream, rounding_key
 
@@ -180,23 +180,17 @@ class Exchanged(Compressor):
         return True
 
     def encode_slot(self, slot, step: int, residual) -> None:
-        """One tensor of p into `segments`, and p - C(p) into `residual` (if kept). Cut in pieces, a
-        tensor is encoded with its whole norm where the codec scales by one: each value is rounded
-        as in the gather exchange, at the same expected bits (`bench quantizers`: with each piece's
-        own norm, qsgd's bytes grew with the ranks)."""
-        pieces = self.pieces_of[slot.index]
-        norm = (norm64(self.grads[slot.offset:slot.offset + slot.numel])
-                if len(pieces) > 1 and self.codec.norm_scaled else None)
-        for piece in pieces:
-            self.encode_piece(piece, step, residual, 1 if self.sharded else 0, norm)
+        """One tensor of p into `segments`, and p - C(p) into `residual` (if kept)."""
+        for piece in self.pieces_of[slot.index]:
+            self.encode_piece(piece, step, residual, 1 if self.sharded else 0)
 
-    def encode_piece(self, piece: Piece, step: int, residual, phase: int, norm: float | None = None) -> None:
+    def encode_piece(self, piece: Piece, step: int, residual, phase: int) -> None:
         """The values of the flat buffer under `piece` into `segments`, and what the encoding left
         out into `residual` (if kept): written there in phases 0 and 1 (p - C(p)), added in phase 2
-        (the share's sum s - C(s)). `norm`: the whole tensor's, for a codec that scales by it."""
+        (the share's sum s - C(s))."""
         p, sent = self.grads[piece.lo:piece.hi], self.sent[piece.lo:piece.hi]
         w = BitWriter()
-        self.codec.encode(p, w, self.payloads.key(self.world.rank, step, piece, phase), out=sent, norm=norm)
+        self.codec.encode(p, w, self.payloads.key(self.world.rank, step, piece, phase), out=sent)
         if residual is not None and phase == 2:
             residual[piece.lo:piece.hi] += np.subtract(p, sent, out=self.codec.kept("left", p.size, np.float32))
         elif residual is not None:

@@ -98,7 +98,7 @@ class Spherical(Codec):
             pending = pending[~ok]
         return found
 
-    def encode(self, x, w, key, out=None, norm=None):
+    def encode(self, x, w, key, out=None):
         check_finite(x)
         starts = np.arange(0, x.size, self.m)
         sizes = np.minimum(self.m, x.size - starts)
