@@ -88,7 +88,6 @@ def ef_policy(cfg, compressor) -> str:
     return cfg.ef_resume
 
 
-
 def intact(ckpt_dir: Path) -> str:
     """What is left to resume from, for a message about a checkpoint that was not written."""
     last = (ckpt_dir / "latest").read_text().strip() if (ckpt_dir / "latest").is_file() else None
@@ -178,6 +177,7 @@ def gather(contents: Contents, world, policy: str) -> dict:
         copy_into(buf[0], arr)  # rank 0's own part on torch's threads: MPI's copy of it runs on one
         return world.gather(buf[0], out=buf)
     own = {}
+    contents.compressor.collect_state()
     residual = contents.compressor.state_dict(copy=False).get("local", {}).get("residual")
     if residual is not None and policy == "mean":  # the sum of shares: the mean residual
         own["residual"] = world.allreduce_(WRITER.snapshot("residual", residual)[0] if world.rank == 0 else

@@ -20,6 +20,7 @@ Large messages. MPI counts are C ints; no single call here moves more than `max_
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import sys
@@ -150,7 +151,7 @@ class World(PayloadCollectives):
         self.host_size = host.Get_size()
         self.local_rank = self._node.Get_rank()
         self.local_size = self._node.Get_size()
-        self._network = None  # the ranks of this local rank on every node, for two-level collectives
+        self._levels = None  # `node()`: the node and the network, for two-level collectives
         self._watch = StallWatch(self, self._comm.Dup())  # its communicator never carries data
         self.sent_bytes = 0
         self.calls = 0  # collective calls made (a piece of a large message is a call)
@@ -304,15 +305,20 @@ class World(PayloadCollectives):
         each local rank gets the node's sum of its 1/local_size share), across the nodes among the
         ranks that hold the same share (Allreduce), within the node again (Allgatherv). Needs every
         node to have the same number of ranks. `bench allreduce` times it against the flat call."""
-        if self._network is None:  # made on first use, by every rank at once (a collective)
-            self._network = self._comm.Split(self.local_rank, key=self.rank)
+        node = self.node()
         flat, k = arr.reshape(-1), self.local_size
-        bounds = np.array([j * flat.size // k for j in range(k + 1)])
-        counts, displs = np.diff(bounds), bounds[:-1]
+        counts = np.diff([j * flat.size // k for j in range(k + 1)])
         share = np.empty(int(counts[self.local_rank]), dtype=flat.dtype)
-        self._node.Reduce_scatter(flat, share, recvcounts=counts, op=MPI.SUM)
-        self._network.Allreduce(MPI.IN_PLACE, share, op=MPI.SUM)
-        self._node.Allgatherv(share, [flat, (counts, displs)])
+        node.comm.Reduce_scatter(flat, share, recvcounts=counts, op=MPI.SUM)
+        node.network._comm.Allreduce(MPI.IN_PLACE, share, op=MPI.SUM)
+        node.comm.Allgatherv(share, [flat, (counts, np.cumsum(counts) - counts)])
+
+    def node(self) -> "Node":
+        """This rank's node and network for two-level collectives, made on first use by every rank at
+        once (a collective)."""
+        if self._levels is None:
+            self._levels = Node(self)
+        return self._levels
 
     @staticmethod
     def library_version() -> str:
@@ -321,6 +327,61 @@ class World(PayloadCollectives):
     @staticmethod
     def wtime() -> float:
         return MPI.Wtime()
+
+
+class Node:
+    """Counted collectives among the ranks of this rank's node (shared memory on a real node, cheap
+    beside the network), and `network`: a World of the ranks with this rank's local rank, one per
+    node, for the two-level exchange (`compress/hierarchy.py`). Their waits keep the world's stall
+    deadline, and a stall is named in world ranks. Every node must have the same number of ranks."""
+
+    def __init__(self, world: World):
+        self.world, self.comm = world, world._node
+        self.rank, self.size = world.local_rank, world.local_size
+        network = copy.copy(world)  # shares the world's stall watch, which names world ranks
+        network._comm = world._comm.Split(world.local_rank, key=world.rank)
+        network.rank, network.size = network._comm.Get_rank(), network._comm.Get_size()
+        network.local_rank, network.local_size, network.sent_bytes, network.calls = 0, 1, 0, 0
+        self.network = network
+
+    def _fits(self, arr: np.ndarray) -> np.ndarray:  # MPI counts are C ints; pieces are not built here
+        assert arr.nbytes <= self.world.max_message_bytes, "a two-level exchange of over 2 GiB"
+        return arr
+
+    def reduce_scatter_(self, flat: np.ndarray, share: np.ndarray, counts: list[int]):
+        """share = the node's sum of flat's part for this local rank, flat cut in parts of `counts`."""
+        self.world.sent_bytes += self._fits(flat).nbytes
+        self.world._run("Reduce_scatter", lambda: self.comm.Ireduce_scatter(flat, share, counts, op=MPI.SUM),
+                        lambda: self.comm.Reduce_scatter(flat, share, recvcounts=counts, op=MPI.SUM))
+
+    def allgatherv_(self, share: np.ndarray, flat: np.ndarray, counts: list[int]):
+        """Every local rank's share into its part of flat (the inverse of `reduce_scatter_`'s cut)."""
+        self.world.sent_bytes += share.nbytes
+        recv = [self._fits(flat), (counts, np.cumsum(counts) - counts)]
+        self.world._run("Allgatherv", lambda: self.comm.Iallgatherv(share, recv),
+                        lambda: self.comm.Allgatherv(share, recv))
+
+    def gatherv(self, part: np.ndarray, counts: list[int]) -> np.ndarray | None:
+        """Every local rank's part, end to end, on local rank 0 (None elsewhere)."""
+        self.world.sent_bytes += part.nbytes
+        out = np.empty(int(sum(counts)), dtype=part.dtype) if self.rank == 0 else None
+        recv = [out, (counts, np.cumsum(counts) - counts)] if out is not None else None
+        self.world._run("Gatherv", lambda: self.comm.Igatherv(part, recv), lambda: self.comm.Gatherv(part, recv))
+        return out
+
+    def allreduce_(self, arr: np.ndarray) -> np.ndarray:
+        self.world.sent_bytes += self._fits(arr).nbytes
+        self.world._run("Allreduce", lambda: self.comm.Iallreduce(MPI.IN_PLACE, arr, op=MPI.SUM),
+                        lambda: self.comm.Allreduce(MPI.IN_PLACE, arr, op=MPI.SUM))
+        return arr
+
+    def texts(self, text: str) -> list[str]:
+        """Every local rank's text, in local rank order."""
+        mine = np.frombuffer(text.encode(), dtype=np.uint8)
+        counts = self.allreduce_(np.where(np.arange(self.size) == self.rank, mine.size, 0))
+        got = np.empty(int(counts.sum()), dtype=np.uint8)
+        self.allgatherv_(mine, got, counts.tolist())
+        return [bytes(got[a:a + c]).decode() for a, c in zip(np.cumsum(counts) - counts, counts)]
 
 
 class StallWatch:

@@ -13,6 +13,7 @@ carries the dense tensors, so agreeing on them costs no extra message.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -165,10 +166,23 @@ class GradLayout:
         parameters stay this layout's."""
         twin = copy.copy(self)
         twin.device = torch.device("cpu")
-        twin.flat = torch.zeros(self.flat.numel(), dtype=torch.float32, pin_memory=self.device.type == "cuda")
-        twin.grads, twin.control = twin.flat[:self.numel], Control(twin.flat[self.numel:])
-        twin.flat_np, twin.params_np = twin.flat.numpy(), None
-        return twin
+        return twin._over(torch.zeros(self.flat.numel(), dtype=torch.float32, pin_memory=self.device.type == "cuda"))
+
+    def part(self, first: int, last: int) -> "GradLayout":
+        """Slots [first, last) as a layout of their own over a new flat buffer (with control words of
+        its own), for a compressor that serves those slots alone (`compress/hierarchy.py`). The
+        slots keep their index, which keys their shared random draws; their offsets start at 0."""
+        part, base = copy.copy(self), self.slots[first].offset
+        part.slots = [dataclasses.replace(s, offset=s.offset - base) for s in self.slots[first:last]]
+        part.matrices, part.dense = [s for s in part.slots if s.is_matrix], [s for s in part.slots if not s.is_matrix]
+        part.numel, part.tensors, part.params = sum(s.numel for s in part.slots), [], None
+        part.dense_offset = part.dense[0].offset if part.dense else part.numel
+        return part._over(torch.zeros(part.numel + len(CONTROL), dtype=torch.float32, device=self.device))
+
+    def _over(self, flat: torch.Tensor) -> "GradLayout":
+        self.flat, self.grads, self.control = flat, flat[:self.numel], Control(flat[self.numel:])
+        self.flat_np, self.params_np = flat.numpy() if flat.device.type == "cpu" else None, None
+        return self
 
     def check_bound(self):
         """Raise if anything replaced a parameter or gradient tensor behind the layout's back."""

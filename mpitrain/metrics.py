@@ -5,7 +5,8 @@ metrics.jsonl holds one JSON object per line, each with a `kind`:
   train    step (steps completed), loss (mean over ranks; 0.0 on a skipped step), skipped (this step's
            loss or gradients were non-finite on some rank: no optimizer step), lr, wire_bytes, dense_bytes,
            step_time_s, exchange_s (of it, the time spent in the exchange after backward), elapsed_s (since this run started), wire_bytes_total, skipped_steps (so far),
-           rebroadcasts, + compressor stats
+           rebroadcasts, + compressor stats (with --hierarchy node: network_bytes and node_bytes, this
+           rank's wire_bytes split by where they travel, and node_network_bytes, its node's ranks' summed)
   eval     step, eval_loss, eval_accuracy (classifiers) or eval_bpc (character LM), elapsed_s, and
            wire_bytes_total (this rank's training bytes so far, for plots against bytes)
   round    (--average-every > 1) step, round, wire_bytes (this round's: the report and the compressed
@@ -94,7 +95,7 @@ class RunLog:
             self._tb = SummaryWriter(os.path.join(cfg.run_dir, "tensorboard"))
 
     def start(self, size: int, batches, chosen: bool, first_step: int = 0, nodes: list[str] = (),
-              devices: list[str] = ()):
+              devices: list[str] = (), two_level: bool = False):
         """The start-up line: what is trained, on how many ranks, with what batch; then the bar."""
         if not self.active:
             return
@@ -107,7 +108,8 @@ class RunLog:
         each = f"{micro} samples per rank" + (f" x {cfg.accumulate} micro-batches" if cfg.accumulate > 1 else "")
         print(f"mpitrain: {cfg.model} on {cfg.dataset} ({rows} training rows), {size} ranks x {each} "
               f"= global batch {size * batches.batch}{how}, {batches.steps_per_epoch} steps per "
-              f"epoch{on_nodes(nodes)}{on_devices(nodes, devices)}; compressor {cfg.compressor}{averaging}, "
+              f"epoch{on_nodes(nodes)}{on_devices(nodes, devices)}; compressor {cfg.compressor}"
+              f"{' per node share, across the nodes (--hierarchy node)' if two_level else ''}{averaging}, "
               f"{cfg.steps} steps, run dir {cfg.run_dir}", flush=True)
         if cfg.progress == "always" or (cfg.progress == "auto" and sys.stdout.isatty()):
             self.bar = tqdm(total=self.total, initial=first_step, unit="step", dynamic_ncols=True, file=sys.stdout)

@@ -132,7 +132,7 @@ def train(run: Run, world) -> dict:
     cfg, exchange, optimizer = run.cfg, run.exchange, run.optimizer
     evaluate, log = Evaluator(run, world), RunLog(cfg, world, cfg.steps)
     log.start(world.size, run.batches, run.batch_chosen, run.start_step, world.node_names(),
-              world.gather_text(device.describe(exchange.device)))
+              world.gather_text(device.describe(exchange.device)), exchange.compressor.two_level)
     world.take_sent_bytes()
     wire_total, eval_bytes, skipped, skipped_rounds, rebroadcasts = run.wire_bytes_total, 0, 0, 0, 0
     started = time.perf_counter()

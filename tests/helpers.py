@@ -37,3 +37,10 @@ def trainer(n: int, *flags, timeout=120, **extra_env) -> subprocess.CompletedPro
     if n == 0:
         return run([sys.executable] + args, timeout=timeout, **extra_env)
     return mpi(n, args, timeout=timeout, **extra_env)
+
+
+def two_nodes(*args) -> list:
+    """The command line of mpiexec running `python ARGS` on two emulated nodes of two ranks each, named
+    a and b as `mpitrain emulate` names its nodes (MPITRAIN_NODE)."""
+    block = lambda node: ["-n", "2", "env", f"MPITRAIN_NODE={node}", sys.executable, *map(str, args)]  # noqa: E731
+    return [MPIEXEC, *block("a"), ":", *block("b")]

@@ -11,7 +11,7 @@ import h5py
 import numpy as np
 import pytest
 
-from helpers import MPIEXEC, ROOT, WORKERS, env, mpi, trainer
+from helpers import MPIEXEC, ROOT, WORKERS, env, mpi, run, trainer, two_nodes
 from mpitrain import checkpoint
 
 COMMON = ["--lr-schedule", "constant", "--warmup-steps", 0, "--eval-every", 0, "--log-every", 1]
@@ -67,6 +67,32 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, compressor, optimizer, ext
             # noise (~1e-10), which Adam turns into full +-lr steps, so those weights wander by
             # rounding alone (they feed nothing: the losses above agree to 1e-5). Bound the whole.
             assert np.linalg.norm(resumed - whole) < 1e-2 * np.linalg.norm(whole - start)
+
+
+@pytest.mark.parametrize("compressor,policy", [("greedylore", "gather"), ("powersgd", "mean")])
+def test_the_two_level_exchange_resumes_as_it_would_have_run_on(tmp_path, compressor, policy):
+    """--hierarchy node on two nodes of two ranks: each share's residual and basis are saved in a flat
+    compressor's places and come back to the share's ranks: every rank's own (gather) resumes bit
+    for bit, the ranks' sum (mean) to rounding."""
+    flags = [*COMMON, "--compressor", compressor, "--hierarchy", "node", "--start-compress-step", 3,
+             "--refresh-every", 4, "--rank", 2, "--ef-resume", policy]
+
+    def train(folder, steps):
+        folder.mkdir(exist_ok=True)
+        r = run(two_nodes(WORKERS / "train_and_dump.py", folder, *flags, "--run-dir", folder, "--steps", steps))
+        assert r.returncode == 0, r.stderr
+        return np.load(folder / "params-0.npy"), r
+    whole, _ = train(tmp_path / "whole", 16)
+    train(tmp_path / "part", 8)
+    resumed, r = train(tmp_path / "part", 16)
+    assert "resumed from" in r.stdout and "ckpt-000000008.h5" in r.stdout
+    assert not np.array_equal(resumed, np.load(tmp_path / "part" / "params-init.npy"))
+    if policy == "gather":
+        assert np.array_equal(resumed, whole)
+    else:
+        assert np.allclose(losses(tmp_path / "part")[-16:], losses(tmp_path / "whole"), rtol=1e-5, atol=0)
+    with h5py.File(tmp_path / "part" / "checkpoints" / "ckpt-000000008.h5", "r") as f:  # a flat compressor's names
+        assert set(f["compressor/residual"][policy if policy == "mean" else "per_rank"]) >= {"1.weight", "3.weight"}
 
 
 def test_resume_on_another_world_size_trains_on_for_linear_compressors(tmp_path):

@@ -5,7 +5,33 @@ import json
 import numpy as np
 import pytest
 
-from helpers import WORKERS, mpi
+from helpers import WORKERS, mpi, run, two_nodes
+from mpitrain.comm import STALLED
+
+
+def test_the_two_level_exchange_is_a_flat_exchange_of_the_node_sums(tmp_path):
+    """--hierarchy node over two nodes of two ranks: each step's gradients equal, bit for bit, those of
+    a flat exchange among the nodes of their summed gradients (dense; powersgd, greedylore-paper and
+    top-k, whose selections and factors are per matrix), the agreed loss is every rank's mean, every
+    rank ends with the same parameters, a node's network bytes are one rank's flat payload plus
+    the control words each share carries (12 bytes each but the last's), and a checkpoint loaded
+    into a new exchange takes the next step as the saved one does."""
+    r = run(two_nodes(WORKERS / "hierarchy.py", tmp_path), timeout=240)
+    assert r.returncode == 0, r.stderr
+    got = [json.loads((tmp_path / f"rank-{rank}.json").read_text()) for rank in range(4)]
+    assert [(g["node"], g["local"]) for g in got] == [("a", [0, 2]), ("a", [1, 2]), ("b", [0, 2]), ("b", [1, 2])]
+    for g in got:
+        for name in ("dense", "powersgd", "greedylore-paper", "greedylore", "topk"):
+            row = g[name]
+            assert row["agree"] and row["moved"] and row["resumed"] and all(row["loss_ok"]), (name, row)
+            # greedylore's byte budget buys directions per share: its selections are a share's own
+            assert name == "greedylore" or all(row["same"]), (name, row["same"])
+            # a node sends one payload where flat it sends two (top-k: two shares' framing, on 1.3K values)
+            bound = 0.55 if name != "topk" else 0.65
+            assert all(net <= bound * 2 * flat for net, flat in zip(row["network"], row["flat_bytes"])), (name, row)
+            assert all(n > 0 for n in row["node_bytes"]), name
+        for name in ("dense", "powersgd"):
+            assert g[name]["network"] == [b + 12 for b in g[name]["flat_bytes"]], name
 
 
 @pytest.mark.parametrize("n", [1, 2, 4])
@@ -143,3 +169,10 @@ json.dump({"cores": cores, "found": found}, open(sys.argv[1], "w"))
     assert found[f"{cores}-auto"] is False and found[f"{cores}-on"] is True and found["1-off"] is False
     if cores > 1:  # a core left free: the encoder takes it
         assert found[f"{cores - 1}-auto"] is True
+
+
+def test_a_rank_that_stops_in_the_two_level_exchange_is_named_by_the_watchdog(tmp_path):
+    # rank 3 stops: its node's other rank waits in the node's collective, the network's ranks in theirs
+    r = run(two_nodes(WORKERS / "hierarchy.py", tmp_path, "stall"), timeout=120)
+    lines = [x for x in r.stderr.splitlines() if x.startswith("mpitrain: stalled")]
+    assert r.returncode == STALLED and lines and "rank(s) 3 did not arrive" in lines[0], r.stderr

@@ -25,8 +25,11 @@ def compressor_class(name: str):
 
 def build(cfg, layout, world):
     """The compressor cfg names, on `layout`'s device, or (for those that run on the CPU only) on a
-    host twin of it."""
+    host twin of it; across the nodes of a two-level exchange when --hierarchy asks for it."""
     cls = compressor_class(cfg.compressor)
+    from .hierarchy import NodeSharded, wanted
+    if wanted(cfg, layout, world):
+        return NodeSharded(cls, layout, world, cfg)
     if layout.device.type != "cpu" and not cls.on_device:
         from .host import OnHost
         return OnHost(cls, layout, world, cfg)

@@ -34,6 +34,8 @@ class Compressor:
     # Exchanges a device's tensors where they are (dense, the low-rank compressors); the others run
     # on a host twin of the layout when the model trains on a device (`host.OnHost`).
     on_device = False
+    # Runs for one node share of the slots, across the nodes (`hierarchy.NodeSharded`)
+    two_level = False
 
     def __init__(self, layout, world, cfg):
         self.layout = layout
@@ -72,6 +74,10 @@ class Compressor:
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+    def collect_state(self) -> None:
+        """A collective every rank calls before a checkpoint reads `state_dict` on rank 0, for a
+        compressor whose shared state is spread over ranks (`hierarchy.NodeSharded`)."""
 
     def state_layout(self) -> dict[str, list[tuple[str, tuple]]]:
         """For each state array that is per-tensor pieces laid end to end (the "residual", keys of
