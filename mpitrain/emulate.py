@@ -36,9 +36,10 @@ from .config import Parser, UsageError
 PREFIX = "mpitrain-"
 OURS = re.compile(r"^mpitrain-(\d+)-(\d+)-(sw|n\d+)$")
 NODE_ENV = "MPITRAIN_NODE"  # the emulated node a rank is on (comm.World splits its node communicator by it)
-# MPICH over TCP between namespaces: no shared memory between ranks, libfabric's tcp provider on the node's link
-RANK_ENV = {"MPIR_CVAR_NOLOCAL": "1", "MPIR_CVAR_CH4_NETMOD": "ofi", "FI_PROVIDER": "tcp", "FI_TCP_IFACE": "eth0",
-            "GLOO_SOCKET_IFNAME": "eth0"}
+# MPICH over TCP between namespaces, libfabric's tcp provider on each node's link. The ranks of a node
+# share memory as on a real node: mpiexec starts one proxy per emulated node (`Cluster.command`), and
+# MPICH uses shared memory only among a proxy's ranks
+RANK_ENV = {"MPIR_CVAR_CH4_NETMOD": "ofi", "FI_PROVIDER": "tcp", "FI_TCP_IFACE": "eth0", "GLOO_SOCKET_IFNAME": "eth0"}
 PROBE_PORT = 5201
 PROBE_S = 1.0
 
@@ -245,8 +246,12 @@ class Cluster:
 
     # -- running ranks --------------------------------------------------------------------
     def command(self, argv: list[str], mpiexec: str | None = None) -> list[str]:
-        """The MPMD mpiexec command: one block per node, each rank in its node's namespace, told its node."""
-        cmd = [mpiexec or mpiexec_path()]
+        """The MPMD mpiexec command: one block per node, each rank in its node's namespace, told its node.
+        Each node is a host to mpiexec (hydra's fork launcher starts its proxy here), so that its ranks
+        share memory with each other and with no other node's (a 4 MB Allreduce between a node's two
+        ranks: 1.5-2.2 ms, against 5.7-6.7 ms over the namespace's loopback with shared memory off)."""
+        hosts = ",".join(f"{name}:{self.ranks_per_node}" for name in self.names)
+        cmd = [mpiexec or mpiexec_path(), "-launcher", "fork", "-hosts", hosts]
         for i, name in enumerate(self.names):
             cmd += ([":"] if i else []) + ["-n", str(self.ranks_per_node), "ip", "netns", "exec", name,
                                           "env", f"{NODE_ENV}={name}", sys.executable, *argv]

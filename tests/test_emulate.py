@@ -95,6 +95,18 @@ def test_greedylore_over_200mbit_links_ends_bit_for_bit_as_on_shared_memory(tmp_
 
 
 @needs_root
+def test_the_ranks_of_a_node_share_memory_with_each_other_and_with_no_other_node(tmp_path):
+    # as on a real node: a node's ranks meet in shared memory, other nodes' only over the shaped links
+    with Cluster(2, 2, RATE) as cluster:
+        job = ranks(cluster, WORKERS / "shared_memory.py", tmp_path)
+        out, err = job.communicate(timeout=120)
+    assert job.returncode == 0, err
+    got = [json.loads((tmp_path / f"rank-{rank}.json").read_text()) for rank in range(4)]
+    assert [g["shares_memory_with"] for g in got] == [[0, 1], [0, 1], [2, 3], [2, 3]]
+    assert got[0]["node"] == got[1]["node"] != got[2]["node"] == got[3]["node"]
+
+
+@needs_root
 def test_nothing_is_left_after_an_exit_a_sigterm_and_a_sigkill_then_the_next_start(tmp_path):
     emulate.clean_stale()  # what an earlier, killed run left
     before = ours()
