@@ -111,11 +111,12 @@ class Config:
     overlap_encoding: str = _f("auto", "quantizers with --bucket-mb: encode each bucket on a worker thread while "
                                        "backward runs: auto (when this rank has a core its torch threads leave "
                                        "free, e.g. --threads below its share), on, off", choices=("auto", "on", "off"))
-    hierarchy: str = _f("auto", "two-level exchange: node (the ranks of a node sum their gradients over shared memory, "
+    hierarchy: str = _f("flat", "two-level exchange: node (the ranks of a node sum their gradients over shared memory, "
                                 "then each compresses its share of the matrices and exchanges it with the same "
                                 "share's ranks on the other nodes: one rank's bytes cross the network per node), "
-                                "flat (every rank exchanges everything), auto (node when there are several nodes "
-                                "with several ranks each)", choices=("auto", "flat", "node"))
+                                "flat (every rank exchanges everything; the default: on the jobs measured, bench "
+                                "hierarchy, node was slower), auto (node when there are several nodes with several "
+                                "ranks each)", choices=("auto", "flat", "node"))
     start_compress_step: int = _f(10, "dense steps before compression starts (with --average-every > 1: dense rounds)", minimum=0)
     # parameter averaging (local steps)
     average_every: int = _f(1, "1: average gradients every step; H > 1: every rank takes H optimizer steps on its "

@@ -54,13 +54,24 @@ def test_bench_list_names_every_benchmark_and_each_writes_csv_and_png(tmp_path):
     assert r.returncode == 0, r.stderr
     names = [line.split()[0] for line in r.stdout.splitlines()]
     assert names == ["allreduce", "compress", "convergence", "checkpoint", "bytes-to-target", "guard", "peer", "project",
-                     "overlap", "network", "gpu", "quantizers"]
+                     "overlap", "network", "hierarchy", "gpu", "quantizers"]
     r = mpi(2, ["-m", "mpitrain", "bench", "allreduce", "--repeats", 2, "--out", tmp_path])
     assert r.returncode == 0, r.stderr
     rows = (tmp_path / "allreduce-n2.csv").read_text().splitlines()
     assert rows[0].startswith("model,ranks,bytes,") and len(rows) == 4
     from matplotlib import image
     assert image.imread(tmp_path / "allreduce-n2.png").shape[0] > 100
+
+
+def test_bench_hierarchy_without_links_tables_the_compression_work_of_every_share(tmp_path):
+    # the emulated clusters need root and minutes (test_emulate runs bench network's); no links: work only
+    r = mpi(1, ["-m", "mpitrain", "bench", "hierarchy", "--links", "", "--out", tmp_path])
+    assert r.returncode == 0, r.stderr
+    tables = json.loads((tmp_path / "hierarchy-n1.json").read_text())["tables"]
+    assert set(tables) == {"compute"}
+    assert [(row["model"], row["compressor"]) for row in tables["compute"]] == [
+        (m, c) for m in ("wide-mlp", "transformer") for c in ("powersgd", "greedylore")]
+    assert all(row[f"slowest_of_{k}_ms"] > 0 for row in tables["compute"] for k in (2, 4))
 
 
 def test_bench_peer_runs_torch_ddp_beside_ours_from_one_launch(tmp_path):

@@ -63,6 +63,8 @@ BAD = [
     (["--config", "does/not/exist.toml"], {}, None, "not found"),
     (["--config", "tests"], {}, None, "cannot read config file tests: Is a directory"),
     (["--lr", "inf"], {}, None, "must be a finite number"),
+    (["--hierarchy", "node", "--compressor", "auto"], {}, None, "--hierarchy node: --compressor auto"),
+    (["--hierarchy", "node", "--average-every", "4"], {}, None, "--hierarchy node: --average-every"),
 ]
 
 

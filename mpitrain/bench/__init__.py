@@ -44,6 +44,12 @@
               without PowerSGD's hook: wall time to the dense arm's final metric, step time, bytes,
               the alpha-beta model's prediction beside the measured step; network.png.
 
+  hierarchy   --hierarchy node against flat (root; run without mpiexec): each low-rank compressor's
+              work a step on one rank, flat against the slowest node share at 2 and 4 ranks a node;
+              and on emulated clusters of 2 and 4 nodes x 2 ranks at 1 Gbit/s, the wide-MLP job with
+              dense, powersgd and greedylore, flat and node: time to accuracy, step time, the bytes a
+              node hands the network.
+
   project     an alpha-beta model of step time at 8..1024 ranks and 1..400 Gb/s for the default
               models and 125M / 1.3B transformer shapes, from this machine's measured compute,
               compression time, bytes and collectives per step: tables and a PNG of speedup over
@@ -73,7 +79,7 @@ from .overlap import OVERLAPPING
 from .common import write_tables
 
 MODULES = ("allreduce", "compress", "convergence", "checkpoint", "target", "guard", "peer", "project", "overlap",
-           "network", "gpu", "quantizers")
+           "network", "hierarchy", "gpu", "quantizers")
 
 
 def benchmarks() -> dict:
@@ -101,8 +107,8 @@ def parse(argv, world):
                         "fewer for a quick look, not for figures); gpu: timed steps per arm (0: 10)")
     parser.add_argument("--seeds", default="", help="convergence: comma-separated seeds, each job and arm trained "
                         "once per seed, their mean and spread tabled (default: the job's own seed, once)")
-    parser.add_argument("--links", default=",".join(LINKS), help="network: comma-separated link rates of the "
-                        "emulated clusters (default " + ",".join(LINKS) + ")")
+    parser.add_argument("--links", default=",".join(LINKS), help="network, hierarchy: comma-separated link rates "
+                        "of the emulated clusters (default " + ",".join(LINKS) + "; hierarchy: 1gbit)")
     parser.add_argument("--quantizer-exchange", default="auto", choices=("auto", "sharded", "gather"),
                         help="bytes-to-target: the quantizers' exchange (auto: sharded from 4 ranks on)")
     parser.add_argument("--compressors", default="dense", help="overlap: comma-separated compressors whose "
@@ -116,7 +122,9 @@ def parse(argv, world):
     if not args.list:
         check_folder(args.out, "--out")
     args.seeds = _seeds(parser, args.seeds)
-    if args.what == "network":
+    if args.what == "hierarchy" and args.links == ",".join(LINKS):
+        args.links = "1gbit"
+    if args.what in ("network", "hierarchy"):
         args.jobs = _choose(parser, "job", args.jobs, NETWORK_JOBS, list(NETWORK_JOBS))
         args.arms = _choose(parser, "arm", args.arms, NETWORK_ARMS, list(NETWORK_ARMS))
         args.links = [x for x in args.links.split(",") if x]

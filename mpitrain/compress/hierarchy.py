@@ -124,7 +124,9 @@ class NodeSharded(Compressor):
 
 def wanted(cfg, layout, world) -> bool:
     """--hierarchy: flat; node (an error where it cannot run); auto: node when there are several nodes,
-    each with several ranks, and it can run. A collective (the nodes' sizes)."""
+    each with several ranks, and it can run. A collective (the nodes' sizes), unless flat."""
+    if cfg.hierarchy == "flat":
+        return False
     sizes = world.allreduce_(np.array([world.local_size, -world.local_size], dtype=np.int64), op="max")
     equal, several = sizes[0] == -sizes[1], world.local_size < world.size
     why = ("the nodes hold different numbers of ranks" if not equal else
