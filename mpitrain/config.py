@@ -114,8 +114,8 @@ class Config:
     hierarchy: str = _f("flat", "two-level exchange: node (the ranks of a node sum their gradients over shared memory, "
                                 "then each compresses its share of the matrices and exchanges it with the same "
                                 "share's ranks on the other nodes: one rank's bytes cross the network per node), "
-                                "flat (every rank exchanges everything; the default: on the jobs measured, bench "
-                                "hierarchy, node was slower), auto (node when there are several nodes with several "
+                                "flat (every rank exchanges everything; the default: of the jobs bench hierarchy "
+                                "measured, only the quantizers' gained), auto (node when there are several nodes with several "
                                 "ranks each)", choices=("auto", "flat", "node"))
     start_compress_step: int = _f(10, "dense steps before compression starts (with --average-every > 1: dense rounds)", minimum=0)
     # parameter averaging (local steps)

@@ -225,6 +225,12 @@ class Cluster:
         self._shape(self.names[i], "eth0", bps, "change")
         self._shape(self.switch, f"p{i}", bps, "change")
 
+    def sent_bytes(self) -> list[int]:
+        """The bytes each node's link has carried out of it so far, as its interface counts them
+        (headers and all): what a job really sent across the network."""
+        stats = [_sh("ip", "-n", name, "-s", "-j", "link", "show", "eth0") for name in self.names]
+        return [json.loads(done.stdout)[0]["stats64"]["tx"]["bytes"] for done in stats]
+
     def measure(self, seconds: float = PROBE_S) -> list[float]:
         """Each link's achieved rate in bits/s: every node sends to the next for `seconds` at once (a ring,
         so each link carries one stream each way), measured at the receiver."""

@@ -72,6 +72,8 @@ def test_bench_hierarchy_without_links_tables_the_compression_work_of_every_shar
     assert [(row["model"], row["compressor"]) for row in tables["compute"]] == [
         (m, c) for m in ("wide-mlp", "transformer") for c in ("powersgd", "greedylore")]
     assert all(row[f"slowest_of_{k}_ms"] > 0 for row in tables["compute"] for k in (2, 4))
+    r = mpi(1, ["-m", "mpitrain", "bench", "hierarchy", "--layouts", "2y2", "--out", tmp_path])
+    assert r.returncode == 2 and "--layouts takes NODESxRANKS" in r.stderr.strip().splitlines()[-1], r.stderr
 
 
 def test_bench_peer_runs_torch_ddp_beside_ours_from_one_launch(tmp_path):

@@ -98,9 +98,12 @@ def test_greedylore_over_200mbit_links_ends_bit_for_bit_as_on_shared_memory(tmp_
 def test_the_ranks_of_a_node_share_memory_with_each_other_and_with_no_other_node(tmp_path):
     # as on a real node: a node's ranks meet in shared memory, other nodes' only over the shaped links
     with Cluster(2, 2, RATE) as cluster:
+        before = cluster.sent_bytes()
         job = ranks(cluster, WORKERS / "shared_memory.py", tmp_path)
         out, err = job.communicate(timeout=120)
+        after = cluster.sent_bytes()
     assert job.returncode == 0, err
+    assert all(b > a for a, b in zip(before, after)), (before, after)  # the nodes met over their links
     got = [json.loads((tmp_path / f"rank-{rank}.json").read_text()) for rank in range(4)]
     assert [g["shares_memory_with"] for g in got] == [[0, 1], [0, 1], [2, 3], [2, 3]]
     assert got[0]["node"] == got[1]["node"] != got[2]["node"] == got[3]["node"]

@@ -46,9 +46,9 @@
 
   hierarchy   --hierarchy node against flat (root; run without mpiexec): each low-rank compressor's
               work a step on one rank, flat against the slowest node share at 2 and 4 ranks a node;
-              and on emulated clusters of 2 and 4 nodes x 2 ranks at 1 Gbit/s, the wide-MLP job with
-              dense, powersgd and greedylore, flat and node: time to accuracy, step time, the bytes a
-              node hands the network.
+              and on emulated clusters (--layouts, default 2x2,4x2; --links, default 1gbit), the
+              wide-MLP job (--jobs: also the 600-step LM) with dense, powersgd and greedylore, flat and
+              node: time to accuracy, step time, the bytes a node hands the network.
 
   project     an alpha-beta model of step time at 8..1024 ranks and 1..400 Gb/s for the default
               models and 125M / 1.3B transformer shapes, from this machine's measured compute,
@@ -74,6 +74,7 @@ from ..config import Parser
 from ..emulate import parse_rate
 from ..metrics import check_folder
 from .convergence import AVERAGING_ARMS, CONVERGENCE_ARMS, CONVERGENCE_JOBS
+from .hierarchy import HIERARCHY_ARMS
 from .network import LINKS, NETWORK_ARMS, NETWORK_JOBS
 from .overlap import OVERLAPPING
 from .common import write_tables
@@ -98,10 +99,11 @@ def parse(argv, world):
     parser.add_argument("--out", default="bench", help="folder for the JSON, Markdown, CSV and PNG results")
     parser.add_argument("--repeats", type=int, default=100, help="timed repetitions per case")
     parser.add_argument("--jobs", default="", help="convergence: comma-separated jobs (default digits-mlp,"
-                        "shakespeare-transformer-600; also mnist1d-resnet, shakespeare-transformer: 3000 steps)")
+                        "shakespeare-transformer-600; also mnist1d-resnet, shakespeare-transformer: 3000 steps); network: "
+                        "wide-mlp, shakespeare-transformer-600 (both by default); hierarchy: the same (default wide-mlp)")
     parser.add_argument("--arms", default="", help="convergence: comma-separated arms of "
                         + ", ".join(CONVERGENCE_ARMS) + " (default: those without -h; 'averaging' stands for "
-                        + ",".join(AVERAGING_ARMS) + ")")
+                        + ",".join(AVERAGING_ARMS) + "); hierarchy: compressors (default dense,powersgd,greedylore)")
     parser.add_argument("--rank", type=int, default=4, help="convergence: --rank of every low-rank arm")
     parser.add_argument("--steps", type=int, default=0, help="convergence, peer: steps per job (0: the job's own; "
                         "fewer for a quick look, not for figures); gpu: timed steps per arm (0: 10)")
@@ -109,6 +111,7 @@ def parse(argv, world):
                         "once per seed, their mean and spread tabled (default: the job's own seed, once)")
     parser.add_argument("--links", default=",".join(LINKS), help="network, hierarchy: comma-separated link rates "
                         "of the emulated clusters (default " + ",".join(LINKS) + "; hierarchy: 1gbit)")
+    parser.add_argument("--layouts", default="2x2,4x2", help="hierarchy: emulated clusters, NODESxRANKS each")
     parser.add_argument("--quantizer-exchange", default="auto", choices=("auto", "sharded", "gather"),
                         help="bytes-to-target: the quantizers' exchange (auto: sharded from 4 ranks on)")
     parser.add_argument("--compressors", default="dense", help="overlap: comma-separated compressors whose "
@@ -122,11 +125,17 @@ def parse(argv, world):
     if not args.list:
         check_folder(args.out, "--out")
     args.seeds = _seeds(parser, args.seeds)
+    layouts = [x.split("x") for x in args.layouts.split(",") if x]
+    if not all(len(x) == 2 and all(v.isdigit() and int(v) > 0 for v in x) for x in layouts):
+        parser.error(f"--layouts takes NODESxRANKS separated by commas, e.g. 2x2,4x2; got {args.layouts!r}")
+    args.layouts = [(int(a), int(b)) for a, b in layouts]
     if args.what == "hierarchy" and args.links == ",".join(LINKS):
         args.links = "1gbit"
     if args.what in ("network", "hierarchy"):
-        args.jobs = _choose(parser, "job", args.jobs, NETWORK_JOBS, list(NETWORK_JOBS))
-        args.arms = _choose(parser, "arm", args.arms, NETWORK_ARMS, list(NETWORK_ARMS))
+        args.jobs = _choose(parser, "job", args.jobs, NETWORK_JOBS,
+                            list(NETWORK_JOBS) if args.what == "network" else ["wide-mlp"])
+        args.arms = _choose(parser, "arm", args.arms, NETWORK_ARMS, list(NETWORK_ARMS)) if args.what == "network" \
+            else _choose(parser, "compressor", args.arms, dict.fromkeys(HIERARCHY_ARMS), ["dense", "powersgd", "greedylore"])
         args.links = [x for x in args.links.split(",") if x]
         for link in args.links:
             parse_rate(link)
