@@ -97,7 +97,7 @@ class NodeSharded(Compressor):
         """The residual at full length, this share's piece in its place and zeros elsewhere: summed
         over a node's ranks it is the node's residual, and over all ranks the total, as a flat
         compressor's. The shared state as `collect_state` last gathered it (on local rank 0)."""
-        inner = self.inner.state_dict(copy=True)
+        inner = self.inner.state_dict(copy)  # the residual is copied into its place either way
         local, own = {}, inner.get("local", {})
         if "residual" in own:
             local["residual"] = np.zeros(sum(s.get("residual", 0) for s in self.sizes), dtype=np.float32)
