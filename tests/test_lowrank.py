@@ -348,6 +348,46 @@ def test_sixteen_bit_steps_send_half_the_factor_bytes(tmp_path):
         assert list(rr["wire"][2:]) == [want] * 4
 
 
+def test_a_sixteen_bit_sketch_buys_more_directions_within_powersgds_bytes_and_every_rank_decodes_alike(tmp_path):
+    """--sketch-bits 16, per compressed step: the peaks (fp32, max) of every sketch column and of
+    every uncompressed tensor and the control words; the sketch as int16, those tensors as int16
+    pairs; the CRC; the rows' peaks; Q as int16. A direction then costs (2D + 4) + (2d + 4) bytes
+    rather than (2D + 4) + 4d, so powersgd's bytes at --rank buy more of them."""
+    k, r, n = 2, 3, 3
+    flags = ["--compressor", "greedylore", "--probes", k, "--rank", r, "--start-compress-step", 2]
+    wide, _ = stream(tmp_path, n, "geometric", 8, *flags)
+    ranks, slots = stream(tmp_path, n, "geometric", 8, *flags, "--sketch-bits", 16)
+    which = list(ranks[0]["compressed"])
+    dense = [i for i in range(len(slots)) if i not in which]
+    dense_numel = sum(slots[i][2] for i in dense)
+    nm = [(s[3][0], int(np.prod(s[3][1:]))) for i, s in enumerate(slots) if i in which]
+    d, D = [min(a, b) for a, b in nm], [max(a, b) for a, b in nm]
+    budget = sum(4 * r * (a + b) - k * (2 * c + 4) for (a, b), c in zip(nm, d)) - 16
+    last = step_stats(ranks[0], 1)["ranks"]
+    for t in range(2, 8):
+        sent = step_stats(ranks[0], t)["ranks"]
+        assert sum(x * (2 * b + 4 + 2 * a + 4) for x, a, b in zip(sent, d, D)) <= budget
+        assert sum(sent) > sum(step_stats(wide[0], t)["ranks"])  # fp32 sketch columns bought fewer
+        want = 4 * (sum(x + k for x in last) + len(dense) + 1) + 2 * sum(a * (x + k) for a, x in zip(d, last)) \
+            + 4 * dense_numel + C + 16 + 4 * sum(sent) + 2 * sum(x * b for x, b in zip(sent, D))
+        assert int(ranks[0]["wire"][t]) == want, t
+        last = sent
+        for rr in ranks[1:]:  # the integer sums are exact: every rank decodes the same bits
+            assert np.array_equal(rr["result"][t], ranks[0]["result"][t])
+        # the uncompressed tensors, as fixed-point pairs, sum to fp32's accuracy: n ranks' pair
+        # rounding (peak / 4L^2 each) and the decode's two fp32 roundings of up to n peaks
+        levels = 32767 // n
+        for i in dense:
+            _, offset, numel, _ = slots[i]
+            parts = [rr["g"][t][offset:offset + numel].astype(np.float64) for rr in ranks]
+            peak = max(np.abs(p).max() for p in parts)
+            bound = (n / (4 * levels ** 2) + 4 * n * 2.0 ** -24) * peak
+            assert np.abs(ranks[0]["result"][t][offset:offset + numel] - sum(parts)).max() <= bound, slots[i][0]
+    for rr in ranks[1:]:
+        assert np.array_equal(rr["shared_bases"], ranks[0]["shared_bases"])
+        assert list(rr["wire"]) == list(ranks[0]["wire"])
+
+
 @pytest.mark.parametrize("name", ["greedylore", "powersgd"])
 def test_full_rank_compression_is_the_dense_sum(tmp_path, name):
     ranks, slots = stream(tmp_path, 2, "noise", 6, "--compressor", name, "--rank", 64, "--min-compression-rate", 0,

@@ -14,7 +14,7 @@ import torch
 from mpitrain.compress.buffer import Buffer
 from mpitrain.compress.feedback import ErrorFeedback
 from mpitrain.compress.lowrank import FixedBasis, Products, TrackingBasis
-from mpitrain.compress.lowrank.codec import Fp32Factors, Int16Factors
+from mpitrain.compress.lowrank.codec import Fp32Factors, Fp32Sketch, Int16Factors, Int16Sketch
 from mpitrain.compress.lowrank.selector import Global, Lazy, PerMatrix, Random, selector_class
 from mpitrain.config import Config
 from mpitrain.device import Wire
@@ -98,7 +98,7 @@ def test_refresh_schedules_fixed_every_n_steps_tracking_never_by_default():
     tracking, _ = basis(TrackingBasis)
     assert tracking.every == 0 and not any(tracking.is_refresh(s) for s in range(10, 400))
     assert (fixed.lead, tracking.lead) == (0, 1)
-    assert (FixedBasis.column_bytes(8), TrackingBasis.column_bytes(8)) == (0, 32)
+    assert (FixedBasis.sketches, TrackingBasis.sketches) == (False, True)  # only tracking pays a column a direction
 
 
 def test_a_rotation_puts_u_first_and_keeps_the_basis_orthonormal():
@@ -152,6 +152,31 @@ def test_fp32_factors_travel_as_they_are_with_the_uncompressed_tensors():
     codec.exchange(payload, calls.append)
     assert calls == [payload] and torch.equal(payload.views[0], torch.arange(6.0).view(2, 3))
     assert Fp32Factors.linear and not Int16Factors.linear
+
+
+def test_an_int16_sketch_sends_columns_on_shared_scales_and_the_tail_as_fixed_point_pairs():
+    """A column rounds to half a level of its peak / 32767; a tail value, as hi on its tensor's
+    scale s and lo on s / 2L, to a quarter of the finer level: 2^-30 of its tensor's peak."""
+    buf = Buffer([(4, 3), (5, 2)], extra=7)
+    torch.manual_seed(0)
+    buf.flat.copy_(torch.randn(buf.flat.numel()))
+    buf.views[1][:, 1].zero_()  # a zero column keeps scale 0 and sends zeros
+    buf.tail[4:] = torch.tensor([0.6, 1.0, 0.0])  # the control words: a loss share and two flags
+    codec, before = Int16Sketch(buf, [4, 3], Wire(OneRank(), "cpu")), buf.flat.clone()
+    codec.sum(buf)
+    L = codec.levels
+    assert L == 32767 and codec.ints.dtype == torch.int16 and int(codec.ints.abs().max()) == L
+    for v, w in zip(buf.views, Buffer([(4, 3), (5, 2)], flat=before).views):
+        level = w.abs().amax(0) / L
+        assert ((v - w).abs() <= level / 2 + 1e-7).all()
+    assert buf.views[1][:, 1].abs().sum() == 0
+    tail = before[-7:]
+    for part, got in ((tail[:4], buf.tail[:4]), (tail[4:], buf.tail[4:])):
+        peak = part.abs().max()
+        assert (got - part).abs().max() <= peak / (4 * L * L) + 2.0 ** -23 * peak
+    assert buf.tail[5] > 0 and buf.tail[6] == 0  # a raised flag stays raised, a clear one clear
+    assert (Int16Sketch.column_bytes(100), Fp32Sketch.column_bytes(100)) == (204, 400)
+    assert Fp32Sketch.overlaps and not Int16Sketch.overlaps  # its scales are agreed before the round
 
 
 def test_error_feedback_adds_keeps_swaps_and_stores_its_residual():

@@ -38,11 +38,6 @@ class Basis:
     every = 200       # refresh interval when --refresh-every is left at its default
     CHECK_BYTES = 16  # the bases' checksum's round: two int64
 
-    @staticmethod
-    def column_bytes(d: int) -> int:
-        """What each direction sent adds to the next step's first round."""
-        return 0
-
     def __init__(self, dims: list[tuple[int, int, int]], ranks: list[int], indices: list[int], cfg, mm, wire,
                  exchange, tail: int):
         self.d, self.D, self.cap = ([dim[j] for dim in dims] for j in range(3))
@@ -169,15 +164,11 @@ class TrackingBasis(Basis):
     reflectors (O(d^2 t)) so that its first t columns are the left singular vectors of x-bar W and
     the others stay an orthonormal completion. Energies are exact inside span(W); on its
     complement they are unbiased probe estimates, discounted by the peak noise alone reaches there.
-    Each direction sent costs its fp32 column of the next sketch too (`column_bytes`)."""
+    Each direction sent costs its column of the next sketch too (`codec.Fp32Sketch.column_bytes`)."""
 
     lead = 1  # built on the last dense warm-up step, for free
     sketches = True
     every = 0
-
-    @staticmethod
-    def column_bytes(d: int) -> int:
-        return 4 * d
 
     def is_refresh(self, step: int) -> bool:
         return bool(self.every) and (step - self.cfg.start_compress_step + 1) % self.every == 0

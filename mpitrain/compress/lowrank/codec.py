@@ -1,9 +1,14 @@
-"""How greedylore's factors Q travel in the payload round."""
+"""How greedylore's rounds travel: the factors Q in the payload round, the sketch in the first."""
 from __future__ import annotations
 
 import torch
 
 from ..buffer import Buffer
+
+
+def levels(ranks: int) -> int:
+    """The integer levels each rank may use so that the sum over `ranks` ranks fits int16 exactly."""
+    return max(1, 32767 // ranks)
 
 
 class Fp32Factors:
@@ -37,7 +42,7 @@ class Int16Factors:
 
     def __init__(self, cap: list[int], D: list[int], wire):
         self.wire = wire
-        self.levels = max(1, 32767 // wire.world.size)  # per rank, so that the sum of all ranks fits int16
+        self.levels = levels(wire.world.size)
         self.ints = Buffer([(c, n) for c, n in zip(cap, D)], dtype=torch.int16, device=wire.device)
         self.peaks, self.scales = torch.zeros(sum(cap), device=wire.device), torch.zeros(sum(cap), device=wire.device)
         self.carved: Buffer | None = None
@@ -69,3 +74,77 @@ class Int16Factors:
         for q, n in zip(payload.views, self.carved.views):
             torch.mul(n, self.scales[at:at + q.shape[0], None], out=q)
             at += q.shape[0]
+
+
+class Fp32Sketch:
+    """The first round (the tracking sketch x [W | Omega'], or the probes' projections) as fp32."""
+
+    linear = True
+    overlaps = True  # its Allreduce can start in backward, bucket by bucket
+
+    def __init__(self, first_round: Buffer, tail_groups: list[int], wire):
+        pass
+
+    @staticmethod
+    def column_bytes(d: int) -> int:
+        return 4 * d
+
+
+class Int16Sketch:
+    """The first round as 16-bit integers. Each column of the sketch goes on a scale every rank
+    shares (one small max-Allreduce of the columns' peaks, the tail's with them); the uncompressed
+    tensors in the tail, which are gradient, go as fixed-point pairs: hi on the tensor's scale s, lo
+    the remainder on s / 2L, so each value keeps about 2 log2(2L) bits of its tensor's peak (L: the
+    levels a rank may use). The integer sums are exact, so every rank decodes the same sketch, and
+    the bases stay the same bits everywhere; the sketch's rounding only moves which directions are
+    chosen, so no error feedback keeps it. Its scales must be agreed before the round, so it does
+    not start in backward."""
+
+    linear = False
+    overlaps = False
+
+    def __init__(self, first_round: Buffer, tail_groups: list[int], wire):
+        """`first_round`: the buffer at its largest (every carving of it fits); `tail_groups`: the
+        lengths of the tensors in its tail, each on a scale of its own."""
+        self.wire, self.levels = wire, levels(wire.world.size)
+        head, columns = int(first_round.offsets[-1]), sum(v.shape[1] for v in first_round.views)
+        self.groups = torch.tensor(tail_groups, dtype=torch.int64, device=wire.device)
+        self.ints = torch.zeros(head + 2 * first_round.tail.numel(), dtype=torch.int16, device=wire.device)
+        self.peaks = torch.zeros(columns + len(tail_groups), device=wire.device)
+
+    @staticmethod
+    def column_bytes(d: int) -> int:
+        return 2 * d + 4  # the column and its peak
+
+    def sum(self, buf: Buffer) -> None:
+        """buf (its views, then the tail) summed over the ranks, in place, through int16 sums."""
+        columns = sum(v.shape[1] for v in buf.views)
+        head, tail, groups = int(buf.offsets[-1]), buf.tail, len(self.groups) if buf.tail.numel() else 0
+        peaks, at = self.peaks[:columns + groups], 0
+        for v in buf.views:
+            torch.amax(v.abs(), dim=0, out=peaks[at:at + v.shape[1]])
+            at += v.shape[1]
+        if groups:
+            peaks[columns:] = torch.segment_reduce(tail.abs(), "max", lengths=self.groups)
+        self.wire.allreduce_(peaks, op="max")
+        scales, at = peaks / self.levels, 0
+        ints, L = self.ints[:head + 2 * tail.numel()], self.levels
+        for v, o in zip(buf.views, buf.offsets):
+            n = ints[o:o + v.numel()].view(v.shape)
+            s = scales[at:at + v.shape[1]]
+            at += v.shape[1]
+            n.copy_(torch.where(s > 0, v / s, 0.0).round_().clamp_(-L, L))
+        if groups:
+            s = torch.repeat_interleave(scales[columns:], self.groups)
+            fine = s / (2 * L)
+            hi = torch.where(s > 0, tail / s, 0.0).round_().clamp_(-L, L)
+            lo = torch.where(s > 0, (tail - hi * s) / fine, 0.0).round_().clamp_(-L, L)
+            ints[head:head + tail.numel()].copy_(hi)
+            ints[head + tail.numel():].copy_(lo)
+        self.wire.allreduce_(ints)  # exact integer sums, identical on every rank
+        at = 0
+        for v, o in zip(buf.views, buf.offsets):
+            torch.mul(ints[o:o + v.numel()].view(v.shape), scales[at:at + v.shape[1]], out=v)
+            at += v.shape[1]
+        if groups:
+            torch.add(ints[head:head + tail.numel()] * s, ints[head + tail.numel():] * fine, out=tail)

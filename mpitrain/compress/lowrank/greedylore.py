@@ -7,7 +7,7 @@ from ..base import register
 from ..buffer import Buffer
 from .base import LowRank
 from .basis import FixedBasis, TrackingBasis
-from .codec import Fp32Factors, Int16Factors
+from .codec import Fp32Factors, Fp32Sketch, Int16Factors, Int16Sketch
 from .selector import selector_class
 
 
@@ -24,7 +24,9 @@ class GreedyLore(LowRank):
                   gradient, its sketch round overlapped with backward;
       selector    (`selector.py`) greedy per matrix or by a global allocation, random, or lazy;
       factors     (`codec.py`) fp32, or int16 on shared scales (which needs greedy selection,
-                  whose fp32 round carries the uncompressed tensors).
+                  whose first round carries the uncompressed tensors);
+      sketch      (`codec.py`) that first round as fp32, or int16 on shared scales: its bytes
+                  saved buy directions under the same budget.
     The budget (not greedylore-paper): --rank r buys what powersgd sends at rank r, probes first.
     `refresh_residual`: what a dense refresh does with the error-feedback residual: flush it into
     the dense exchange (then zero it), keep it for the next compressed step, or drop it.
@@ -36,21 +38,24 @@ class GreedyLore(LowRank):
     def eligible(self, slot) -> bool:
         return min(slot.n, slot.m) > self.cfg.min_compression_rate * self.cfg.rank
 
-    def variant(self, cfg) -> tuple[str, str, str, int]:
-        return cfg.basis, cfg.allocation, cfg.refresh_residual, cfg.factor_bits
+    def variant(self, cfg) -> tuple[str, str, str, int, int]:
+        return cfg.basis, cfg.allocation, cfg.refresh_residual, cfg.factor_bits, cfg.sketch_bits
 
     def __init__(self, layout, world, cfg):
         super().__init__(layout, world, cfg)
-        basis, allocation, self.refresh_residual, factor_bits = self.variant(cfg)
+        basis, allocation, self.refresh_residual, factor_bits, sketch_bits = self.variant(cfg)
         Selector = selector_class(cfg.select, allocation)
         Codec = Int16Factors if factor_bits == 16 and Selector.needs_energies else Fp32Factors
+        Sketch = Int16Sketch if sketch_bits == 16 else Fp32Sketch
         Basis = TrackingBasis if basis == "tracking" else FixedBasis
         self.dense_first, self.linear = Codec.dense_first, Codec.linear
-        self.cost = [Codec.row_bytes(D) + Basis.column_bytes(d) for d, D in zip(self.d, self.D)]  # per direction
+        # per direction: its row of Q, and (tracking) its column of the next step's sketch
+        self.cost = [Codec.row_bytes(D) + (Sketch.column_bytes(d) if Basis.sketches else 0)
+                     for d, D in zip(self.d, self.D)]
         if self.published:
             self.budget = sum(r * c for r, c in zip(self.r, self.cost))
         else:  # --rank r buys what powersgd sends at rank r, probes and the bases' check paid
-            spend = [4 * cfg.rank * (s.n + s.m) - 4 * d * cfg.probes for s, d in zip(self.slots, self.d)]
+            spend = [4 * cfg.rank * (s.n + s.m) - cfg.probes * Sketch.column_bytes(d) for s, d in zip(self.slots, self.d)]
             self.budget = max(sum(self.cost), sum(spend) - Basis.CHECK_BYTES)  # >= 1 direction per matrix
             self.r = self.afford(spend)
         # a matrix never gets more directions than would save min_compression_rate over dense
@@ -61,6 +66,7 @@ class GreedyLore(LowRank):
         self.codec = Codec(cap, self.D, self.wire)
         self.basis = Basis(list(zip(self.d, self.D, cap)), self.r, indices, cfg, self.mm, self.wire,
                            self.exchange_first_round, self.dense_numel if self.dense_first else 0)
+        self.sketch = Sketch(self.basis.scores, self.dense_groups() if self.dense_first else [], self.wire)
         self.selector = Selector(self.r, self.d, cap, self.cost, self.budget, cfg.seed, indices)
         self.p = Buffer([(d, c) for d, c in zip(self.d, cap)], device=layout.device)
         self.payload = Buffer([(c, D) for c, D in zip(cap, self.D)], extra=self.dense_numel, device=layout.device)
@@ -138,11 +144,30 @@ class GreedyLore(LowRank):
     # -- the tracking sketch: the first round, which can start in backward -------------------
     def first_round_overlaps(self, step: int) -> bool:
         return (self.basis.sketches and self.selector.needs_energies and self.cfg.scores == "probe"
+                and self.sketch.overlaps
                 and bool(self.slots) and step >= self.cfg.start_compress_step and self.basis.refreshed_at >= 0
                 and not self.basis.is_refresh(step))
 
     def first_round(self) -> Buffer:
         return self.basis.sketch()
+
+    def exchange_first_round(self, buf: Buffer) -> None:
+        if self.sketch.linear:
+            return super().exchange_first_round(buf)
+        if self.dense_first:
+            self.pack_dense(buf.tail)
+        self.sketch.sum(buf)
+        if self.dense_first:
+            self.unpack_dense(buf.tail)
+
+    def dense_groups(self) -> list[int]:
+        """The lengths of the uncompressed tensors (and of the control words) as they ride in a tail."""
+        bounds = sorted({s.offset for s in self.layout.slots} | {self.layout.numel})
+        groups = []
+        for a, b in self.dense_runs:
+            cuts = [a] + [c for c in bounds if a < c < b] + [b]
+            groups += [y - x for x, y in zip(cuts, cuts[1:])]
+        return groups
 
     def first_round_product(self, i: int, step: int, add_residual: bool) -> tuple:
         residual = self.feedback.kept(i) if add_residual else None
@@ -170,5 +195,5 @@ class GreedyLorePaper(GreedyLore):
     name = "greedylore-paper"
     published = True
 
-    def variant(self, cfg) -> tuple[str, str, str, int]:
-        return "fixed", "per-matrix", "flush", 32
+    def variant(self, cfg) -> tuple[str, str, str, int, int]:
+        return "fixed", "per-matrix", "flush", 32, 32
