@@ -21,11 +21,11 @@ def test_the_two_level_exchange_is_a_flat_exchange_of_the_node_sums(tmp_path):
     got = [json.loads((tmp_path / f"rank-{rank}.json").read_text()) for rank in range(4)]
     assert [(g["node"], g["local"]) for g in got] == [("a", [0, 2]), ("a", [1, 2]), ("b", [0, 2]), ("b", [1, 2])]
     for g in got:
-        for name in ("dense", "powersgd", "greedylore-paper", "greedylore", "topk"):
+        for name in ("dense", "powersgd", "greedylore-paper", "greedylore", "greedylore-s16", "topk"):
             row = g[name]
             assert row["agree"] and row["moved"] and row["resumed"] and all(row["loss_ok"]), (name, row)
             # greedylore's byte budget buys directions per share: its selections are a share's own
-            assert name == "greedylore" or all(row["same"]), (name, row["same"])
+            assert name in ("greedylore", "greedylore-s16") or all(row["same"]), (name, row["same"])
             # a node sends one payload where flat it sends two (top-k: two shares' framing, on 1.3K values)
             bound = 0.55 if name != "topk" else 0.65
             assert all(net <= bound * 2 * flat for net, flat in zip(row["network"], row["flat_bytes"])), (name, row)

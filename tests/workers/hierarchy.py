@@ -47,11 +47,13 @@ if stall:
         exchange.average(step, loss)
     sys.exit(0)
 
+ARMS = {"dense": ("dense", {}), "powersgd": ("powersgd", {}), "greedylore-paper": ("greedylore-paper", {}),
+        "greedylore": ("greedylore", {}), "greedylore-s16": ("greedylore", {"sketch_bits": 16}), "topk": ("topk", {})}
 report = {"node": world.node_name, "local": [world.local_rank, world.local_size]}
-for name in ("dense", "powersgd", "greedylore-paper", "greedylore", "topk"):
+for name, (compressor, knobs) in ARMS.items():
     two, flat = model(), model()
-    a = Exchange(two, world, name, hierarchy="node", **OPTIONS)
-    b = Exchange(flat, node.network, name, hierarchy="flat", **OPTIONS)
+    a = Exchange(two, world, compressor, hierarchy="node", **OPTIONS, **knobs)
+    b = Exchange(flat, node.network, compressor, hierarchy="flat", **OPTIONS, **knobs)
     node.network.take_sent_bytes()  # b's set-up: from here on the network counts the exchanges only
     start = a.layout.params.clone()
     opt_a, opt_b = torch.optim.SGD(two.parameters(), lr=0.05), torch.optim.SGD(flat.parameters(), lr=0.05)
@@ -83,7 +85,7 @@ for name in ("dense", "powersgd", "greedylore-paper", "greedylore", "topk"):
     # a checkpoint of the two-level state, loaded into a new exchange: the next step is the same
     save_checkpoint(out / name, 8, a, opt_a, background=False)
     again = model()
-    c = Exchange(again, world, name, hierarchy="node", **OPTIONS)
+    c = Exchange(again, world, compressor, hierarchy="node", **OPTIONS, **knobs)
     opt_c = torch.optim.SGD(again.parameters(), lr=0.05)
     load_checkpoint(c, opt_c, run_dir=str(out / name))
     for exchange, net in ((a, two), (c, again)):
