@@ -362,7 +362,7 @@ def test_a_sixteen_bit_sketch_buys_more_directions_within_powersgds_bytes_and_ev
     dense_numel = sum(slots[i][2] for i in dense)
     nm = [(s[3][0], int(np.prod(s[3][1:]))) for i, s in enumerate(slots) if i in which]
     d, D = [min(a, b) for a, b in nm], [max(a, b) for a, b in nm]
-    budget = sum(4 * r * (a + b) - k * (2 * c + 4) for (a, b), c in zip(nm, d)) - 16
+    budget = sum(4 * r * (a + b) - k * (2 * c + 4) for (a, b), c in zip(nm, d)) - 16 - 4 * (len(dense) + 1)
     last = step_stats(ranks[0], 1)["ranks"]
     for t in range(2, 8):
         sent = step_stats(ranks[0], t)["ranks"]

@@ -89,6 +89,11 @@ class Fp32Sketch:
     def column_bytes(d: int) -> int:
         return 4 * d
 
+    @staticmethod
+    def tail_bytes(groups: int) -> int:
+        """What the round sends for its tail beyond the tensors' own 4 bytes a value."""
+        return 0
+
 
 class Int16Sketch:
     """The first round as 16-bit integers. Each column of the sketch goes on a scale every rank
@@ -115,6 +120,10 @@ class Int16Sketch:
     @staticmethod
     def column_bytes(d: int) -> int:
         return 2 * d + 4  # the column and its peak
+
+    @staticmethod
+    def tail_bytes(groups: int) -> int:
+        return 4 * groups  # each tensor's peak (a value goes as two int16: 4 bytes, as in fp32)
 
     def sum(self, buf: Buffer) -> None:
         """buf (its views, then the tail) summed over the ranks, in place, through int16 sums."""

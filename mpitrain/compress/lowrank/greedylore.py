@@ -49,14 +49,16 @@ class GreedyLore(LowRank):
         Sketch = Int16Sketch if sketch_bits == 16 else Fp32Sketch
         Basis = TrackingBasis if basis == "tracking" else FixedBasis
         self.dense_first, self.linear = Codec.dense_first, Codec.linear
+        groups = self.dense_groups() if self.dense_first else []  # the tensors in the first round's tail
         # per direction: its row of Q, and (tracking) its column of the next step's sketch
         self.cost = [Codec.row_bytes(D) + (Sketch.column_bytes(d) if Basis.sketches else 0)
                      for d, D in zip(self.d, self.D)]
         if self.published:
             self.budget = sum(r * c for r, c in zip(self.r, self.cost))
-        else:  # --rank r buys what powersgd sends at rank r, probes and the bases' check paid
+        else:  # --rank r buys what powersgd sends at rank r, probes, the bases' check and the tail's scales
+            # paid; at least one direction per matrix
             spend = [4 * cfg.rank * (s.n + s.m) - cfg.probes * Sketch.column_bytes(d) for s, d in zip(self.slots, self.d)]
-            self.budget = max(sum(self.cost), sum(spend) - Basis.CHECK_BYTES)  # >= 1 direction per matrix
+            self.budget = max(sum(self.cost), sum(spend) - Basis.CHECK_BYTES - Sketch.tail_bytes(len(groups)))
             self.r = self.afford(spend)
         # a matrix never gets more directions than would save min_compression_rate over dense
         rate = max(cfg.min_compression_rate, 1.0)
@@ -66,7 +68,7 @@ class GreedyLore(LowRank):
         self.codec = Codec(cap, self.D, self.wire)
         self.basis = Basis(list(zip(self.d, self.D, cap)), self.r, indices, cfg, self.mm, self.wire,
                            self.exchange_first_round, self.dense_numel if self.dense_first else 0)
-        self.sketch = Sketch(self.basis.scores, self.dense_groups() if self.dense_first else [], self.wire)
+        self.sketch = Sketch(self.basis.scores, groups, self.wire)
         self.selector = Selector(self.r, self.d, cap, self.cost, self.budget, cfg.seed, indices)
         self.p = Buffer([(d, c) for d, c in zip(self.d, cap)], device=layout.device)
         self.payload = Buffer([(c, D) for c, D in zip(cap, self.D)], extra=self.dense_numel, device=layout.device)
