@@ -148,10 +148,10 @@ class Config:
                                        "energy per byte, within the same total)", choices=("global", "per-matrix"))
     factor_bits: int = _f(16, "greedylore: Q travels as 16-bit integers on shared per-row scales (exact integer "
                               "sums; error feedback keeps the rounding) or as 32-bit floats", choices=(16, 32))
-    sketch_bits: int = _f(32, "greedylore: the first round (the tracking sketch, or the probes' projections) as 32-bit "
-                              "floats, or as 16-bit integers on shared per-column scales with the uncompressed "
-                              "tensors as fixed-point pairs; the bytes saved buy directions within the same --rank "
-                              "budget (16 does not start in backward)", choices=(16, 32))
+    sketch_bits: int = _f(16, "greedylore: the first round (the tracking sketch, or the probes' projections) as 16-bit "
+                              "integers on shared per-column scales with the uncompressed tensors as fixed-point "
+                              "pairs, its bytes saved buying directions within the same --rank budget; or as 32-bit "
+                              "floats, whose round can start in backward (--bucket-mb)", choices=(16, 32))
     refresh_residual: str = _f("keep", "greedylore: what a dense refresh does with the error-feedback residual: "
                                        "flush it into the refresh, keep it for the next step, or drop it",
                                choices=("flush", "keep", "drop"))

@@ -298,7 +298,7 @@ def test_tracking_sends_the_sketch_then_the_chosen_directions_within_powersgds_b
     k, r = 2, 3
     flags = ["--rank", r, "--start-compress-step", 2, "--min-compression-rate", 1]
     ranks, slots = stream(tmp_path, 2, "geometric", 12, "--compressor", "greedylore", "--probes", k,
-                          "--allocation", "global", "--factor-bits", 32, *flags)
+                          "--allocation", "global", "--factor-bits", 32, "--sketch-bits", 32, *flags)
     which = set(ranks[0]["compressed"])
     numel = sum(s[2] for s in slots)
     dense_numel = sum(s[2] for i, s in enumerate(slots) if i not in which)
@@ -335,7 +335,7 @@ def test_sixteen_bit_steps_send_half_the_factor_bytes(tmp_path):
     max); then Q as int16."""
     k, r = 2, 3
     ranks, slots = stream(tmp_path, 3, "geometric", 6, "--compressor", "greedylore", "--probes", k, "--rank", r,
-                          "--start-compress-step", 2)
+                          "--start-compress-step", 2, "--sketch-bits", 32)
     which = set(ranks[0]["compressed"])
     dense_numel = sum(s[2] for i, s in enumerate(slots) if i not in which)
     nm = [(s[3][0], int(np.prod(s[3][1:]))) for i, s in enumerate(slots) if i in which]
@@ -355,8 +355,8 @@ def test_a_sixteen_bit_sketch_buys_more_directions_within_powersgds_bytes_and_ev
     rather than (2D + 4) + 4d, so powersgd's bytes at --rank buy more of them."""
     k, r, n = 2, 3, 3
     flags = ["--compressor", "greedylore", "--probes", k, "--rank", r, "--start-compress-step", 2]
-    wide, _ = stream(tmp_path, n, "geometric", 8, *flags)
-    ranks, slots = stream(tmp_path, n, "geometric", 8, *flags, "--sketch-bits", 16)
+    wide, _ = stream(tmp_path, n, "geometric", 8, *flags, "--sketch-bits", 32)
+    ranks, slots = stream(tmp_path, n, "geometric", 8, *flags)  # the default
     which = list(ranks[0]["compressed"])
     dense = [i for i in range(len(slots)) if i not in which]
     dense_numel = sum(slots[i][2] for i in dense)

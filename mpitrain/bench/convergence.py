@@ -29,7 +29,7 @@ CONVERGENCE_ARMS = {"dense": {}, "powersgd": {"compressor": "powersgd"},
                     "greedylore-paper": {"compressor": "greedylore-paper"},
                     "greedylore": {"compressor": "greedylore"},
                     "greedylore-fp32": {"compressor": "greedylore", "factor_bits": 32},
-                    "greedylore-s16": {"compressor": "greedylore", "sketch_bits": 16},
+                    "greedylore-s32": {"compressor": "greedylore", "sketch_bits": 32},
                     "random": {"compressor": "greedylore-paper", "select": "random"},
                     "lazy": {"compressor": "greedylore-paper", "select": "lazy"},
                     # parameter averaging: H local steps, then the deltas averaged through the compressor

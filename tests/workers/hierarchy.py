@@ -48,7 +48,7 @@ if stall:
     sys.exit(0)
 
 ARMS = {"dense": ("dense", {}), "powersgd": ("powersgd", {}), "greedylore-paper": ("greedylore-paper", {}),
-        "greedylore": ("greedylore", {}), "greedylore-s16": ("greedylore", {"sketch_bits": 16}), "topk": ("topk", {})}
+        "greedylore": ("greedylore", {}), "greedylore-s32": ("greedylore", {"sketch_bits": 32}), "topk": ("topk", {})}
 report = {"node": world.node_name, "local": [world.local_rank, world.local_size]}
 for name, (compressor, knobs) in ARMS.items():
     two, flat = model(), model()

@@ -1,6 +1,6 @@
 """How many buckets were in flight when backward returned, with --bucket-mb small enough for several.
 
-    mpiexec -n N python overlap_started.py OUT.json
+    mpiexec -n N python overlap_started.py OUT.json [COMPRESSOR [SKETCH_BITS]]
 """
 import json
 import sys
@@ -16,8 +16,9 @@ dataset = Dataset(locate("digits"))
 torch.manual_seed(0)
 model = models.build("cnn", dataset.info)
 compressor = sys.argv[2] if len(sys.argv) > 2 else "dense"
+knobs = {"sketch_bits": int(sys.argv[3])} if len(sys.argv) > 3 else {}
 exchange = mpitrain.Exchange(model, world, compressor=compressor, bucket_mb=0.02, start_compress_step=0,
-                            overlap_encoding="on")
+                            overlap_encoding="on", **knobs)
 batches = ShardedBatches(dataset, 16, world.rank, world.size, 0)
 found = []
 for step in range(4):

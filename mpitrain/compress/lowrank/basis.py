@@ -160,7 +160,7 @@ class FixedBasis(Basis):
 class TrackingBasis(Basis):
     """A basis that follows the gradient, refreshed never by default. One Allreduce carries the
     sketch x [W | Omega'] (W: orth of last step's Q^T, a warm-started power step; Omega': shared
-    probes with W projected out), and can start in backward. B is rotated by t Householder
+    probes with W projected out), and can start in backward (fp32). B is rotated by t Householder
     reflectors (O(d^2 t)) so that its first t columns are the left singular vectors of x-bar W and
     the others stay an orthonormal completion. Energies are exact inside span(W); on its
     complement they are unbiased probe estimates, discounted by the peak noise alone reaches there.

@@ -21,12 +21,12 @@ class GreedyLore(LowRank):
 
     Each mode is a choice of part:
       basis       (`basis.py`) fixed: the paper's semi-lazy basis; tracking: one that follows the
-                  gradient, its sketch round overlapped with backward;
+                  gradient, its sketch round (fp32) overlapped with backward;
       selector    (`selector.py`) greedy per matrix or by a global allocation, random, or lazy;
       factors     (`codec.py`) fp32, or int16 on shared scales (which needs greedy selection,
                   whose first round carries the uncompressed tensors);
-      sketch      (`codec.py`) that first round as fp32, or int16 on shared scales: its bytes
-                  saved buy directions under the same budget.
+      sketch      (`codec.py`) that first round as int16 on shared scales, its bytes saved
+                  buying directions under the same budget (the LM: 0.07 bpc at 600 steps), or fp32.
     The budget (not greedylore-paper): --rank r buys what powersgd sends at rank r, probes first.
     `refresh_residual`: what a dense refresh does with the error-feedback residual: flush it into
     the dense exchange (then zero it), keep it for the next compressed step, or drop it.
@@ -143,7 +143,7 @@ class GreedyLore(LowRank):
             energies = [e.cpu() for e in energies]  # d values a matrix: chosen on the host, wherever x lives
         return self.selector.choose(step, energies)
 
-    # -- the tracking sketch: the first round, which can start in backward -------------------
+    # -- the tracking sketch: the first round, which can start in backward (fp32) -------------
     def first_round_overlaps(self, step: int) -> bool:
         return (self.basis.sketches and self.selector.needs_energies and self.cfg.scores == "probe"
                 and self.sketch.overlaps
