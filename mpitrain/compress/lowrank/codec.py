@@ -114,6 +114,7 @@ class Int16Sketch:
         self.wire, self.levels = wire, levels(wire.world.size)
         head, columns = int(first_round.offsets[-1]), sum(v.shape[1] for v in first_round.views)
         self.groups = torch.tensor(tail_groups, dtype=torch.int64, device=wire.device)
+        self.group_of = torch.repeat_interleave(torch.arange(len(tail_groups), device=wire.device), self.groups)
         self.ints = torch.zeros(head + 2 * first_round.tail.numel(), dtype=torch.int16, device=wire.device)
         self.peaks = torch.zeros(columns + len(tail_groups), device=wire.device)
 
@@ -144,7 +145,7 @@ class Int16Sketch:
             at += v.shape[1]
             n.copy_(torch.where(s > 0, v / s, 0.0).round_().clamp_(-L, L))
         if groups:
-            s = torch.repeat_interleave(scales[columns:], self.groups)
+            s = scales[columns:][self.group_of]  # each tail value's tensor's scale
             fine = s / (2 * L)
             hi = torch.where(s > 0, tail / s, 0.0).round_().clamp_(-L, L)
             lo = torch.where(s > 0, (tail - hi * s) / fine, 0.0).round_().clamp_(-L, L)
