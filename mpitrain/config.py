@@ -360,3 +360,21 @@ def _finish(cfg: Config, now: float | None = None) -> Config:
     if not cfg.run_dir:
         cfg.run_dir = default_run_dir(time.time() if now is None else now)
     return cfg
+
+
+# the settings that shape a compressor's saved state; and for a checkpoint written before a setting
+# existed, the value it had then
+STATE_SHAPING = ("rank", "sketch_bits", "factor_bits", "probes", "allocation", "min_compression_rate", "uncompressed")
+BEFORE_IT_EXISTED = {"sketch_bits": 32}
+
+
+def settings_hint(saved_json, cfg: Config) -> str:
+    """'; it was written with --x A (this run: B): ...' for the state-shaping settings in which a
+    checkpoint's saved configuration differs from cfg, or '' (also for an unreadable one)."""
+    try:
+        saved = {**BEFORE_IT_EXISTED, **json.loads(saved_json)}
+    except (ValueError, TypeError):
+        return ""
+    changed = [f"--{k.replace('_', '-')} {saved[k]} (this run: {getattr(cfg, k)})"
+               for k in STATE_SHAPING if k in saved and saved[k] != getattr(cfg, k)]
+    return f"; it was written with {', '.join(changed)}: resume with those settings" if changed else ""
