@@ -156,7 +156,7 @@ def test_fp32_factors_travel_as_they_are_with_the_uncompressed_tensors():
 
 def test_an_int16_sketch_sends_columns_on_shared_scales_and_the_tail_as_fixed_point_pairs():
     """A column rounds to half a level of its peak / 32767; a tail value, as hi on its tensor's
-    scale s and lo on s / 2L, to a quarter of the finer level: 2^-30 of its tensor's peak."""
+    scale s and lo on s / 2L, to a quarter of the finer level: about 2^-32 of its tensor's peak (L = 32767)."""
     buf = Buffer([(4, 3), (5, 2)], extra=7)
     torch.manual_seed(0)
     buf.flat.copy_(torch.randn(buf.flat.numel()))
