@@ -39,7 +39,7 @@ import h5py
 import numpy as np
 import torch
 
-from .config import CannotWrite, Config, UsageError, one_line, settings_hint
+from .config import CannotWrite, Config, UsageError, one_line, with_settings
 from .filewrite import WRITER, Sink, as_array, atomic_write, copy_into, on_disk_bytes, write_dataset
 from .layout import all_finite
 from .named_state import flat_optimizer_state, joined, optimizer_names, pieces, set_optimizer_state
@@ -324,7 +324,7 @@ def fit_faults(f: h5py.File, contents: Contents) -> list[str]:
     rng = f["rng/torch_cpu"]
     if rng.dtype != np.uint8 or rng.shape[1] != torch.get_rng_state().numel():
         faults.append(f"/rng/torch_cpu: {rng.dtype} {rng.shape} is not a torch generator state per rank")
-    return [fault + settings_hint(read(f["config"]), contents.cfg) for fault in faults[:1]] + faults[1:]
+    return [with_settings(fault, read(f["config"]), contents.cfg) for fault in faults[:1]] + faults[1:]
 
 
 def load_averaging(f: h5py.File, averaging, contents: Contents, rank: int):

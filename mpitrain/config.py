@@ -368,13 +368,15 @@ STATE_SHAPING = ("rank", "sketch_bits", "factor_bits", "probes", "allocation", "
 BEFORE_IT_EXISTED = {"sketch_bits": 32}
 
 
-def settings_hint(saved_json, cfg: Config) -> str:
-    """'; it was written with --x A (this run: B): ...' for the state-shaping settings in which a
-    checkpoint's saved configuration differs from cfg, or '' (also for an unreadable one)."""
+def with_settings(fault: str, saved_json, cfg: Config) -> str:
+    """A checkpoint's fault, and when it is its compressor state's: '; it was written with --x A
+    (this run: B): ...' for the state-shaping settings in which its saved configuration differs."""
     try:
         saved = {**BEFORE_IT_EXISTED, **json.loads(saved_json)}
     except (ValueError, TypeError):
-        return ""
+        return fault
     changed = [f"--{k.replace('_', '-')} {saved[k]} (this run: {getattr(cfg, k)})"
                for k in STATE_SHAPING if k in saved and saved[k] != getattr(cfg, k)]
-    return f"; it was written with {', '.join(changed)}: resume with those settings" if changed else ""
+    if not changed or not fault.startswith("/compressor"):
+        return fault
+    return f"{fault}; it was written with {', '.join(changed)}: resume with those settings"
