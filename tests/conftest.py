@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 FAST = [
     "test_package.py", "test_layout.py", "test_parts.py", "test_docs.py", "test_data.py", "test_cli.py",
-    "test_inspect.py",
+    "test_inspect.py", "test_optim.py",
     "test_api.py::test_import_mpitrain_starts_neither_mpi_nor_torch",
     "test_api.py::test_the_example_loop_runs_without_arguments_into_a_default_run_dir",
     "test_api.py::test_a_broken_dataset_function_is_one_line_and_exit_2[returns_nonsense-must return (data, info)]",
