@@ -708,7 +708,8 @@ def test_torch_operations_meet_the_compiled_loops_bounds_and_checksum():
 
 KERNEL_CASES = [(2, ["--compressor", "powersgd"]),
                 (3, ["--compressor", "greedylore-paper", "--refresh-every", "5"]),
-                (3, ["--compressor", "greedylore"]),  # tracking basis, 16-bit factors
+                (3, ["--compressor", "greedylore"]),  # tracking basis, 16-bit sketch and factors
+                (2, ["--compressor", "greedylore", "--sketch-bits", "32"]),
                 (2, ["--compressor", "greedylore", "--factor-bits", "32"]),
                 (2, ["--compressor", "greedylore", "--allocation", "global"]),
                 (2, ["--compressor", "greedylore", "--basis", "fixed", "--refresh-every", "4"])]
