@@ -37,12 +37,19 @@ class Optimizer:
         for p in self.params():
             p.grad = None
 
-    @torch.no_grad()
-    def step(self):
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    self.update(p, p.grad if not group["maximize"] else -p.grad, group)
+    def step(self, closure=None):
+        """One update of every parameter that has a gradient; `closure` (torch's): recomputes the
+        loss first, with gradients on, and its value is returned."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        with torch.no_grad():
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        self.update(p, p.grad if not group["maximize"] else -p.grad, group)
+        return loss
 
     def update(self, param: torch.Tensor, grad: torch.Tensor, group: dict):
         raise NotImplementedError

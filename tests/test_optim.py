@@ -74,6 +74,21 @@ def test_state_dicts_load_either_way_and_go_on_as_one_run(ours, theirs, settings
             same(x, y)
 
 
+def test_a_closure_is_evaluated_with_gradients_first_and_its_loss_returned():
+    w = torch.nn.Parameter(torch.tensor([3.0]))
+    optimizer = optim.SGD([w], lr=0.25)
+
+    def closure():
+        optimizer.zero_grad()
+        loss = (w ** 2).sum()
+        loss.backward()
+        return loss
+
+    with torch.no_grad():
+        loss = optimizer.step(closure)
+    assert loss.item() == 9.0 and w.item() == 3.0 - 0.25 * 6.0
+
+
 def test_an_unknown_setting_and_a_mismatched_state_dict_are_refused():
     with pytest.raises(TypeError, match="takes no momentum"):
         optim.Adam(params(0), momentum=0.9)
