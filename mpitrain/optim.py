@@ -17,6 +17,7 @@ SGD_DEFAULTS = {"lr": 1e-3, "momentum": 0.0, "dampening": 0, "weight_decay": 0.0
 ADAM_DEFAULTS = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0, "amsgrad": False,
                  "maximize": False, "foreach": None, "capturable": False, "differentiable": False, "fused": None,
                  "decoupled_weight_decay": False}
+IMPLEMENTATIONS = ("foreach", "fused", "capturable", "differentiable")
 
 
 class Optimizer:
@@ -27,6 +28,12 @@ class Optimizer:
         unknown = sorted(set(settings) - set(self.defaults))
         if unknown:
             raise TypeError(f"{type(self).__name__} takes no {', '.join(unknown)}")
+        # torch's choices of implementation are kept in the groups (a state dict torch reads) but
+        # only the single-tensor update exists here: asking for another must not pass in silence
+        other = sorted(k for k in IMPLEMENTATIONS if settings.get(k))
+        if other:
+            raise TypeError(f"{type(self).__name__} runs torch's single-tensor update only; "
+                            f"it takes no {', '.join(f'{k}=True' for k in other)}")
         self.param_groups = [{"params": list(params), **self.defaults, **settings}]
         self.state: dict[torch.Tensor, dict] = {}
 

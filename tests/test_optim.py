@@ -92,6 +92,9 @@ def test_a_closure_is_evaluated_with_gradients_first_and_its_loss_returned():
 def test_an_unknown_setting_and_a_mismatched_state_dict_are_refused():
     with pytest.raises(TypeError, match="takes no momentum"):
         optim.Adam(params(0), momentum=0.9)
+    with pytest.raises(TypeError, match="single-tensor update only; it takes no fused=True"):
+        optim.AdamW(params(0), fused=True)
+    assert optim.SGD(params(0), foreach=None, lr=0.1).param_groups[0]["foreach"] is None  # torch's default passes
     with pytest.raises(ValueError, match="different number of parameters"):
         optim.SGD(params(0)[:2], lr=0.1).load_state_dict(optim.SGD(params(0), lr=0.1).state_dict())
 
