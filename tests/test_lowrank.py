@@ -659,6 +659,25 @@ def test_basis_pass_rotates_multiplies_and_checks_in_one_pass_the_same_at_any_th
     assert same == check  # not rotated: the bits alone decide it
 
 
+@pytest.mark.parametrize("d,t", [(40, 1), (129, 5), (300, 12)])
+def test_reflectors_from_geqrf_are_its_householder_product_in_compact_form(d, t):
+    """`reflectors` (compiled, and in torch operations): V unit lower triangular with geqrf's
+    tails, and I - V T V^T equal to the product of the reflectors, whose first t columns are LAPACK's
+    own Q (torch.linalg.householder_product), within float32 rounding of a d-term sum; orthogonal."""
+    from mpitrain.compress.lowrank import Products, TorchProducts
+    a, tau = torch.geqrf(torch.randn(d, t, generator=torch.Generator().manual_seed(d)))
+    q = torch.linalg.householder_product(a, tau).double()
+    for mm in (Products(), TorchProducts()):
+        tri, vt = mm.reflectors(a.clone(), tau)
+        v = vt.t().double()
+        assert torch.equal(v.triu(), torch.eye(d, t, dtype=torch.float64)) and torch.equal(v.tril(-1), a.tril(-1).double())
+        assert torch.equal(tri.tril(-1), torch.zeros(t, t)) and torch.equal(tri.diagonal(), tau)
+        h = torch.eye(d, dtype=torch.float64) - v @ tri.double() @ v.t()
+        bound = 4 * (d + t) * 2.0 ** -24  # |v|, |T| and Q's columns are O(1): a few d-term sums each
+        assert (h[:, :t] - q).abs().max() <= bound, type(mm).__name__
+        assert (h.t() @ h - torch.eye(d, dtype=torch.float64)).abs().max() <= bound
+
+
 def test_torch_operations_meet_the_compiled_loops_bounds_and_checksum():
     """--kernels torch: the products in each layout, the residual pass and the basis pass within the
     rounding bounds the compiled loops meet; the bases' checksum equal to the one written out

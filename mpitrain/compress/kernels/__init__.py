@@ -36,7 +36,7 @@ from .quantizers import (stochastic_levels, scaled_signed, positions, rice_gap_b
 from .spherical import spherical_first
 from .lowrank import (residual_and_sum, LEFT_TILE, LINE, ROWS_IN_CACHE, left_product, orthogonalize,
                       right_product)
-from .bases import BASIS_BLOCK, position_weights, rotate_rows
+from .bases import BASIS_BLOCK, position_weights, reflectors, rotate_rows
 
 __all__ = ["BAD_CODE", "ERRORS", "NOT_POSITIVE", "PAST_END", "TOO_LONG", "TRUNCATED", "LEADING_ONES",
            "write_fixed", "write_unary", "write_gamma", "write_rice", "unary_bits", "gamma_bits",

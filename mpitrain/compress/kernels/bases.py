@@ -19,6 +19,34 @@ def position_weights(out):
 
 
 @jit
+def reflectors(vt, tau, tri):
+    """geqrf's Householder reflectors made explicit, and LAPACK larft's T for them. `vt` (t x d)
+    holds geqrf's output transposed, row j the j-th reflector's tail after its diagonal; on return
+    it is V^T with V unit lower triangular, and `tri` (t x t) the upper triangular T with
+    I - V T V^T the product of the reflectors in order. Column j of T is
+    -tau_j T[:j, :j] (V^T V)[:j, j], V^T V's column parked in T's while it is used."""
+    t, d = vt.shape
+    for j in range(t):
+        for k in range(j):
+            vt[j, k] = 0.0
+        vt[j, j] = 1.0
+    for j in range(t):
+        for i in range(j):
+            total = np.float32(0.0)
+            for k in range(j, d):  # row j of V^T is zero before column j
+                total += vt[i, k] * vt[j, k]
+            tri[i, j] = total
+        for i in range(j):  # rows in order: row i reads the Gram values of rows i.. only
+            total = np.float32(0.0)
+            for k in range(i, j):
+                total += tri[i, k] * tri[k, j]
+            tri[i, j] = -tau[j] * total
+        for i in range(j + 1, t):
+            tri[i, j] = 0.0
+        tri[j, j] = tau[j]
+
+
+@jit
 def rotate_rows(basis, bits, tri, vt, bv, w, u, yt, parts, weights, first, lo, hi):
     """Rows lo..hi of a d x d basis (lo on a BASIS_BLOCK boundary), four at a time while they are in
     cache: basis -= (basis @ vt^T @ tri) @ vt (w = basis vt^T tri into `w`, through `bv`: d x t

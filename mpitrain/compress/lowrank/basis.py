@@ -128,10 +128,7 @@ class Basis:
             if not t:
                 reflectors.append((NOTHING_T, u.t()))
                 continue
-            a, tau = torch.geqrf(utb.t())
-            v = a.tril(-1)
-            v.diagonal().fill_(1.0)
-            reflectors.append((self.mm.triangular_factor(v, tau), v.t()))
+            reflectors.append(self.mm.reflectors(*torch.geqrf(utb.t())))
         return reflectors
 
     def state_dict(self, copy: bool = True) -> dict:

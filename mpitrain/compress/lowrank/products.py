@@ -91,6 +91,13 @@ class TorchProducts:
             self._checksum_weights[key] = weights
         return self._checksum_weights[key]
 
+    def reflectors(self, a: torch.Tensor, tau: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(T, V^T) from geqrf's (a, tau): V unit lower triangular, its tails a's strict lower part,
+        and T (LAPACK's larft) with I - V T V^T the product of the reflectors."""
+        v = a.tril(-1)
+        v.diagonal().fill_(1.0)
+        return self.triangular_factor(v, tau), v.t()
+
     def triangular_factor(self, v: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
         """LAPACK's larft: T with I - V T V^T the product of the reflectors (V's columns, tau)."""
         t, gram = tau.shape[0], v.t() @ v
@@ -241,15 +248,13 @@ class Products(TorchProducts):
             kernels().position_weights(self._weights)
         return self._weights[:n]
 
-    def triangular_factor(self, v: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
-        """As `TorchProducts.triangular_factor`, in numpy: a few small products per column, at a
-        fraction of torch's per-call cost."""
-        t, gram, tau = tau.shape[0], (v.t() @ v).numpy(), tau.numpy()
-        tri = np.zeros((t, t), dtype=np.float32)
-        for j in range(t):
-            tri[j, j] = tau[j]
-            tri[:j, j] = -tau[j] * (tri[:j, :j] @ gram[:j, j])
-        return torch.from_numpy(tri)
+    def reflectors(self, a: torch.Tensor, tau: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """As `TorchProducts.reflectors`, in one compiled call on geqrf's own output (V^T is made in
+        its memory): per matrix a fraction of the small torch and numpy operations' cost."""
+        vt = a.t() if a.t().is_contiguous() else a.t().contiguous()
+        tri = torch.empty((tau.shape[0], tau.shape[0]))
+        kernels().reflectors(vt.numpy(), tau.numpy(), tri.numpy())
+        return tri, vt
 
     def orthogonalize(self, p: torch.Tensor, eps: float) -> None:
         """Gram-Schmidt on p's columns in place (`kernels.orthogonalize`): one call a matrix."""
