@@ -1,6 +1,6 @@
 """Compiled loops (numba), one module per family: `fields` (bitcodec's bit fields), `quantizers`
 (their fused passes), `spherical` (its candidate search), `lowrank` (skinny products, the
-residual-and-reconstruction pass, Gram-Schmidt) and `bases` (greedylore's basis pass).
+residual-and-reconstruction pass, Gram-Schmidt) and `bases` (greedylore's basis pass and its reflectors).
 
 Imported on first use, so a run that neither quantizes nor compresses to low rank never loads
 numba. Everything here is plain IEEE arithmetic in a fixed order (no fastmath), so the codes are
@@ -44,4 +44,5 @@ __all__ = ["BAD_CODE", "ERRORS", "NOT_POSITIVE", "PAST_END", "TOO_LONG", "TRUNCA
            "scaled_signed", "positions", "rice_gap_bits", "write_levels", "read_levels", "write_sparse_gamma",
            "sparse_gamma_bits", "natural_codes", "write_natural", "read_natural", "accumulate", "narrow",
            "norm", "spherical_first", "residual_and_sum", "LEFT_TILE", "LINE", "ROWS_IN_CACHE",
-           "left_product", "orthogonalize", "right_product", "BASIS_BLOCK", "position_weights", "rotate_rows"]
+           "left_product", "orthogonalize", "right_product", "BASIS_BLOCK", "position_weights", "reflectors",
+           "rotate_rows"]

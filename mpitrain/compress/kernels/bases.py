@@ -1,4 +1,5 @@
-"""GreedyLore's bases: one pass that rotates a basis, multiplies it by the sketch and checksums it."""
+"""GreedyLore's bases: the reflectors a rotation is made of, and one pass that rotates a basis,
+multiplies it by the sketch and checksums it."""
 from __future__ import annotations
 
 import numpy as np
