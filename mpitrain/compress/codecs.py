@@ -188,9 +188,12 @@ class QSGD(Codec):
     def encode(self, x, w, key, out=None):
         check_finite(x)
         nrm, k = self.levels(x, key, self.kept("levels", x.size, np.int64))
+        at = self.kept("positions", 2 * (x.size + 1), np.int64)
+        nnz, _ = kernels().positions(k, at[:x.size + 1], at[x.size + 1:])
+        nonzero_at = at[:nnz]
         w.fixed(int(np.array(nrm).view(np.uint32)), 32)
-        w.gamma([np.count_nonzero(k) + 1])
-        w.body(kernels().write_sparse_gamma, kernels().sparse_gamma_bits(k), x, k)
+        w.gamma([nnz + 1])
+        w.body(kernels().write_sparse_gamma, kernels().sparse_gamma_bits(k, nonzero_at), x, k, nonzero_at)
         y = output_array(out, x.size, zeroed=False)
         kernels().scaled_signed(nrm / np.float32(self.cfg.levels), k, x, y)
         return y

@@ -120,40 +120,36 @@ def read_levels(buf, nbits, pos, zeros_marked, param, run_cap, gamma, marked, fl
 
 
 @jit
-def write_sparse_gamma(buf, pos, x, k):
-    """QSGD's body: gamma(gap + 1) per nonzero level, a sign bit per nonzero, gamma(level) per nonzero."""
+def write_sparse_gamma(buf, pos, x, k, nonzero_at):
+    """QSGD's body: gamma(gap + 1) per nonzero level, a sign bit per nonzero, gamma(level) per
+    nonzero. It walks the nonzero positions (from `positions`): a pass over all d values, branching
+    on each level, lost the branch predictor's coin flip five times over."""
     acc, n, out = _start(buf, pos)
     last = -1
-    for i in range(k.size):
-        if k[i]:
-            acc, n, out = _push_unary(buf, acc, n, out, _floor_log2(i - last))
-            last = i
+    for i in nonzero_at:
+        acc, n, out = _push_unary(buf, acc, n, out, _floor_log2(i - last))
+        last = i
     last = -1
-    for i in range(k.size):
-        if k[i]:
-            width = _floor_log2(i - last)
-            acc, n, out = _push_wide(buf, acc, n, out, (i - last) & ((np.int64(1) << width) - 1), width)
-            last = i
-    for i in range(k.size):
-        if k[i]:
-            acc, n, out = _push(buf, acc, n, out, np.int64(x[i] < 0), 1)
-    for i in range(k.size):
-        if k[i]:
-            acc, n, out = _push_unary(buf, acc, n, out, _floor_log2(k[i]))
-    for i in range(k.size):
-        if k[i]:
-            width = _floor_log2(k[i])
-            acc, n, out = _push_wide(buf, acc, n, out, k[i] & ((np.int64(1) << width) - 1), width)
+    for i in nonzero_at:
+        width = _floor_log2(i - last)
+        acc, n, out = _push_wide(buf, acc, n, out, (i - last) & ((np.int64(1) << width) - 1), width)
+        last = i
+    for i in nonzero_at:
+        acc, n, out = _push(buf, acc, n, out, np.int64(x[i] < 0), 1)
+    for i in nonzero_at:
+        acc, n, out = _push_unary(buf, acc, n, out, _floor_log2(k[i]))
+    for i in nonzero_at:
+        width = _floor_log2(k[i])
+        acc, n, out = _push_wide(buf, acc, n, out, k[i] & ((np.int64(1) << width) - 1), width)
     return _end(buf, acc, n, out)
 
 
 @jit
-def sparse_gamma_bits(k):
+def sparse_gamma_bits(k, nonzero_at):
     bits, last = 0, -1
-    for i in range(k.size):
-        if k[i]:
-            bits += 2 * _floor_log2(i - last) + 1 + 1 + 2 * _floor_log2(k[i]) + 1
-            last = i
+    for i in nonzero_at:
+        bits += 2 * _floor_log2(i - last) + 1 + 1 + 2 * _floor_log2(k[i]) + 1
+        last = i
     return bits
 
 
