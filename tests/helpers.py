@@ -1,6 +1,7 @@
 """Launching the trainer and test workers as real processes, under a real mpiexec."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -44,3 +45,41 @@ def two_nodes(*args) -> list:
     a and b as `mpitrain emulate` names its nodes (MPITRAIN_NODE)."""
     block = lambda node: ["-n", "2", "env", f"MPITRAIN_NODE={node}", sys.executable, *map(str, args)]  # noqa: E731
     return [MPIEXEC, *block("a"), ":", *block("b")]
+
+
+def runs_in_one_launch(n: int, worker, runs: list, **extra_env) -> subprocess.CompletedProcess:
+    """`mpiexec -n N python WORKER ARGS` for each ARGS of runs, all in one launch (workers/runs.py):
+    each rank imports torch once, which is most of a small run's time."""
+    args = json.dumps([[str(a) for a in run] for run in runs])
+    return mpi(n, [WORKERS / "runs.py", worker, args], timeout=60 + 60 * len(runs), **extra_env)
+
+
+_LAUNCHED: dict = {}
+
+
+def one_launch_per_world_size(request, tmp_path_factory, case_of) -> Path:
+    """The output folder of this parametrized test's worker run; the runs of every selected instance
+    of the same test with the same number of ranks share one launch (workers/runs.py), since
+    starting the ranks is most of such a test's time. case_of(**params) -> (ranks, worker, args
+    after the output folder)."""
+    def case(item):
+        n, worker, args = case_of(**item.callspec.params)
+        return n, (str(worker), *map(str, args))
+
+    test = request.node
+    n, mine = case(test)
+    key = (test.nodeid.split("[")[0], n)
+    if key not in _LAUNCHED:
+        same_test = [item for item in request.session.items if item.nodeid.split("[")[0] == key[0]]
+        runs = list(dict.fromkeys(run for m, run in map(case, same_test) if m == n))
+        base = tmp_path_factory.mktemp(test.originalname[:40])
+        folders = [base / str(i) for i in range(len(runs))]
+        for folder in folders:
+            folder.mkdir()
+        spec = [[str(folder), *args] for folder, (_, *args) in zip(folders, runs)]
+        worker = runs[0][0]
+        assert all(run[0] == worker for run in runs), "one worker per test"
+        r = runs_in_one_launch(n, worker, spec)
+        assert r.returncode == 0, r.stderr
+        _LAUNCHED[key] = dict(zip(runs, folders))
+    return _LAUNCHED[key][mine]

@@ -11,7 +11,7 @@ import h5py
 import numpy as np
 import pytest
 
-from helpers import MPIEXEC, ROOT, WORKERS, env, mpi, run, trainer, two_nodes
+from helpers import MPIEXEC, ROOT, WORKERS, env, mpi, run, runs_in_one_launch, trainer, two_nodes
 from mpitrain import checkpoint
 
 COMMON = ["--lr-schedule", "constant", "--warmup-steps", 0, "--eval-every", 0, "--log-every", 1]
@@ -22,6 +22,17 @@ def run_and_dump(folder, n, *flags):
     r = mpi(n, [WORKERS / "train_and_dump.py", folder, *COMMON, "--run-dir", folder, *flags])
     assert r.returncode == 0, r.stderr
     return np.load(folder / "params-0.npy"), r
+
+
+def runs_and_dumps(n, *runs):
+    """run_and_dump for each (folder, flags...) of runs, in one launch. A resume never shares one with
+    the run that wrote its checkpoint: it must read everything it needs from the file."""
+    for folder, *_ in runs:
+        folder.mkdir(exist_ok=True)
+    r = runs_in_one_launch(n, WORKERS / "train_and_dump.py",
+                           [[folder, *COMMON, "--run-dir", folder, *flags] for folder, *flags in runs])
+    assert r.returncode == 0, r.stderr
+    return [np.load(folder / "params-0.npy") for folder, *_ in runs], r
 
 
 def losses(folder):
@@ -41,16 +52,17 @@ def model_of(path):
 def test_resume_equals_an_uninterrupted_run(tmp_path, compressor, optimizer, extra):
     flags = ["--compressor", compressor, "--optimizer", optimizer, "--lr", 0.01 if optimizer != "sgd" else 0.05,
              "--start-compress-step", 3, "--refresh-every", 4, "--rank", 4, "--model", "cnn", *extra]
-    whole, _ = run_and_dump(tmp_path / "whole", 2, "--steps", 20, *flags)
     # 16-bit greedylore rounds each rank's own Q, so only every rank's residual resumes it exactly
     # (the quantizers' residuals are every rank's own in either exchange)
     linear = compressor in ("greedylore", "greedylore-paper", "powersgd") and not (compressor == "greedylore" and not extra)
-    for policy in (["gather", "mean"] if linear else ["gather"]):
+    policies = ["gather", "mean"] if linear else ["gather"]
+    (whole, *_), _ = runs_and_dumps(2, (tmp_path / "whole", "--steps", 20, *flags),
+                                    *[(tmp_path / p, "--steps", 10, "--ef-resume", p, *flags) for p in policies])
+    assert all((tmp_path / p / "checkpoints" / "ckpt-000000010.h5").is_file() for p in policies)
+    resumed_runs, r = runs_and_dumps(2, *[(tmp_path / p, "--steps", 20, "--ef-resume", p, *flags) for p in policies])
+    assert r.stdout.count("resumed from") == r.stdout.count("ckpt-000000010.h5") == len(policies), r.stdout
+    for policy, resumed in zip(policies, resumed_runs):
         part = tmp_path / policy
-        run_and_dump(part, 2, "--steps", 10, "--ef-resume", policy, *flags)
-        assert (part / "checkpoints" / "ckpt-000000010.h5").is_file()
-        resumed, r = run_and_dump(part, 2, "--steps", 20, "--ef-resume", policy, *flags)
-        assert "resumed from" in r.stdout and "ckpt-000000010.h5" in r.stdout
         steps = [json.loads(x)["step"] for x in open(part / "metrics.jsonl") if '"train"' in x]
         assert steps == list(range(1, 21))
         start = np.load(part / "params-init.npy")

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from helpers import WORKERS, mpi, run, two_nodes
+from helpers import WORKERS, mpi, run, runs_in_one_launch, two_nodes
 from mpitrain.comm import STALLED
 
 
@@ -83,13 +83,15 @@ def test_overlapped_buckets_give_the_same_bits_and_bytes_as_one_exchange(tmp_pat
     flags = ["--steps", 12, "--model", "cnn", "--optimizer", "adam", "--lr", 0.003, "--eval-every", 0,
              "--log-every", 1, "--compressor", compressor, "--start-compress-step", 2, *extra]
     quantizer = compressor == "sparse-dither"
-    runs = {}
-    for bucket_mb in (0, 0.02):  # 0.02 MB: the cnn's matrices make several buckets
+    runs, sizes = {}, (0, 0.02)  # 0.02 MB: the cnn's matrices make several buckets
+    for bucket_mb in sizes:
+        (tmp_path / str(bucket_mb)).mkdir()
+    r = runs_in_one_launch(n, WORKERS / "train_and_dump.py",
+                           [[tmp_path / str(b), *flags, *(QUANTIZER_THREADS if quantizer else []), "--bucket-mb", b,
+                             "--run-dir", tmp_path / str(b)] for b in sizes])
+    assert r.returncode == 0, r.stderr
+    for bucket_mb in sizes:
         folder = tmp_path / str(bucket_mb)
-        folder.mkdir()
-        r = mpi(n, [WORKERS / "train_and_dump.py", folder, *flags, *(QUANTIZER_THREADS if quantizer else []),
-                    "--bucket-mb", bucket_mb, "--run-dir", folder])
-        assert r.returncode == 0, r.stderr
         lines = [json.loads(x) for x in open(folder / "metrics.jsonl") if '"train"' in x]
         runs[bucket_mb] = [np.load(folder / f"params-{k}.npy") for k in range(n)], [x["wire_bytes"] for x in lines]
         if quantizer:  # not vacuous: from its second step every matrix was encoded during backward

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import WORKERS, mpi
+from helpers import WORKERS, mpi, one_launch_per_world_size
 from mpitrain.compress.streams import Purpose, torch_stream
 from mpitrain.layout import CONTROL
 
@@ -15,9 +15,23 @@ C = 4 * len(CONTROL)  # the control words ride in every dense or payload Allredu
 def stream(tmp_path, n, name, steps, *flags):
     r = mpi(n, [WORKERS / "compress_stream.py", tmp_path, name, steps, *flags])
     assert r.returncode == 0, r.stderr
-    ranks = [dict(np.load(tmp_path / f"rank-{k}.npz")) for k in range(n)]
-    slots = json.loads(str(ranks[0]["shapes"]))
-    return ranks, slots
+    return dumped(tmp_path, n)
+
+
+def dumped(folder, n):
+    """What each of n ranks of compress_stream.py dumped into folder, and the matrices' slots."""
+    ranks = [dict(np.load(folder / f"rank-{k}.npz")) for k in range(n)]
+    return ranks, json.loads(str(ranks[0]["shapes"]))
+
+
+def streams(request, tmp_path_factory, case_of):
+    """stream() for one instance of a parametrized test, its sibling instances' streams run in the
+    same launch. case_of(**params) -> (ranks, stream, steps, flags)."""
+    def worker_case(**params):
+        n, name, steps, flags = case_of(**params)
+        return n, WORKERS / "compress_stream.py", [name, steps, *flags]
+    n = case_of(**request.node.callspec.params)[0]
+    return dumped(one_launch_per_world_size(request, tmp_path_factory, worker_case), n)
 
 
 def matrices(flat, slots, which):
@@ -66,10 +80,14 @@ CASES = [(2, "greedylore-paper", ["--select", "greedy"]), (4, "greedylore-paper"
          (2, "greedylore", ["--basis", "fixed", "--refresh-residual", "keep", "--factor-bits", 32])]
 
 
+def error_feedback_case(n, name, extra):
+    return n, "drift", 14, ["--compressor", name, "--rank", 3, "--start-compress-step", 2, "--refresh-every", 5, *extra]
+
+
 @pytest.mark.parametrize("n,name,extra", CASES)
-def test_error_feedback_is_exact_and_the_sum_of_reconstructions_is_what_every_rank_gets(tmp_path, n, name, extra):
-    ranks, slots = stream(tmp_path, n, "drift", 14, "--compressor", name, "--rank", 3, "--start-compress-step", 2,
-                          "--refresh-every", 5, *extra)
+def test_error_feedback_is_exact_and_the_sum_of_reconstructions_is_what_every_rank_gets(request, tmp_path_factory,
+                                                                                        n, name, extra):
+    ranks, slots = streams(request, tmp_path_factory, error_feedback_case)
     which = list(ranks[0]["compressed"])
     policy = "flush" if name == "greedylore-paper" else extra[extra.index("--refresh-residual") + 1] \
         if "--refresh-residual" in extra else "keep"
@@ -228,21 +246,29 @@ def contractions(ranks, slots, variant, r):
     return ranks[0]["ratios"][steps], np.array([1 - np.array(x["ranks"]) / d for x in stats])
 
 
+def exact_scores_case(name, variant):
+    return 2, name, 60, [*VARIANTS[variant], "--scores", "exact", "--rank", 2, "--start-compress-step", 1,
+                         "--refresh-every", 25, "--contraction-every", 1]
+
+
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("name", ["drift", "noise"])
-def test_exact_scores_contract_at_every_step(tmp_path, name, variant):
-    ranks, slots = stream(tmp_path, 2, name, 60, *VARIANTS[variant], "--scores", "exact", "--rank", 2,
-                          "--start-compress-step", 1, "--refresh-every", 25, "--contraction-every", 1)
+def test_exact_scores_contract_at_every_step(request, tmp_path_factory, name, variant):
+    ranks, slots = streams(request, tmp_path_factory, exact_scores_case)
     measured, bound = contractions(ranks, slots, variant, 2)
     assert len(measured) == 60 - 1 - ranks[0]["refresh"][1:].sum() and not np.isnan(measured).any()
     assert (measured <= bound + 1e-6).all()
     assert (bound < 1).all()
 
 
+def probe_scores_case(variant):
+    return 2, "geometric", 80, [*VARIANTS[variant], "--probes", 4, "--rank", 2, "--start-compress-step", 1,
+                                "--refresh-every", 1000, "--contraction-every", 1]
+
+
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_probe_scores_contract_in_the_mean(tmp_path, variant):
-    ranks, slots = stream(tmp_path, 2, "geometric", 80, *VARIANTS[variant], "--probes", 4, "--rank", 2,
-                          "--start-compress-step", 1, "--refresh-every", 1000, "--contraction-every", 1)
+def test_probe_scores_contract_in_the_mean(request, tmp_path_factory, variant):
+    ranks, slots = streams(request, tmp_path_factory, probe_scores_case)
     measured, bound = contractions(ranks, slots, variant, 2)
     assert len(measured) >= 78
     assert (measured.mean(0) <= bound.mean(0)).all()
@@ -388,11 +414,14 @@ def test_a_sixteen_bit_sketch_buys_more_directions_within_powersgds_bytes_and_ev
         assert list(rr["wire"]) == list(ranks[0]["wire"])
 
 
+def full_rank_case(name):
+    return 2, "noise", 6, ["--compressor", name, "--rank", 64, "--min-compression-rate", 0, "--start-compress-step", 1,
+                           "--refresh-every", 100, *(["--factor-bits", 32] if name == "greedylore" else [])]
+
+
 @pytest.mark.parametrize("name", ["greedylore", "powersgd"])
-def test_full_rank_compression_is_the_dense_sum(tmp_path, name):
-    ranks, slots = stream(tmp_path, 2, "noise", 6, "--compressor", name, "--rank", 64, "--min-compression-rate", 0,
-                          "--start-compress-step", 1, "--refresh-every", 100,
-                          *(["--factor-bits", 32] if name == "greedylore" else []))
+def test_full_rank_compression_is_the_dense_sum(request, tmp_path_factory, name):
+    ranks, slots = streams(request, tmp_path_factory, full_rank_case)
     assert len(ranks[0]["compressed"]) == 5  # every matrix, even 2 x 2 ones
     for t in range(6):
         np.testing.assert_allclose(ranks[0]["result"][t], ranks[0]["g"][t] + ranks[1]["g"][t], atol=2e-5)
@@ -734,18 +763,21 @@ KERNEL_CASES = [(2, ["--compressor", "powersgd"]),
                 (2, ["--compressor", "greedylore", "--basis", "fixed", "--refresh-every", "4"])]
 
 
+def kernels_case(n, flags):
+    return n, WORKERS / "kernels_agree.py", [14, "--rank", 3, "--start-compress-step", 2, *flags]
+
+
 @pytest.mark.parametrize("n,flags", KERNEL_CASES)
-def test_the_torch_path_chooses_as_the_compiled_one_within_rounding_and_the_same_bits_on_every_rank(tmp_path, n,
-                                                                                                   flags):
+def test_the_torch_path_chooses_as_the_compiled_one_within_rounding_and_the_same_bits_on_every_rank(
+        request, tmp_path_factory, n, flags):
     """Every step the torch compressor starts from the compiled one's state and aggregates the same
     gradients (tests/workers/kernels_agree.py): the same directions chosen (projectors within a tenth
     of what tells one basis column from another), each result within the bound the two paths'
     rounding and their projectors' gap allow (16-bit: plus one level of each rank's rounding), the
     uncompressed tensors bitwise equal, and the torch path's results the same bits on every rank,
     its bases never rebroadcast."""
-    r = mpi(n, [WORKERS / "kernels_agree.py", tmp_path, 14, "--rank", 3, "--start-compress-step", 2, *flags])
-    assert r.returncode == 0, r.stderr
-    ranks = [dict(np.load(tmp_path / f"rank-{k}.npz")) for k in range(n)]
+    folder = one_launch_per_world_size(request, tmp_path_factory, kernels_case)
+    ranks = [dict(np.load(folder / f"rank-{k}.npz")) for k in range(n)]
     first = ranks[0]
     assert first["dense_equal"].all() and first["ranks_equal"].all()
     assert first["projector_gap"].max() < 1.0 and first["result_ratio"].max() <= 1.0

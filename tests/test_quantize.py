@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from helpers import WORKERS, mpi
+from helpers import WORKERS, mpi, one_launch_per_world_size
 from mpitrain.compress import codecs, quantize, spherical
 from mpitrain.compress.bitcodec import BitReader, BitWriter, PayloadError, rice_bits
 from mpitrain.layout import CONTROL
@@ -318,9 +318,9 @@ FRAME = 1 + 4 * len(CONTROL) + 4  # version, control words, CRC; and 4 bytes of 
 
 
 @pytest.mark.parametrize("name,extra", EXCHANGED)
-def test_every_rank_decodes_the_same_sum_of_what_each_sent(tmp_path, name, extra):
+def test_every_rank_decodes_the_same_sum_of_what_each_sent(request, tmp_path_factory, name, extra):
     n, steps = 3, 4
-    ranks = stream(tmp_path, n, steps, name, extra)
+    ranks = stream(request, tmp_path_factory, n, steps)
     d = sum(math.prod(s) for s in SHAPES)
     for t in range(steps):
         stats = [eval_stats(rr["stats"][t]) for rr in ranks]
@@ -331,14 +331,15 @@ def test_every_rank_decodes_the_same_sum_of_what_each_sent(tmp_path, name, extra
 
 
 @pytest.mark.parametrize("name,extra", [EXCHANGED[i] for i in (0, 2, 4, 5)])
-def test_the_sharded_exchange_decodes_two_gradients_a_rank_and_keeps_every_residual(tmp_path, name, extra):
+def test_the_sharded_exchange_decodes_two_gradients_a_rank_and_keeps_every_residual(request, tmp_path_factory, name,
+                                                                                     extra):
     """At 4 ranks (auto: sharded) every rank decodes the ~d/4 values of its share from each other
     rank's pieces, and the other shares' encoded sums: under 2d, where the gather exchange decodes
     3d. The second
     encoding's error joins the residual of the rank that encoded the sum, so what every rank
     gets is still the sum of what each rank's residual says it sent."""
     n, steps = 4, 4
-    ranks = stream(tmp_path, n, steps, name, extra)
+    ranks = stream(request, tmp_path_factory, n, steps)
     d = sum(math.prod(s) for s in SHAPES)
     ends = np.cumsum([0] + [math.prod(s) for s in SHAPES])
     bounds = [j * d // n for j in range(n + 1)]
@@ -375,14 +376,15 @@ def test_the_sharded_exchange_of_an_unbiased_codec_stays_unbiased(tmp_path):
     assert abs(slope_error) < 5 * standard_error
 
 
-def stream(tmp_path, n: int, steps: int, name: str, extra: list) -> list[dict]:
-    """Each rank's record of `steps` exchanges of Gaussian noise with error feedback, checked for
-    what every exchange must hold: the same bits on every rank, and their sum what the ranks'
-    residuals say each sent, step by step and over all steps."""
-    r = mpi(n, [WORKERS / "compress_stream.py", tmp_path, "noise", steps, "--compressor", name,
-                "--error-feedback", "on", *extra])
-    assert r.returncode == 0, r.stderr
-    ranks = [dict(np.load(tmp_path / f"rank-{k}.npz")) for k in range(n)]
+def stream(request, tmp_path_factory, n: int, steps: int) -> list[dict]:
+    """Each rank's record of `steps` exchanges of Gaussian noise with error feedback, by the compressor
+    this test instance names (its siblings' runs in the same launch), checked for what every exchange
+    must hold: the same bits on every rank, and their sum what the ranks' residuals say each sent,
+    step by step and over all steps."""
+    def case(name, extra):
+        return n, WORKERS / "compress_stream.py", ["noise", steps, "--compressor", name, "--error-feedback", "on", *extra]
+    folder = one_launch_per_world_size(request, tmp_path_factory, case)
+    ranks = [dict(np.load(folder / f"rank-{k}.npz")) for k in range(n)]
     for t in range(steps):
         sent = [rr["g"][t].astype(np.float64) + rr["e_old"][t] - rr["e_new"][t] for rr in ranks]
         for rr in ranks:
