@@ -10,7 +10,7 @@ import h5py
 import numpy as np
 import pytest
 
-from helpers import MPIEXEC, ROOT, WORKERS, env, mpi, run, trainer
+from helpers import MPIEXEC, ROOT, WORKERS, env, mpi, one_launch_per_world_size, run, trainer
 from mpitrain import compress
 from mpitrain.comm import NODE_ENV, STALLED
 from test_checkpoint import COMMON, run_and_dump
@@ -87,15 +87,22 @@ def test_allgatherv_and_allreduce_in_pieces_match_one_call(tmp_path):
 COMPRESSORS = compress.names()
 
 
+def tiny_flags(name):
+    return ["--compressor", name, "--model", "user_models:tiny", "--rank", 2, "--start-compress-step", 1, *COMMON]
+
+
+def three_steps_on_two_ranks(name):
+    return 2, WORKERS / "train_and_dump.py", ["--steps", 3, *tiny_flags(name)]
+
+
 @pytest.mark.parametrize("name", COMPRESSORS)
-def test_resume_on_another_world_size_per_compressor(tmp_path, name):
+def test_resume_on_another_world_size_per_compressor(request, tmp_path_factory, name):
     """What README's table says: a residual kept per rank (ef_resume gather) ties the checkpoint to its
-    world size and is refused elsewhere with one line; everything else re-shards and trains on."""
-    flags = ["--compressor", name, "--model", "user_models:tiny", "--rank", 2, "--start-compress-step", 1,
-             "--run-dir", tmp_path, *COMMON]
-    r = trainer(2, "--steps", 3, *flags)
-    assert r.returncode == 0, r.stderr
-    with h5py.File(tmp_path / "checkpoints" / "ckpt-000000003.h5", "r") as f:
+    world size and is refused elsewhere with one line; everything else re-shards and trains on. (The
+    2-rank runs of every compressor share one launch; each resume is a process of its own.)"""
+    run_dir = one_launch_per_world_size(request, tmp_path_factory, three_steps_on_two_ranks)
+    flags = [*tiny_flags(name), "--run-dir", run_dir]
+    with h5py.File(run_dir / "checkpoints" / "ckpt-000000003.h5", "r") as f:
         per_rank = "compressor/residual/per_rank" in f
     r = trainer(0, "--steps", 5, *flags)  # one process, no mpiexec: a world of 1
     if per_rank:

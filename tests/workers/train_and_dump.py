@@ -1,6 +1,8 @@
 """Train with the given flags; every rank writes its final parameters to OUT/params-<rank>.npy.
 
     mpiexec -n N python train_and_dump.py OUT [trainer flags...]
+
+OUT is the run dir too, unless the flags name another.
 """
 import sys
 from pathlib import Path
@@ -16,7 +18,8 @@ out = Path(sys.argv[1])
 world = World()
 parser = Parser()
 add_arguments(parser, compress.names())
-cfg = resolve(parser.parse_args(sys.argv[2:]), compressors=compress.names())
+flags = sys.argv[2:] if "--run-dir" in sys.argv[2:] else sys.argv[2:] + ["--run-dir", str(out)]
+cfg = resolve(parser.parse_args(flags), compressors=compress.names())
 train.set_threads(cfg, world)
 run = train.prepare(cfg, world)
 if world.rank == 0:
