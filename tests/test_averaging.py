@@ -9,7 +9,7 @@ import pytest
 from helpers import WORKERS, mpi, trainer
 from mpitrain import checkpoint, compress
 from mpitrain.averaging import SKETCH
-from test_checkpoint import COMMON, run_and_dump
+from test_checkpoint import COMMON, run_and_dump, runs_and_dumps
 
 LOCAL = ["--compressor", "greedylore", "--optimizer", "adam", "--lr", 0.003, "--start-compress-step", 2,
          "--average-every", 8, "--outer-optimizer", "nesterov"]
@@ -22,9 +22,9 @@ def lines(folder, kind):
 def test_average_every_1_is_todays_trajectory(tmp_path):
     flags = ["--steps", 15, "--compressor", "greedylore", "--optimizer", "adam", "--lr", 0.003,
              "--start-compress-step", 2]
-    today, _ = run_and_dump(tmp_path / "today", 2, *flags)
-    same, _ = run_and_dump(tmp_path / "h1", 2, *flags, "--average-every", 1, "--outer-optimizer", "nesterov",
-                           "--outer-lr", 0.3)
+    (today, same), _ = runs_and_dumps(2, (tmp_path / "today", *flags),
+                                      (tmp_path / "h1", *flags, "--average-every", 1, "--outer-optimizer", "nesterov",
+                                       "--outer-lr", 0.3))
     assert np.array_equal(today, same)
     assert [x["wire_bytes"] for x in lines(tmp_path / "today", "train")] == \
         [x["wire_bytes"] for x in lines(tmp_path / "h1", "train")]

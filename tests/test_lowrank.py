@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import WORKERS, mpi, one_launch_per_world_size
+from helpers import WORKERS, mpi, one_launch_per_world_size, runs_in_one_launch
 from mpitrain.compress.streams import Purpose, torch_stream
 from mpitrain.layout import CONTROL
 
@@ -16,6 +16,16 @@ def stream(tmp_path, n, name, steps, *flags):
     r = mpi(n, [WORKERS / "compress_stream.py", tmp_path, name, steps, *flags])
     assert r.returncode == 0, r.stderr
     return dumped(tmp_path, n)
+
+
+def streams_together(tmp_path, n, *cases):
+    """stream() for each (stream, steps, flags...) of cases, in one launch."""
+    folders = [tmp_path / str(i) for i in range(len(cases))]
+    for folder in folders:
+        folder.mkdir()
+    r = runs_in_one_launch(n, WORKERS / "compress_stream.py", [[folder, *case] for folder, case in zip(folders, cases)])
+    assert r.returncode == 0, r.stderr
+    return [dumped(folder, n) for folder in folders]
 
 
 def dumped(folder, n):
@@ -277,16 +287,18 @@ def test_probe_scores_contract_in_the_mean(request, tmp_path_factory, variant):
 def test_rank_one_counterexample_lazy_never_contracts_greedy_does(tmp_path):
     common = ["--rank", 1, "--min-compression-rate", 0, "--start-compress-step", 0,
               "--refresh-every", 1000, "--contraction-every", 1, "--probes", 1]
-    lazy, _ = stream(tmp_path, 1, "rankone", 10, "--compressor", "greedylore-paper", *common, "--select", "lazy")
-    greedy, _ = stream(tmp_path, 1, "rankone", 10, "--compressor", "greedylore-paper", *common, "--select", "greedy")
+    allocations = ("per-matrix", "global")
+    (lazy, _), (greedy, _), *tracked_runs = streams_together(
+        tmp_path, 1, *[("rankone", 10, "--compressor", "greedylore-paper", *common, "--select", select)
+                       for select in ("lazy", "greedy")],
+        *[("rankone", 10, "--compressor", "greedylore", "--allocation", allocation, "--scores", "exact", *common)
+          for allocation in allocations])
     assert lazy[0]["refresh"][0] and greedy[0]["refresh"][0]
     np.testing.assert_allclose(lazy[0]["ratios"][1:, 0], 1.0)  # C(e2 e2^T) = 0: nothing contracts
     np.testing.assert_allclose(np.linalg.norm(lazy[0]["e_new"][1:], axis=1), np.arange(1, 10), rtol=1e-6)
     np.testing.assert_allclose(greedy[0]["ratios"][1:, 0], 0.0, atol=1e-12)
     np.testing.assert_allclose(greedy[0]["e_new"][1:], 0.0, atol=1e-7)
-    for allocation in ("per-matrix", "global"):
-        tracked, _ = stream(tmp_path, 1, "rankone", 10, "--compressor", "greedylore", "--allocation", allocation,
-                            "--scores", "exact", *common)
+    for tracked, _ in tracked_runs:
         assert tracked[0]["refresh"][0]
         # the warm start W = e1 sees nothing of e2 e2^T; the complete basis still holds >= 1/2 of it,
         # and the next power step finds e2: the residual never grows
@@ -323,15 +335,16 @@ def test_tracking_sends_the_sketch_then_the_chosen_directions_within_powersgds_b
     --rank (+ the CRC)."""
     k, r = 2, 3
     flags = ["--rank", r, "--start-compress-step", 2, "--min-compression-rate", 1]
-    ranks, slots = stream(tmp_path, 2, "geometric", 12, "--compressor", "greedylore", "--probes", k,
-                          "--allocation", "global", "--factor-bits", 32, "--sketch-bits", 32, *flags)
+    (ranks, slots), (powersgd, _) = streams_together(
+        tmp_path, 2, ("geometric", 12, "--compressor", "greedylore", "--probes", k, "--allocation", "global",
+                      "--factor-bits", 32, "--sketch-bits", 32, *flags),
+        ("geometric", 12, "--compressor", "powersgd", *flags))
     which = set(ranks[0]["compressed"])
     numel = sum(s[2] for s in slots)
     dense_numel = sum(s[2] for i, s in enumerate(slots) if i not in which)
     nm = [(s[3][0], int(np.prod(s[3][1:]))) for i, s in enumerate(slots) if i in which]
     d, D = [min(a, b) for a, b in nm], [max(a, b) for a, b in nm]
     budget = max(sum(a + b for a, b in nm), sum(r * (a + b) - min(a, b) * k for a, b in nm))
-    powersgd, _ = stream(tmp_path, 2, "geometric", 12, "--compressor", "powersgd", *flags)
     assert set(powersgd[0]["compressed"]) == which
     last = step_stats(ranks[0], 1)["ranks"]  # the refresh on the last warm-up step starts W at these
     assert sum(x * 4 * (a + b) for x, a, b in zip(last, d, D)) <= 4 * budget
@@ -381,8 +394,8 @@ def test_a_sixteen_bit_sketch_buys_more_directions_within_powersgds_bytes_and_ev
     rather than (2D + 4) + 4d, so powersgd's bytes at --rank buy more of them."""
     k, r, n = 2, 3, 3
     flags = ["--compressor", "greedylore", "--probes", k, "--rank", r, "--start-compress-step", 2]
-    wide, _ = stream(tmp_path, n, "geometric", 8, *flags, "--sketch-bits", 32)
-    ranks, slots = stream(tmp_path, n, "geometric", 8, *flags)  # the default
+    (wide, _), (ranks, slots) = streams_together(tmp_path, n, ("geometric", 8, *flags, "--sketch-bits", 32),
+                                                 ("geometric", 8, *flags))  # the default
     which = list(ranks[0]["compressed"])
     dense = [i for i in range(len(slots)) if i not in which]
     dense_numel = sum(slots[i][2] for i in dense)
@@ -466,15 +479,15 @@ def test_same_seed_runs_are_bitwise_identical(tmp_path):
 
 
 def test_full_rank_greedylore_trains_like_dense(tmp_path):
-    def train(folder, *flags):
+    full_rank = ["--compressor", "greedylore", "--rank", 512, "--min-compression-rate", 0, "--start-compress-step", 3,
+                 "--refresh-every", 7, "--factor-bits", 32]
+    for folder in ("dense", "full"):
         (tmp_path / folder).mkdir()
-        r = mpi(2, [WORKERS / "train_and_dump.py", tmp_path / folder, "--steps", 30, "--eval-every", 0,
-                    "--run-dir", tmp_path / folder, *flags])
-        assert r.returncode == 0, r.stderr
-        return np.load(tmp_path / folder / "params-0.npy"), np.load(tmp_path / folder / "params-init.npy")
-    dense, start = train("dense")
-    full, _ = train("full", "--compressor", "greedylore", "--rank", 512, "--min-compression-rate", 0,
-                    "--start-compress-step", 3, "--refresh-every", 7, "--factor-bits", 32)
+    r = runs_in_one_launch(2, WORKERS / "train_and_dump.py", [[tmp_path / "dense", "--steps", 30, "--eval-every", 0],
+                                                             [tmp_path / "full", "--steps", 30, "--eval-every", 0, *full_rank]])
+    assert r.returncode == 0, r.stderr
+    dense, full = (np.load(tmp_path / folder / "params-0.npy") for folder in ("dense", "full"))
+    start = np.load(tmp_path / "dense" / "params-init.npy")
     assert np.abs(full - dense).max() < 1e-4
     assert np.abs(dense - start).max() > 1e-2
 
