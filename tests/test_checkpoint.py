@@ -89,14 +89,16 @@ def test_the_two_level_exchange_resumes_as_it_would_have_run_on(tmp_path, compre
     flags = [*COMMON, "--compressor", compressor, "--hierarchy", "node", "--start-compress-step", 3,
              "--refresh-every", 4, "--rank", 2, "--ef-resume", policy]
 
-    def train(folder, steps):
-        folder.mkdir(exist_ok=True)
-        r = run(two_nodes(WORKERS / "train_and_dump.py", folder, *flags, "--run-dir", folder, "--steps", steps))
+    def train(*runs):  # (folder, steps) of each run, in one launch
+        for folder, _ in runs:
+            folder.mkdir(exist_ok=True)
+        args = json.dumps([[str(folder), *map(str, flags), "--steps", str(steps)] for folder, steps in runs])
+        r = run(two_nodes(WORKERS / "runs.py", WORKERS / "train_and_dump.py", args))
         assert r.returncode == 0, r.stderr
-        return np.load(folder / "params-0.npy"), r
-    whole, _ = train(tmp_path / "whole", 16)
-    train(tmp_path / "part", 8)
-    resumed, r = train(tmp_path / "part", 16)
+        return r
+    train((tmp_path / "whole", 16), (tmp_path / "part", 8))
+    r = train((tmp_path / "part", 16))  # never in the process that wrote its checkpoint
+    whole, resumed = (np.load(tmp_path / folder / "params-0.npy") for folder in ("whole", "part"))
     assert "resumed from" in r.stdout and "ckpt-000000008.h5" in r.stdout
     assert not np.array_equal(resumed, np.load(tmp_path / "part" / "params-init.npy"))
     if policy == "gather":
