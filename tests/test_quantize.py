@@ -39,6 +39,17 @@ def vectors(d, seed=0):
 
 # -- sparse dithering ------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("d", [0, 1, 3, 4, 5, 1001])
+def test_the_stochastic_roundings_draws_are_numpys_philox_doubles(d):
+    """The compiled loop draws what numpy's Generator(Philox(key)).random(d) does, bit for bit: the
+    codecs' bitstreams depend on it (tests/data/codec_digests.json)."""
+    for key in (0, 7, 2**40 + 3, 2**63 + 11):
+        expected = np.random.Generator(np.random.Philox(key)).random(d)
+        assert np.array_equal(codecs._draws(key, d), expected)
+        kept = np.full(d + 3, 2.0)
+        assert np.array_equal(codecs._draws(key, d, kept[:d]), expected) and (kept[d:] == 2.0).all()
+
+
 def test_sparse_dither_worked_example():
     codec = codecs.SparseDither(cfg(nu=0.25))
     x = np.array([3, -4, 0, 0.1], dtype=np.float32)

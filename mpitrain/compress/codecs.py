@@ -35,8 +35,12 @@ def norm64(x: np.ndarray) -> float:
 
 
 def _draws(key: int, d: int, out: np.ndarray | None = None) -> np.ndarray:
-    """The uniform draws of a stochastic rounding: Philox, keyed by (seed, rank, step, tensor)."""
-    return np.random.Generator(np.random.Philox(key)).random(d, out=out)
+    """The uniform draws of a stochastic rounding: numpy's Philox keyed by (seed, rank, step, tensor),
+    its doubles computed in a compiled loop."""
+    out = np.empty(d) if out is None else out
+    key0, key1 = np.random.Philox(key).state["state"]["key"]
+    kernels().philox_uniform(np.uint64(key0), np.uint64(key1), out[:d])
+    return out[:d]
 
 
 _NO_DRAWS = np.zeros(0)

@@ -1,5 +1,5 @@
 """Compiled loops (numba), one module per family: `fields` (bitcodec's bit fields), `quantizers`
-(their fused passes), `spherical` (its candidate search), `lowrank` (skinny products, the
+(their draws and fused passes), `spherical` (its candidate search), `lowrank` (skinny products, the
 residual-and-reconstruction pass, Gram-Schmidt) and `bases` (greedylore's basis pass and its reflectors).
 
 Imported on first use, so a run that neither quantizes nor compresses to low rank never loads
@@ -30,8 +30,8 @@ numba.config.CACHE_DIR = os.path.join(numba.config.CACHE_DIR or str(_SOURCES[0].
 from .common import BAD_CODE, ERRORS, NOT_POSITIVE, PAST_END, TOO_LONG, TRUNCATED
 from .fields import (LEADING_ONES, write_fixed, write_unary, write_gamma, write_rice, unary_bits, gamma_bits,
                      read_fixed, read_unary, read_gamma, read_rice, padding_is_clean)
-from .quantizers import (stochastic_levels, scaled_signed, positions, rice_gap_bits, write_levels, read_levels,
-                         write_sparse_gamma, sparse_gamma_bits, natural_codes, write_natural, read_natural,
+from .quantizers import (philox_uniform, stochastic_levels, scaled_signed, positions, rice_gap_bits, write_levels,
+                         read_levels, write_sparse_gamma, sparse_gamma_bits, natural_codes, write_natural, read_natural,
                          accumulate, narrow, norm)
 from .spherical import spherical_first
 from .lowrank import (residual_and_sum, LEFT_TILE, LINE, ROWS_IN_CACHE, left_product, orthogonalize,
@@ -40,9 +40,9 @@ from .bases import BASIS_BLOCK, position_weights, reflectors, rotate_rows
 
 __all__ = ["BAD_CODE", "ERRORS", "NOT_POSITIVE", "PAST_END", "TOO_LONG", "TRUNCATED", "LEADING_ONES",
            "write_fixed", "write_unary", "write_gamma", "write_rice", "unary_bits", "gamma_bits",
-           "read_fixed", "read_unary", "read_gamma", "read_rice", "padding_is_clean", "stochastic_levels",
-           "scaled_signed", "positions", "rice_gap_bits", "write_levels", "read_levels", "write_sparse_gamma",
-           "sparse_gamma_bits", "natural_codes", "write_natural", "read_natural", "accumulate", "narrow",
-           "norm", "spherical_first", "residual_and_sum", "LEFT_TILE", "LINE", "ROWS_IN_CACHE",
+           "read_fixed", "read_unary", "read_gamma", "read_rice", "padding_is_clean", "philox_uniform",
+           "stochastic_levels", "scaled_signed", "positions", "rice_gap_bits", "write_levels", "read_levels",
+           "write_sparse_gamma", "sparse_gamma_bits", "natural_codes", "write_natural", "read_natural", "accumulate",
+           "narrow", "norm", "spherical_first", "residual_and_sum", "LEFT_TILE", "LINE", "ROWS_IN_CACHE",
            "left_product", "orthogonalize", "right_product", "BASIS_BLOCK", "position_weights", "reflectors",
            "rotate_rows"]

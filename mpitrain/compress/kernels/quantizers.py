@@ -3,9 +3,50 @@ the fixed-order norm they scale by."""
 from __future__ import annotations
 
 import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
 
-from .common import BAD_CODE, PAST_END, TRUNCATED, jit
+from .common import BAD_CODE, PAST_END, TRUNCATED, U, jit
 from .fields import _end, _floor_log2, _push, _push_unary, _push_wide, _rstart, _start, _take, _take_run, read_rice
+
+
+# -- the stochastic roundings' draws ----------------------------------------------------------------------
+
+@intrinsic
+def _mulhilo(typingctx, a, b):
+    """(high, low) 64 bits of the 128-bit product a * b: LLVM's i128 multiply, one instruction on x86-64."""
+    signature = types.UniTuple(types.uint64, 2)(types.uint64, types.uint64)
+
+    def codegen(context, builder, sig, args):
+        wide = ir.IntType(128)
+        product = builder.mul(builder.zext(args[0], wide), builder.zext(args[1], wide))
+        low = builder.trunc(product, ir.IntType(64))
+        high = builder.trunc(builder.lshr(product, ir.Constant(wide, 64)), ir.IntType(64))
+        return context.make_tuple(builder, sig.return_type, (high, low))
+    return signature, codegen
+
+
+@jit
+def philox_uniform(key0, key1, out):
+    """numpy's Generator(Philox(seed)).random(out.size), the same doubles: Philox4x64-10 (Salmon et
+    al., Random123) over the counters 1, 2, ..., keyed by the two words the seed's SeedSequence made,
+    each uint64's top 53 bits scaled into [0, 1). numpy draws one value per call through its buffer;
+    this is the same arithmetic in one loop, about twice as fast (`bench compress`'s encode rates)."""
+    scale = 1.0 / 9007199254740992.0
+    for block in range((out.size + 3) // 4):
+        c0, c1, c2, c3 = U(block + 1), U(0), U(0), U(0)
+        k0, k1 = key0, key1
+        for r in range(10):
+            if r:
+                k0 += U(0x9E3779B97F4A7C15)
+                k1 += U(0xBB67AE8584CAA73B)
+            high0, low0 = _mulhilo(U(0xD2E7470EE14C6C93), c0)
+            high1, low1 = _mulhilo(U(0xCA5A826395121157), c2)
+            c0, c1, c2, c3 = high1 ^ c1 ^ k0, low1, high0 ^ c3 ^ k1, low0
+        words = (c0, c1, c2, c3)
+        for j in range(min(4, out.size - 4 * block)):
+            out[4 * block + j] = (words[j] >> U(11)) * scale
 
 
 # -- quantizers' fused passes ---------------------------------------------------------------------------
