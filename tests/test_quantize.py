@@ -50,6 +50,22 @@ def test_the_stochastic_roundings_draws_are_numpys_philox_doubles(d):
         assert np.array_equal(codecs._draws(key, d, kept[:d]), expected) and (kept[d:] == 2.0).all()
 
 
+def test_rounding_keys_are_numpys_seed_sequence_words():
+    """The compiled SeedSequence gives numpy's words for any non-negative ints (split into 32-bit
+    words as numpy splits them, 0 included, more words than its pool of four): a resume, and the
+    digests, depend on every rank's rounding key being what it always was."""
+    from mpitrain.compress.streams import seed_state
+    rng = np.random.default_rng(0)
+    cases = [[0], [0] * 5, [2**64 - 1], [2**100 + 5, 3], list(range(1, 10))]
+    cases += [[int(x) for x in rng.integers(0, 2**63, n) >> rng.integers(0, 63, n)] for n in rng.integers(1, 9, 300)]
+    for ints in cases:
+        for words in (1, 2, 3):
+            assert np.array_equal(seed_state(*ints, words=words),
+                                  np.random.SeedSequence(ints).generate_state(words, np.uint64)), (ints, words)
+    with pytest.raises(ValueError):
+        seed_state(3, -1)
+
+
 def test_sparse_dither_worked_example():
     codec = codecs.SparseDither(cfg(nu=0.25))
     x = np.array([3, -4, 0, 0.1], dtype=np.float32)

@@ -22,6 +22,7 @@ import numpy as np
 
 from .base import kernels
 from .bitcodec import BitReader, BitWriter, PayloadError, gamma_bits
+from .streams import seed_state
 
 
 def check_finite(x: np.ndarray):
@@ -38,8 +39,8 @@ def _draws(key: int, d: int, out: np.ndarray | None = None) -> np.ndarray:
     """The uniform draws of a stochastic rounding: numpy's Philox keyed by (seed, rank, step, tensor),
     its doubles computed in a compiled loop."""
     out = np.empty(d) if out is None else out
-    key0, key1 = np.random.Philox(key).state["state"]["key"]
-    kernels().philox_uniform(np.uint64(key0), np.uint64(key1), out[:d])
+    key0, key1 = seed_state(key, words=2)  # the key numpy's Philox(key) makes of it
+    kernels().philox_uniform(key0, key1, out[:d])
     return out[:d]
 
 

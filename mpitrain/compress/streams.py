@@ -31,8 +31,24 @@ def torch_stream(seed: int, step: int, slot: int, purpose: Purpose) -> torch.Gen
 def rounding_key(seed: int, rank: int, step: int, slot: int, *part: int) -> int:
     """The Philox key of one rank's stochastic rounding of one tensor (or of a `part` of it): the one
     stream that is not shared, since each rank rounds its own values independently."""
-    words = [int(seed), int(rank), int(step), int(slot), *map(int, part)]
-    return int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0])
+    return int(seed_state(seed, rank, step, slot, *part)[0])
+
+
+def seed_state(*entropy: int, words: int = 1) -> np.ndarray:
+    """np.random.SeedSequence(entropy).generate_state(words, np.uint64), the same words, from a
+    compiled loop (the quantizers' kernels, which load numba): numpy's takes ~30 us a key."""
+    from .kernels import seed_sequence
+    split = []  # each int as numpy splits it: 32-bit words, low first; 0 is one word
+    for n in map(int, entropy):
+        if n < 0:
+            raise ValueError(f"a seed's words are non-negative, not {n}")
+        split.append(n & 0xFFFFFFFF)
+        while n > 0xFFFFFFFF:
+            n >>= 32
+            split.append(n & 0xFFFFFFFF)
+    state = np.empty(words, dtype=np.uint64)
+    seed_sequence(np.array(split, dtype=np.uint64), np.empty(4, dtype=np.uint64), state)
+    return state
 
 
 def numpy_stream(seed: int, step: int, slot: int, purpose: Purpose) -> np.random.Generator:

@@ -30,9 +30,9 @@ numba.config.CACHE_DIR = os.path.join(numba.config.CACHE_DIR or str(_SOURCES[0].
 from .common import BAD_CODE, ERRORS, NOT_POSITIVE, PAST_END, TOO_LONG, TRUNCATED
 from .fields import (LEADING_ONES, write_fixed, write_unary, write_gamma, write_rice, unary_bits, gamma_bits,
                      read_fixed, read_unary, read_gamma, read_rice, padding_is_clean)
-from .quantizers import (philox_uniform, stochastic_levels, scaled_signed, positions, rice_gap_bits, write_levels,
-                         read_levels, write_sparse_gamma, sparse_gamma_bits, natural_codes, write_natural, read_natural,
-                         accumulate, narrow, norm)
+from .quantizers import (seed_sequence, philox_uniform, stochastic_levels, scaled_signed, positions, rice_gap_bits,
+                         write_levels, read_levels, write_sparse_gamma, sparse_gamma_bits, natural_codes, write_natural,
+                         read_natural, accumulate, narrow, norm)
 from .spherical import spherical_first
 from .lowrank import (residual_and_sum, LEFT_TILE, LINE, ROWS_IN_CACHE, left_product, orthogonalize,
                       right_product)
@@ -40,7 +40,7 @@ from .bases import BASIS_BLOCK, position_weights, reflectors, rotate_rows
 
 __all__ = ["BAD_CODE", "ERRORS", "NOT_POSITIVE", "PAST_END", "TOO_LONG", "TRUNCATED", "LEADING_ONES",
            "write_fixed", "write_unary", "write_gamma", "write_rice", "unary_bits", "gamma_bits",
-           "read_fixed", "read_unary", "read_gamma", "read_rice", "padding_is_clean", "philox_uniform",
+           "read_fixed", "read_unary", "read_gamma", "read_rice", "padding_is_clean", "seed_sequence", "philox_uniform",
            "stochastic_levels", "scaled_signed", "positions", "rice_gap_bits", "write_levels", "read_levels",
            "write_sparse_gamma", "sparse_gamma_bits", "natural_codes", "write_natural", "read_natural", "accumulate",
            "narrow", "norm", "spherical_first", "residual_and_sum", "LEFT_TILE", "LINE", "ROWS_IN_CACHE",

@@ -7,7 +7,7 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-from .common import BAD_CODE, PAST_END, TRUNCATED, U, jit
+from .common import BAD_CODE, PAST_END, TRUNCATED, U, inline, jit
 from .fields import _end, _floor_log2, _push, _push_unary, _push_wide, _rstart, _start, _take, _take_run, read_rice
 
 
@@ -25,6 +25,51 @@ def _mulhilo(typingctx, a, b):
         high = builder.trunc(builder.lshr(product, ir.Constant(wide, 64)), ir.IntType(64))
         return context.make_tuple(builder, sig.return_type, (high, low))
     return signature, codegen
+
+
+_WORD = U(0xFFFFFFFF)
+
+
+@inline
+def _hashmix(value, multiplier):
+    """SeedSequence's hashmix on 32-bit words (kept in 64 bits, masked): (hashed value, next multiplier)."""
+    value ^= multiplier
+    multiplier = (multiplier * U(0x931E8875)) & _WORD
+    value = (value * multiplier) & _WORD
+    return value ^ (value >> U(16)), multiplier
+
+
+@inline
+def _pool_mix(x, y):
+    result = (U(0xCA01F9DD) * x - U(0x4973F715) * y) & _WORD
+    return result ^ (result >> U(16))
+
+
+@jit
+def seed_sequence(entropy, pool, out):
+    """numpy's SeedSequence(entropy).generate_state(out.size, np.uint64), the same words: the entropy
+    (32-bit words, as numpy splits the ints it is given) mixed into a pool of four, then hashed out
+    two 32-bit words to each uint64, low first. numpy runs it in Python objects, ~30 us a key, and
+    a quantizer keys every tensor piece of every step. pool: room for 4 words."""
+    multiplier = U(0x43B0D7E5)
+    for i in range(4):
+        pool[i], multiplier = _hashmix(entropy[i] if i < entropy.size else U(0), multiplier)
+    for source in range(4):
+        for target in range(4):
+            if source != target:
+                hashed, multiplier = _hashmix(pool[source], multiplier)
+                pool[target] = _pool_mix(pool[target], hashed)
+    for source in range(4, entropy.size):
+        for target in range(4):
+            hashed, multiplier = _hashmix(entropy[source], multiplier)
+            pool[target] = _pool_mix(pool[target], hashed)
+    multiplier = U(0x8B51F9DD)
+    for i in range(2 * out.size):
+        value = pool[i % 4] ^ multiplier
+        multiplier = (multiplier * U(0x58F38DED)) & _WORD
+        value = (value * multiplier) & _WORD
+        value ^= value >> U(16)
+        out[i // 2] = value if i % 2 == 0 else out[i // 2] | (value << U(32))
 
 
 @jit
