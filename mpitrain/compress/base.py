@@ -141,10 +141,18 @@ class Buckets:
         self.requests = None
 
 
+_compiled = None
+
+
 def kernels():
-    """The compiled loops: numba loads with the first compressor that uses them, not with the package."""
-    from . import kernels as compiled
-    return compiled
+    """The compiled loops: numba loads with the first compressor that uses them, not with the package.
+    Kept once loaded: an import statement per call cost ~5 us, and a quantizer calls this ~100
+    times a step."""
+    global _compiled
+    if _compiled is None:
+        from . import kernels as compiled
+        _compiled = compiled
+    return _compiled
 
 
 def load_kernels():

@@ -33,9 +33,16 @@ def _codes(values) -> np.ndarray:
     return np.ascontiguousarray(np.atleast_1d(values), dtype=np.int64)
 
 
+_compiled = None
+
+
 def _kernels():
-    from . import kernels  # numba loads on the first stream, not when the package is imported
-    return kernels
+    """numba loads on the first stream, not when the package is imported; kept once loaded."""
+    global _compiled
+    if _compiled is None:
+        from . import kernels
+        _compiled = kernels
+    return _compiled
 
 
 class BitWriter:

@@ -37,7 +37,7 @@ def rounding_key(seed: int, rank: int, step: int, slot: int, *part: int) -> int:
 def seed_state(*entropy: int, words: int = 1) -> np.ndarray:
     """np.random.SeedSequence(entropy).generate_state(words, np.uint64), the same words, from a
     compiled loop (the quantizers' kernels, which load numba): numpy's takes ~30 us a key."""
-    from .kernels import seed_sequence
+    from .base import kernels
     split = []  # each int as numpy splits it: 32-bit words, low first; 0 is one word
     for n in map(int, entropy):
         if n < 0:
@@ -47,7 +47,7 @@ def seed_state(*entropy: int, words: int = 1) -> np.ndarray:
             n >>= 32
             split.append(n & 0xFFFFFFFF)
     state = np.empty(words, dtype=np.uint64)
-    seed_sequence(np.array(split, dtype=np.uint64), np.empty(4, dtype=np.uint64), state)
+    kernels().seed_sequence(np.array(split, dtype=np.uint64), np.empty(4, dtype=np.uint64), state)
     return state
 
 
