@@ -1,4 +1,8 @@
-"""Launching the trainer and test workers as real processes, under a real mpiexec."""
+"""Launching the trainer and test workers as real processes, under a real mpiexec.
+
+Starting a rank, which imports torch, is most of a small run's time; so a test's fresh runs of one
+worker, and the runs of a parametrized test's instances with as many ranks, may share one launch
+(workers/runs.py). A resume never shares the process of the run that wrote its checkpoint."""
 from __future__ import annotations
 
 import json
