@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .base import kernels as _kernels  # numba loads on the first stream, not with the package
+
 
 class PayloadError(ValueError):
     """A payload that does not decode: truncated, extended or corrupted."""
@@ -33,16 +35,6 @@ def _codes(values) -> np.ndarray:
     return np.ascontiguousarray(np.atleast_1d(values), dtype=np.int64)
 
 
-_compiled = None
-
-
-def _kernels():
-    """numba loads on the first stream, not when the package is imported; kept once loaded."""
-    global _compiled
-    if _compiled is None:
-        from . import kernels
-        _compiled = kernels
-    return _compiled
 
 
 class BitWriter:

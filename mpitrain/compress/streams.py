@@ -8,6 +8,8 @@ from enum import IntEnum
 import numpy as np
 import torch
 
+from .base import kernels
+
 
 class Purpose(IntEnum):
     """What a stream is for; its number is part of the key, so two purposes never share draws."""
@@ -37,7 +39,6 @@ def rounding_key(seed: int, rank: int, step: int, slot: int, *part: int) -> int:
 def seed_state(*entropy: int, words: int = 1) -> np.ndarray:
     """np.random.SeedSequence(entropy).generate_state(words, np.uint64), the same words, from a
     compiled loop (the quantizers' kernels, which load numba): numpy's takes ~30 us a key."""
-    from .base import kernels
     split = []  # each int as numpy splits it: 32-bit words, low first; 0 is one word
     for n in map(int, entropy):
         if n < 0:
