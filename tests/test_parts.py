@@ -14,7 +14,8 @@ import torch
 from mpitrain.compress.buffer import Buffer
 from mpitrain.compress.feedback import ErrorFeedback
 from mpitrain.compress.lowrank import FixedBasis, Products, TrackingBasis
-from mpitrain.compress.lowrank.codec import Fp32Factors, Fp32Sketch, Int16Factors, Int16Sketch
+from mpitrain.compress.lowrank.codec import (CompiledRounding, Fp32Factors, Fp32Sketch, Int16Factors, Int16Sketch,
+                                            TorchRounding)
 from mpitrain.compress.lowrank.selector import Global, Lazy, PerMatrix, Random, selector_class
 from mpitrain.config import Config
 from mpitrain.device import Wire
@@ -126,8 +127,9 @@ def test_tracking_energies_are_exact_inside_the_tracked_span():
         assert torch.allclose(e[:2], exact[:2], rtol=1e-3)
 
 
-def test_int16_factors_send_integers_on_shared_scales_and_keep_the_rounding_in_the_payload():
-    codec = Int16Factors(cap=[3, 2], D=[5, 4], wire=Wire(OneRank(), "cpu"))
+@pytest.mark.parametrize("rounding", [TorchRounding, CompiledRounding])
+def test_int16_factors_send_integers_on_shared_scales_and_keep_the_rounding_in_the_payload(rounding):
+    codec = Int16Factors(cap=[3, 2], D=[5, 4], wire=Wire(OneRank(), "cpu"), rounding=rounding())
     payload = Buffer([(3, 5), (2, 4)])
     torch.manual_seed(0)
     for v in payload.views:
@@ -145,6 +147,40 @@ def test_int16_factors_send_integers_on_shared_scales_and_keep_the_rounding_in_t
     assert (Int16Factors.row_bytes(100), Fp32Factors.row_bytes(100)) == (204, 400)
 
 
+def test_the_compiled_16_bit_rounds_are_the_torch_operations_bit_for_bit():
+    """Lines with a zero scale, a NaN one, a tiny one (every value clamps), exact half levels (ties
+    go to even), scales from 1e-30 to 1e30 and values from 0.1 to 10^4 levels: every output's
+    bits, both ways, equal."""
+    torch.manual_seed(3)
+    lines, n, bound = 6, 400, 1000
+    scales = torch.rand(lines) * 10.0 ** torch.randint(-30, 31, (lines,))
+    scales[1], scales[2], scales[3], scales[4] = 0.0, 1.0, float("nan"), 1e-35
+    line = torch.randint(0, lines, (n,))
+    x = torch.randn(n) * 10.0 ** (5 * torch.rand(n) - 1) * torch.nan_to_num(scales, nan=1.0)[line]
+    x[line == 1] = 0.0
+    x[(line == 2).nonzero()[:3, 0]] = torch.tensor([2.5, -3.5, 0.5])
+    fines = scales / 2000
+    results = {}
+    for rounding in (TorchRounding(), CompiledRounding()):
+        got = results[type(rounding)] = {"peaks": torch.zeros(lines), "ints": torch.zeros(n, dtype=torch.int16),
+                                       "sent": torch.zeros(n), "decoded": torch.zeros(n), "hi": torch.zeros(n, dtype=torch.int16),
+                                       "lo": torch.zeros(n, dtype=torch.int16), "pairs": torch.zeros(n)}
+        with_nan = x.clone()
+        with_nan[(line == 3).nonzero()[0, 0]] = float("nan")
+        rounding.peaks(with_nan, line, got["peaks"])
+        rounding.encode(x, line, scales, bound, got["ints"], sent=got["sent"])
+        rounding.decode(got["ints"], line, scales, got["decoded"])
+        rounding.encode_pairs(x, line, scales, fines, bound, got["hi"], got["lo"])
+        rounding.decode_pairs(got["hi"], got["lo"], line, scales, fines, got["pairs"])
+    torch_ops, compiled = results.values()
+    assert torch.isnan(compiled["peaks"][3]) and compiled["ints"].abs().max() == bound
+    assert compiled["ints"][(line == 2).nonzero()[:3, 0]].tolist() == [2, -4, 0]
+    for key in torch_ops:
+        a, b = torch_ops[key], compiled[key]
+        assert torch.equal(a.view(torch.int16) if a.dtype == torch.int16 else a.view(torch.int32),
+                           b.view(torch.int16) if b.dtype == torch.int16 else b.view(torch.int32)), key
+
+
 def test_fp32_factors_travel_as_they_are_with_the_uncompressed_tensors():
     codec, payload, calls = Fp32Factors([2], [3], Wire(OneRank(), "cpu")), Buffer([(2, 3)]), []
     payload.views[0].copy_(torch.arange(6.0).view(2, 3))
@@ -154,7 +190,8 @@ def test_fp32_factors_travel_as_they_are_with_the_uncompressed_tensors():
     assert Fp32Factors.linear and not Int16Factors.linear
 
 
-def test_an_int16_sketch_sends_columns_on_shared_scales_and_the_tail_as_fixed_point_pairs():
+@pytest.mark.parametrize("rounding", [TorchRounding, CompiledRounding])
+def test_an_int16_sketch_sends_columns_on_shared_scales_and_the_tail_as_fixed_point_pairs(rounding):
     """A column rounds to half a level of its peak / 32767; a tail value, as hi on its tensor's
     scale s and lo on s / 2L, to a quarter of the finer level: about 2^-32 of its tensor's peak (L = 32767)."""
     buf = Buffer([(4, 3), (5, 2)], extra=7)
@@ -162,7 +199,7 @@ def test_an_int16_sketch_sends_columns_on_shared_scales_and_the_tail_as_fixed_po
     buf.flat.copy_(torch.randn(buf.flat.numel()))
     buf.views[1][:, 1].zero_()  # a zero column keeps scale 0 and sends zeros
     buf.tail[4:] = torch.tensor([0.6, 1.0, 0.0])  # the control words: a loss share and two flags
-    codec, before = Int16Sketch(buf, [4, 3], Wire(OneRank(), "cpu")), buf.flat.clone()
+    codec, before = Int16Sketch(buf, [4, 3], Wire(OneRank(), "cpu"), rounding()), buf.flat.clone()
     codec.sum(buf)
     L = codec.levels
     assert L == 32767 and codec.ints.dtype == torch.int16 and int(codec.ints.abs().max()) == L

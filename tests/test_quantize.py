@@ -64,6 +64,9 @@ def test_rounding_keys_are_numpys_seed_sequence_words():
                                   np.random.SeedSequence(ints).generate_state(words, np.uint64)), (ints, words)
     with pytest.raises(ValueError):
         seed_state(3, -1)
+    from mpitrain.compress.streams import Purpose, torch_stream  # the shared streams' seeds, both ways
+    for key in ([0, 0, 0, Purpose.PROBE], [7, 123456, 3, Purpose.RANDOM_SELECT], [2**40, 10**9, 11, Purpose.RANDK]):
+        assert torch_stream(*key, compiled=True).initial_seed() == torch_stream(*key).initial_seed()
 
 
 def test_sparse_dither_worked_example():

@@ -24,9 +24,11 @@ def _key(seed: int, step: int, slot: int, purpose: Purpose) -> list[int]:
     return [int(seed), int(step), int(slot), int(purpose)]
 
 
-def torch_stream(seed: int, step: int, slot: int, purpose: Purpose) -> torch.Generator:
-    """A torch generator for the key, the same on every rank and after a resume."""
-    state = np.random.SeedSequence(_key(seed, step, slot, purpose)).generate_state(1, np.uint64)[0]
+def torch_stream(seed: int, step: int, slot: int, purpose: Purpose, compiled: bool = False) -> torch.Generator:
+    """A torch generator for the key, the same on every rank and after a resume. `compiled`: its
+    seed from `seed_state` (the same words), for callers that load the compiled loops anyway."""
+    key = _key(seed, step, slot, purpose)
+    state = seed_state(*key)[0] if compiled else np.random.SeedSequence(key).generate_state(1, np.uint64)[0]
     return torch.Generator().manual_seed(int(state >> 1))
 
 

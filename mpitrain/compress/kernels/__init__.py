@@ -1,6 +1,7 @@
 """Compiled loops (numba), one module per family: `fields` (bitcodec's bit fields), `quantizers`
 (their draws and fused passes), `spherical` (its candidate search), `lowrank` (skinny products, the
-residual-and-reconstruction pass, Gram-Schmidt) and `bases` (greedylore's basis pass and its reflectors).
+residual-and-reconstruction pass, Gram-Schmidt), `bases` (greedylore's basis pass and its reflectors)
+and `rounds` (greedylore's 16-bit rounds).
 
 Imported on first use, so a run that neither quantizes nor compresses to low rank never loads
 numba. Everything here is plain IEEE arithmetic in a fixed order (no fastmath), so the codes are
@@ -37,6 +38,7 @@ from .spherical import spherical_first
 from .lowrank import (residual_and_sum, LEFT_TILE, LINE, ROWS_IN_CACHE, left_product, orthogonalize,
                       right_product)
 from .bases import BASIS_BLOCK, position_weights, reflectors, rotate_rows
+from .rounds import line_peaks, to_levels, from_levels, to_pairs, from_pairs
 
 __all__ = ["BAD_CODE", "ERRORS", "NOT_POSITIVE", "PAST_END", "TOO_LONG", "TRUNCATED", "LEADING_ONES",
            "write_fixed", "write_unary", "write_gamma", "write_rice", "unary_bits", "gamma_bits",
@@ -45,4 +47,4 @@ __all__ = ["BAD_CODE", "ERRORS", "NOT_POSITIVE", "PAST_END", "TOO_LONG", "TRUNCA
            "write_sparse_gamma", "sparse_gamma_bits", "natural_codes", "write_natural", "read_natural", "accumulate",
            "narrow", "norm", "spherical_first", "residual_and_sum", "LEFT_TILE", "LINE", "ROWS_IN_CACHE",
            "left_product", "orthogonalize", "right_product", "BASIS_BLOCK", "position_weights", "reflectors",
-           "rotate_rows"]
+           "rotate_rows", "line_peaks", "to_levels", "from_levels", "to_pairs", "from_pairs"]

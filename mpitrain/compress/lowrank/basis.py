@@ -86,7 +86,7 @@ class Basis:
             if exact:
                 torch.matmul(basis.t(), x, out=out)
             else:  # O(d D k + d^2 k), never the O(d^2 D) full projection
-                stream = torch_stream(self.cfg.seed, step, self.indices[i], Purpose.PROBE)
+                stream = torch_stream(self.cfg.seed, step, self.indices[i], Purpose.PROBE, self.mm.compiled)
                 probes.views[i].copy_(torch.randn(probes.views[i].shape, generator=stream))  # drawn on the host
                 torch.matmul(basis.t(), x @ probes.views[i], out=out)
         self.exchange(scores)  # signed projections of the global x-bar
@@ -188,7 +188,7 @@ class TrackingBasis(Basis):
         t = self.ranks[i]
         right = self.right.carve([(t + self.k, D) for t, D in zip(self.ranks, self.D)]).views[i]  # rows: W^T, probes
         w, probes = right[:t], right[t:]
-        stream = torch_stream(self.cfg.seed, step, self.indices[i], Purpose.PROBE)
+        stream = torch_stream(self.cfg.seed, step, self.indices[i], Purpose.PROBE, self.mm.compiled)
         probes.copy_(torch.randn(probes.shape, generator=stream))  # drawn on the host: the same draws anywhere
         if t:
             w.copy_(torch.linalg.qr(self.warm.views[i][:t].t()).Q.t())

@@ -1,8 +1,10 @@
 """How greedylore's rounds travel: the factors Q in the payload round, the sketch in the first."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 
+from ..base import kernels
 from ..buffer import Buffer
 
 
@@ -27,6 +29,60 @@ def line_of(views: list[torch.Tensor], by: str, cache: dict, device) -> torch.Te
     return cache[key]
 
 
+class TorchRounding:
+    """The 16-bit rounds' arithmetic in torch operations, on any device. A line is a row of Q, a
+    column of the sketch or a tensor of its tail; `line` gives each value's."""
+
+    def peaks(self, x: torch.Tensor, line: torch.Tensor, peaks: torch.Tensor) -> None:
+        """peaks (zeroed) = each line's largest |x| (NaN stays NaN)."""
+        peaks.scatter_reduce_(0, line, x.abs(), "amax")
+
+    def encode(self, x, line, scales, bound: int, ints, sent=None) -> None:
+        """ints = round(x / s) on each value's line's scale s (0 where s is not positive), within
+        +-bound if bound > 0; sent (if given) = ints * s, what this rank sends."""
+        s = scales[line]
+        v = torch.where(s > 0, x / s, 0.0).round_()
+        ints.copy_(v.clamp_(-bound, bound) if bound else v)
+        if sent is not None:
+            torch.mul(ints, s, out=sent)
+
+    def decode(self, ints, line, scales, out) -> None:
+        torch.mul(ints, scales[line], out=out)
+
+    def encode_pairs(self, x, line, scales, fines, bound: int, hi, lo) -> None:
+        """x as hi on its line's scale s and lo, the remainder, on the fine scale f."""
+        s, f = scales[line], fines[line]
+        h = torch.where(s > 0, x / s, 0.0).round_().clamp_(-bound, bound)
+        hi.copy_(h)
+        lo.copy_(torch.where(s > 0, (x - h * s) / f, 0.0).round_().clamp_(-bound, bound))
+
+    def decode_pairs(self, hi, lo, line, scales, fines, out) -> None:
+        torch.add(hi * scales[line], lo * fines[line], out=out)
+
+
+class CompiledRounding(TorchRounding):
+    """The same arithmetic in one compiled pass each (`kernels.rounds`), the same bits: on the CPU a
+    round's dozen small torch operations cost more than its values."""
+
+    NONE = np.zeros(0, dtype=np.float32)
+
+    def peaks(self, x, line, peaks):
+        kernels().line_peaks(x.numpy(), line.numpy(), peaks.numpy())
+
+    def encode(self, x, line, scales, bound, ints, sent=None):
+        kernels().to_levels(x.numpy(), line.numpy(), scales.numpy(), bound, ints.numpy(),
+                            self.NONE if sent is None else sent.numpy())
+
+    def decode(self, ints, line, scales, out):
+        kernels().from_levels(ints.numpy(), line.numpy(), scales.numpy(), out.numpy())
+
+    def encode_pairs(self, x, line, scales, fines, bound, hi, lo):
+        kernels().to_pairs(x.numpy(), line.numpy(), scales.numpy(), fines.numpy(), bound, hi.numpy(), lo.numpy())
+
+    def decode_pairs(self, hi, lo, line, scales, fines, out):
+        kernels().from_pairs(hi.numpy(), lo.numpy(), line.numpy(), scales.numpy(), fines.numpy(), out.numpy())
+
+
 def levels(ranks: int) -> int:
     """The integer levels each rank may use so that the sum over `ranks` ranks fits int16 exactly."""
     return max(1, 32767 // ranks)
@@ -38,7 +94,7 @@ class Fp32Factors:
     dense_first = False  # the uncompressed tensors ride in the payload round
     linear = True
 
-    def __init__(self, cap: list[int], D: list[int], wire):
+    def __init__(self, cap: list[int], D: list[int], wire, rounding: TorchRounding | None = None):
         pass
 
     @staticmethod
@@ -61,8 +117,8 @@ class Int16Factors:
     dense_first = True
     linear = False
 
-    def __init__(self, cap: list[int], D: list[int], wire):
-        self.wire = wire
+    def __init__(self, cap: list[int], D: list[int], wire, rounding: TorchRounding | None = None):
+        self.wire, self.rounding = wire, rounding or TorchRounding()
         self.levels = levels(wire.world.size)
         self.ints = Buffer([(c, n) for c, n in zip(cap, D)], dtype=torch.int16, device=wire.device)
         self.peaks, self.scales = torch.zeros(sum(cap), device=wire.device), torch.zeros(sum(cap), device=wire.device)
@@ -76,22 +132,20 @@ class Int16Factors:
     def round(self, payload: Buffer, rows: int) -> None:
         """payload's rows become what this rank sends, so error feedback keeps the rounding error
         exactly; their integers wait in `ints` for `exchange`."""
-        row = line_of(payload.views, "row", self.row_of, self.wire.device)
+        self.row = line_of(payload.views, "row", self.row_of, self.wire.device)
         head = int(payload.offsets[-1])
         q, peaks = payload.flat[:head], self.peaks[:rows]
         peaks.zero_()
-        peaks.scatter_reduce_(0, row, q.abs(), "amax")  # each row's peak (NaN stays NaN)
+        self.rounding.peaks(q, self.row, peaks)
         self.wire.allreduce_(peaks, op="max")
-        self.scales[:rows] = peaks / self.levels
+        torch.div(peaks, self.levels, out=self.scales[:rows])
         self.carved = self.ints.carve([tuple(v.shape) for v in payload.views])
-        self.scale = self.scales[row]  # each value's row's scale
-        ints = self.carved.flat[:head]
-        ints.copy_(torch.where(self.scale > 0, q / self.scale, 0.0).round_())
-        torch.mul(ints, self.scale, out=q)
+        self.rounding.encode(q, self.row, self.scales, 0, self.carved.flat[:head], sent=q)
 
     def exchange(self, payload: Buffer, allreduce_with_dense) -> None:
         self.wire.allreduce_(self.carved.flat)  # exact integer sums, identical on every rank
-        torch.mul(self.carved.flat[:int(payload.offsets[-1])], self.scale, out=payload.flat[:int(payload.offsets[-1])])
+        head = int(payload.offsets[-1])
+        self.rounding.decode(self.carved.flat[:head], self.row, self.scales, payload.flat[:head])
 
 
 class Fp32Sketch:
@@ -100,7 +154,7 @@ class Fp32Sketch:
     linear = True
     overlaps = True  # its Allreduce can start in backward, bucket by bucket
 
-    def __init__(self, first_round: Buffer, tail_groups: list[int], wire):
+    def __init__(self, first_round: Buffer, tail_groups: list[int], wire, rounding: TorchRounding | None = None):
         pass
 
     @staticmethod
@@ -126,16 +180,18 @@ class Int16Sketch:
     linear = False
     overlaps = False
 
-    def __init__(self, first_round: Buffer, tail_groups: list[int], wire):
+    def __init__(self, first_round: Buffer, tail_groups: list[int], wire, rounding: TorchRounding | None = None):
         """`first_round`: the buffer at its largest (every carving of it fits); `tail_groups`: the
         lengths of the tensors in its tail, each on a scale of its own."""
-        self.wire, self.levels = wire, levels(wire.world.size)
+        self.wire, self.levels, self.rounding = wire, levels(wire.world.size), rounding or TorchRounding()
         head, columns = int(first_round.offsets[-1]), sum(v.shape[1] for v in first_round.views)
-        self.groups = torch.tensor(tail_groups, dtype=torch.int64, device=wire.device)
-        self.group_of = torch.repeat_interleave(torch.arange(len(tail_groups), device=wire.device), self.groups)
+        self.groups = len(tail_groups)
+        self.group_of = torch.repeat_interleave(torch.arange(self.groups, device=wire.device),
+                                                torch.tensor(tail_groups, dtype=torch.int64, device=wire.device))
         self.ints = torch.zeros(head + 2 * first_round.tail.numel(), dtype=torch.int16, device=wire.device)
-        self.peaks = torch.zeros(columns + len(tail_groups), device=wire.device)
-        self.column_of: dict = {}
+        self.peaks = torch.zeros(columns + self.groups, device=wire.device)
+        self.scales, self.fines = torch.zeros_like(self.peaks), torch.zeros_like(self.peaks)
+        self.line_of: dict = {}
 
     @staticmethod
     def column_bytes(d: int) -> int:
@@ -145,30 +201,33 @@ class Int16Sketch:
     def tail_bytes(groups: int) -> int:
         return 4 * groups  # each tensor's peak (a value goes as two int16: 4 bytes, as in fp32)
 
+    def lines(self, buf: Buffer) -> torch.Tensor:
+        """Each value's line: its column's number, then for the tail its tensor's, after the columns."""
+        key = tuple(tuple(v.shape) for v in buf.views) + (buf.tail.numel(),)
+        if key not in self.line_of:
+            column = line_of(buf.views, "column", {}, self.wire.device)
+            columns = sum(v.shape[1] for v in buf.views)
+            if len(self.line_of) >= 8:
+                self.line_of.clear()
+            self.line_of[key] = torch.cat([column, columns + self.group_of[:buf.tail.numel()]])
+        return self.line_of[key]
+
     def sum(self, buf: Buffer) -> None:
         """buf (its views, then the tail) summed over the ranks, in place, through int16 sums."""
-        column = line_of(buf.views, "column", self.column_of, self.wire.device)
-        columns = sum(v.shape[1] for v in buf.views)
-        head, tail, groups = int(buf.offsets[-1]), buf.tail, len(self.groups) if buf.tail.numel() else 0
-        values = buf.flat[:head]
-        peaks = self.peaks[:columns + groups]
-        peaks[:columns] = 0.0
-        peaks[:columns].scatter_reduce_(0, column, values.abs(), "amax")  # each column's peak (NaN stays NaN)
-        if groups:
-            peaks[columns:] = torch.segment_reduce(tail.abs(), "max", lengths=self.groups)
+        line, L = self.lines(buf), self.levels
+        lines = sum(v.shape[1] for v in buf.views) + (self.groups if buf.tail.numel() else 0)
+        head, n = int(buf.offsets[-1]), int(buf.offsets[-1]) + buf.tail.numel()
+        values, peaks, scales, fines = buf.flat[:n], self.peaks[:lines], self.scales[:lines], self.fines[:lines]
+        peaks.zero_()
+        self.rounding.peaks(values, line, peaks)  # each column's and tail tensor's peak (NaN stays NaN)
         self.wire.allreduce_(peaks, op="max")
-        scales, L = peaks / self.levels, self.levels
-        ints = self.ints[:head + 2 * tail.numel()]
-        s = scales[column]  # each value's column's scale
-        ints[:head].copy_(torch.where(s > 0, values / s, 0.0).round_().clamp_(-L, L))
-        if groups:
-            t = scales[columns:][self.group_of]  # each tail value's tensor's scale
-            fine = t / (2 * L)
-            hi = torch.where(t > 0, tail / t, 0.0).round_().clamp_(-L, L)
-            lo = torch.where(t > 0, (tail - hi * t) / fine, 0.0).round_().clamp_(-L, L)
-            ints[head:head + tail.numel()].copy_(hi)
-            ints[head + tail.numel():].copy_(lo)
+        torch.div(peaks, L, out=scales)
+        torch.div(scales, 2 * L, out=fines)
+        ints, tail = self.ints[:head + 2 * (n - head)], n - head
+        self.rounding.encode(values[:head], line[:head], scales, L, ints[:head])
+        if tail:
+            self.rounding.encode_pairs(values[head:], line[head:], scales, fines, L, ints[head:n], ints[n:])
         self.wire.allreduce_(ints)  # exact integer sums, identical on every rank
-        torch.mul(ints[:head], s, out=values)
-        if groups:
-            torch.add(ints[head:head + tail.numel()] * t, ints[head + tail.numel():] * fine, out=tail)
+        self.rounding.decode(ints[:head], line[:head], scales, values[:head])
+        if tail:
+            self.rounding.decode_pairs(ints[head:n], ints[n:], line[head:], scales, fines, values[head:])

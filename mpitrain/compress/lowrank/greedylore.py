@@ -7,7 +7,7 @@ from ..base import register
 from ..buffer import Buffer
 from .base import LowRank
 from .basis import FixedBasis, TrackingBasis
-from .codec import Fp32Factors, Fp32Sketch, Int16Factors, Int16Sketch
+from .codec import CompiledRounding, Fp32Factors, Fp32Sketch, Int16Factors, Int16Sketch, TorchRounding
 from .selector import selector_class
 
 
@@ -65,10 +65,11 @@ class GreedyLore(LowRank):
         cap = [max(r, min(d, int(d * D / ((d + D) * rate)))) if allocation == "global" else r
                for r, d, D in zip(self.r, self.d, self.D)]
         indices = [s.index for s in self.slots]
-        self.codec = Codec(cap, self.D, self.wire)
+        rounding = CompiledRounding() if self.compiled else TorchRounding()
+        self.codec = Codec(cap, self.D, self.wire, rounding)
         self.basis = Basis(list(zip(self.d, self.D, cap)), self.r, indices, cfg, self.mm, self.wire,
                            self.exchange_first_round, self.dense_numel if self.dense_first else 0)
-        self.sketch = Sketch(self.basis.scores, groups, self.wire)
+        self.sketch = Sketch(self.basis.scores, groups, self.wire, rounding)
         self.selector = Selector(self.r, self.d, cap, self.cost, self.budget, cfg.seed, indices)
         self.p = Buffer([(d, c) for d, c in zip(self.d, cap)], device=layout.device)
         self.payload = Buffer([(c, D) for c, D in zip(cap, self.D)], extra=self.dense_numel, device=layout.device)

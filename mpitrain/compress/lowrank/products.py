@@ -29,6 +29,8 @@ class TorchProducts:
     the same bits on every rank of a run (each rank runs the same operations on the same inputs),
     not the compiled loops' bits: their sums take another order."""
 
+    compiled = False  # whether the compiled loops are loaded (and so cheaper for small work too)
+
     def __init__(self, device: str | torch.device = "cpu"):
         self.device = torch.device(device)
         self._scratch: dict[str, torch.Tensor] = {}
@@ -122,6 +124,8 @@ class Products(TorchProducts):
     """Products of one large matrix with skinny factors, and the residual-and-reconstruction pass,
     at about memory speed on the CPU: scratch buffers kept between steps, compiled loops run on
     this rank's torch threads, every sum in a fixed order."""
+
+    compiled = True
 
     def __init__(self):
         super().__init__("cpu")
