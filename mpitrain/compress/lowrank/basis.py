@@ -120,7 +120,7 @@ class Basis:
         first t columns of B H equal to u up to rounding. H is the product of the t Householder
         reflectors from the QR of B^T u, in its compact form I - V T V^T (O(d^2 t); LAPACK's ormqr
         took twice the time and a d x d copy); `rotate_and_check` applies it."""
-        utbs = [self.mm.scratch(f"u^T B {i}", (u.shape[1], d)) for i, (u, d) in enumerate(zip(us, self.d))]
+        utbs = [self.mm.scratch(("u^T B", i), (u.shape[1], d)) for i, (u, d) in enumerate(zip(us, self.d))]
         self.mm.products([(u.t(), basis, utb, None) for u, basis, utb in zip(us, self.bases.views, utbs) if u.shape[1]])
         reflectors = []
         for u, utb in zip(us, utbs):

@@ -34,14 +34,23 @@ class TorchProducts:
     def __init__(self, device: str | torch.device = "cpu"):
         self.device = torch.device(device)
         self._scratch: dict[str, torch.Tensor] = {}
+        self._views: dict[tuple, torch.Tensor] = {}
         self._checksum_weights: dict[tuple[int, int], torch.Tensor] = {}
 
-    def scratch(self, purpose: str, shape) -> torch.Tensor:
-        """A buffer for `purpose` that grows to the largest shape asked for once, then stays."""
-        n = math.prod(shape)
-        if purpose not in self._scratch or self._scratch[purpose].numel() < n:
-            self._scratch[purpose] = torch.empty(n, device=self.device)
-        return self._scratch[purpose][:n].view(*shape)
+    def scratch(self, purpose: str | tuple, shape) -> torch.Tensor:
+        """A buffer for `purpose` that grows to the largest shape asked for once, then stays; its
+        views kept too (a few dozen are asked for a step, mostly of the same shapes)."""
+        key = (purpose, tuple(shape))
+        view = self._views.get(key)
+        if view is None:
+            n, held = math.prod(shape), self._scratch.get(purpose)
+            if held is None or held.numel() < n:
+                held = self._scratch[purpose] = torch.empty(n, device=self.device)
+                self._views = {k: v for k, v in self._views.items() if k[0] != purpose}
+            if len(self._views) >= 512:  # shapes that move every step (global allocation)
+                self._views.clear()
+            view = self._views[key] = held[:n].view(*shape)
+        return view
 
     def product(self, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, plus: torch.Tensor | None = None) -> None:
         """out = a @ b (see `products`)."""
@@ -130,6 +139,7 @@ class Products(TorchProducts):
     def __init__(self):
         super().__init__("cpu")
         self._weights = np.zeros(0, dtype=np.uint64)  # the bases' checksum's, grown to the widest basis
+        self._rotation_plans: dict[tuple, list] = {}
         self._coefs = np.zeros(0, dtype=np.float32)  # Gram-Schmidt's scratch
 
     @staticmethod
@@ -150,6 +160,8 @@ class Products(TorchProducts):
         matrix's work, and one per matrix added up on models of many matrices. Jobs must not touch
         each other's rows."""
         threads, plans = torch.get_num_threads(), []
+        if threads == 1:  # as below, without the plans (ranks that outnumber the cores run this)
+            return [[call(0, 0, n)] if n else [] for n, call, _ in jobs]
         for n, call, align in jobs:
             size = -(-max(n, 1) // max(1, min(threads, n // 64)))
             size = -(-size // align) * align
@@ -186,27 +198,32 @@ class Products(TorchProducts):
         calls = []
         for j, (x, s, out, plus) in enumerate(jobs):
             args = (x.numpy(), NOTHING if plus is None else plus.numpy(),
-                    self.contiguous(f"right factor {j}", s.t()).numpy(), out.numpy())
+                    self.contiguous(("right factor", j), s.t()).numpy(), out.numpy())
             calls.append((x.shape[0], lambda t, lo, hi, a=args: kernels().right_product(*a, lo, hi), 4))
         self.in_chunks(calls)
 
     def left_products(self, jobs: list[tuple]) -> None:
         """out = s @ x for each job (s, x, out, plus), x contiguous (x += plus first, if given): each
-        thread sums its share of x's rows into its own part, then the parts are added in order."""
-        threads, at = torch.get_num_threads(), 0
-        parts = self.scratch("parts", (sum(threads * out.numel() for _, _, out, _ in jobs),))
+        thread sums its share of x's rows into its own part, then the parts are added in order (one
+        thread: its part is the product)."""
+        threads, at, k = torch.get_num_threads(), 0, kernels()
+        parts = self.scratch("parts", (sum(threads * out.numel() for _, _, out, _ in jobs),)) if threads > 1 else None
         calls, outs = [], []
         for j, (s, x, out, plus) in enumerate(jobs):
-            mine = parts[at:at + threads * out.numel()].view(threads, *out.shape)
-            at += mine.numel()
-            args = (self.contiguous(f"factor {j}", s).numpy(), x.numpy(), NOTHING if plus is None else plus.numpy(),
+            target = out if out.is_contiguous() else self.scratch(("product", j), tuple(out.shape))
+            if parts is None:
+                mine = target.unsqueeze(0)
+            else:
+                mine = parts[at:at + threads * out.numel()].view(threads, *out.shape)
+                at += mine.numel()
+            args = (self.contiguous(("factor", j), s).numpy(), x.numpy(), NOTHING if plus is None else plus.numpy(),
                     mine.numpy())
-            calls.append((x.shape[0], lambda t, lo, hi, a=args: kernels().left_product(*a[:3], a[3][t], lo, hi), 1))
-            outs.append((mine, out))
-        for (mine, out), used in zip(outs, map(len, self.in_chunks(calls))):
-            target = out if out.is_contiguous() else self.scratch("product", tuple(out.shape))
-            torch.sum(mine[:used], 0, out=target) if used > 1 else target.copy_(mine[0])
-            if target.data_ptr() != out.data_ptr():
+            calls.append((x.shape[0], lambda t, lo, hi, a=args: k.left_product(*a[:3], a[3][t], lo, hi), 1))
+            outs.append((mine, target, out))
+        for (mine, target, out), used in zip(outs, map(len, self.in_chunks(calls))):
+            if parts is not None:
+                torch.sum(mine[:used], 0, out=target) if used > 1 else target.copy_(mine[0])
+            if target is not out:
                 out.copy_(target)
 
     def residuals_and_sums(self, jobs: list[tuple]) -> None:
@@ -215,7 +232,7 @@ class Products(TorchProducts):
         threads, every job's in one dispatch."""
         calls = []
         for j, (x, e, sent, summed) in enumerate(jobs):
-            factors = [self.contiguous(f"factor {j}.{k}", f).numpy()
+            factors = [self.contiguous(("factor", j, k), f).numpy()
                        for k, f in enumerate((*((NOTHING_T, NOTHING_T) if e is None else sent), *summed))]
             args = (x.numpy(), NOTHING if e is None else e.numpy(), *factors)
             calls.append((x.shape[0], lambda t, lo, hi, a=args: kernels().residual_and_sum(*a, lo, hi), 1))
@@ -229,22 +246,34 @@ class Products(TorchProducts):
         threads, every job's in one dispatch; B V is made row by row in the same pass (a pass and a
         dispatch of its own before). The products are summed over fixed blocks of rows in their
         order: the same bits at any thread count."""
-        k, calls, at = kernels(), [], 0
-        blocks = [(-(-basis.shape[0] // k.BASIS_BLOCK), yt.shape[0], basis.shape[0]) for basis, *_, yt, _ in jobs]
-        parts = self.scratch("basis parts", (sum(math.prod(b) for b in blocks),)).numpy()
-        sums = self.scratch("basis products", (sum(math.prod(b[1:]) for b in blocks),)).numpy()
-        views, summed_at = [], 0
-        for j, ((basis, *small, first), shape) in enumerate(zip(jobs, blocks)):
-            views.append((parts[at:at + math.prod(shape)].reshape(shape),
-                          sums[summed_at:summed_at + math.prod(shape[1:])].reshape(shape[1:])))
-            at, summed_at = at + math.prod(shape), summed_at + math.prod(shape[1:])
-            b, (tri, vt, u, yt) = basis.numpy(), (self.contiguous(f"basis {j}.{i}", a).numpy() for i, a in enumerate(small))
-            bv, w = (self.scratch(f"{purpose} {j}", (b.shape[0], u.shape[1])).numpy() for purpose in ("B V", "w"))
-            args = (b, b.view(np.uint32), tri, vt, bv, w, u, yt, views[-1][0], self.weights(b.shape[1]), first)
+        k, calls = kernels(), []
+        key = tuple((basis.shape[0], u.shape[1], yt.shape[0]) for basis, _, _, u, yt, _ in jobs)
+        plan = self._rotation_plans.get(key) or self.rotation_plan(key)
+        for j, ((basis, tri, vt, u, yt, first), (parts, _, bv, w, weights, _)) in enumerate(zip(jobs, plan)):
+            b = basis.numpy()
+            args = (b, b.view(np.uint32), self.contiguous(("basis tri", j), tri).numpy(),
+                    self.contiguous(("basis vt", j), vt).numpy(), bv, w, self.contiguous(("basis u", j), u).numpy(),
+                    self.contiguous(("basis yt", j), yt).numpy(), parts, weights, first)
             calls.append((b.shape[0], lambda _, lo, hi, a=args: k.rotate_rows(*a, lo, hi), k.BASIS_BLOCK))
         checks = self.in_chunks(calls)
-        return ([torch.from_numpy(np.sum(part, axis=0, out=total)) for part, total in views],
-                sum(int(c) for job in checks for c in job) % 2**64)
+        for parts, total, *_ in plan:
+            np.add.reduce(parts, axis=0, out=total)
+        return [summed for *_, summed in plan], sum(int(c) for job in checks for c in job) % 2**64
+
+    def rotation_plan(self, key: tuple) -> list[tuple]:
+        """For each job of `rotate_and_check` with (d, t, rows of yt) in `key`: its blocks' products,
+        their sum (as an array and as a tensor), B V's and w's scratch, the checksum's weights;
+        kept per key, as ranks rarely move."""
+        if len(self._rotation_plans) >= 64:
+            self._rotation_plans.clear()
+        plan = []
+        for d, t, rows in key:
+            parts = np.empty((-(-d // kernels().BASIS_BLOCK), rows, d), dtype=np.float32)
+            total = np.empty((rows, d), dtype=np.float32)
+            plan.append((parts, total, np.empty((d, t), dtype=np.float32), np.empty((d, t), dtype=np.float32),
+                         self.weights(d), torch.from_numpy(total)))
+        self._rotation_plans[key] = plan
+        return plan
 
     def weights(self, n: int) -> np.ndarray:
         if self._weights.shape[0] < n:
@@ -266,7 +295,7 @@ class Products(TorchProducts):
             self._coefs = np.zeros(p.shape[1], dtype=np.float32)
         kernels().orthogonalize(p.numpy(), eps, self._coefs)
 
-    def contiguous(self, purpose: str, a: torch.Tensor) -> torch.Tensor:
+    def contiguous(self, purpose: str | tuple, a: torch.Tensor) -> torch.Tensor:
         """a itself if it is contiguous, else its copy in a scratch buffer (copied by numpy: a few
         hundred small copies a step, at a quarter of torch's per-call cost)."""
         if a.is_contiguous():
