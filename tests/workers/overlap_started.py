@@ -1,9 +1,12 @@
 """How many buckets were in flight when backward returned, with --bucket-mb small enough for several.
 
-    mpiexec -n N python overlap_started.py OUT.json [COMPRESSOR [SKETCH_BITS]]
+    mpiexec -n N python overlap_started.py OUT [COMPRESSOR [SKETCH_BITS]]
+
+OUT: the JSON file, or a folder to write out.json in.
 """
 import json
 import sys
+from pathlib import Path
 
 import torch
 
@@ -30,5 +33,5 @@ for step in range(4):
                   "in_flight": len(buckets.requests or []), "encodings": len(getattr(exchange.compressor, "jobs", []))})
     exchange.average(step)
 if world.rank == 0:
-    with open(sys.argv[1], "w") as fh:
-        json.dump(found, fh)
+    out = Path(sys.argv[1])
+    (out / "out.json" if out.is_dir() else out).write_text(json.dumps(found))
