@@ -163,7 +163,7 @@ class Config:
     probes: int = _f(4, "greedylore: shared Gaussian probes per matrix", minimum=1)
     contraction_every: int = _f(0, "measure ||x - C(x)||^2/||x||^2 of the global average every N steps "
                                    "(one extra dense Allreduce; 0: off)", minimum=0)
-    kernels: str = _f("auto", "low-rank compressors' products, bases and Gram-Schmidt: compiled (loops in a fixed "
+    kernels: str = _f("auto", "low-rank compressors' products, bases, Gram-Schmidt and 16-bit rounds: compiled (loops in a fixed "
                               "order, the CPU's fastest) or torch (torch operations: the path a GPU runs; on the CPU "
                               "it checks the compiled one); auto: compiled on the CPU, torch on a GPU",
                       choices=("auto", "compiled", "torch"))
