@@ -35,8 +35,6 @@ def _codes(values) -> np.ndarray:
     return np.ascontiguousarray(np.atleast_1d(values), dtype=np.int64)
 
 
-
-
 class BitWriter:
     def __init__(self, capacity_bits: int = 1 << 12):
         self.buf = np.zeros((capacity_bits + 7) // 8 + 8, dtype=np.uint8)

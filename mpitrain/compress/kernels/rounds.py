@@ -1,6 +1,6 @@
 """Greedylore's 16-bit rounds: values on shared per-line scales (a line: a row of Q, a column of the
 sketch, a tensor of the sketch's tail), in one pass each instead of a dozen array operations.
-Each is the float32 formula of `lowrank.codec.TorchLevels`, element by element, so the bits are
+Each is the float32 formula of `lowrank.codec.TorchRounding`, element by element, so the bits are
 those of the torch operations."""
 from __future__ import annotations
 
