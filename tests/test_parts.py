@@ -233,12 +233,14 @@ def test_error_feedback_adds_keeps_swaps_and_stores_its_residual():
 
 
 @pytest.mark.parametrize("name,kernels,compiled", [("dense", "compiled", False), ("greedylore", "compiled", True),
-                                                   ("greedylore", "torch", False), ("sparse-dither", "compiled", True)])
+                                                   ("greedylore", "torch", False), ("sparse-dither", "compiled", True),
+                                                   ("powersgd", "compiled", True)])
 def test_a_compressor_that_runs_compiled_loops_loads_them_when_built_not_in_its_first_steps(name, kernels, compiled):
-    # numba's import and its first kernel load cost ~0.7 s, which the first training steps paid
-    # (the job's training time) before they were moved into building the compressor; dense never
-    # loads it, nor does a low-rank compressor on torch operations (--kernels torch)
-    script = ("import sys, dataclasses\n"
+    # numba's import and its first kernel load cost ~0.7 s, and each kernel's load from the cache
+    # 2-10 ms, which the first training steps paid (the job's training time) before they were moved
+    # into building the compressor; dense never loads numba, nor does a low-rank compressor on torch
+    # operations (--kernels torch). A compressed step after the build loads no kernel of its own
+    script = ("import gc, sys, dataclasses, torch\n"
               "from mpitrain import compress\n"
               "from mpitrain.bench.common import layout_of\n"
               "from mpitrain.config import Config\n"
@@ -246,11 +248,23 @@ def test_a_compressor_that_runs_compiled_loops_loads_them_when_built_not_in_its_
               f"cfg = dataclasses.replace(Config(), compressor={name!r}, kernels={kernels!r})\n"
               "world = OneRank()\n"
               "world.cores_per_rank = lambda: 1\n"
-              "compress.build(cfg, layout_of('mlp', 'digits'), world)\n"
+              "layout = layout_of('mlp', 'digits')\n"
+              "compressor = compress.build(cfg, layout, world)\n"
               "loaded = 'numba' in sys.modules\n"
+              "def overloads():\n"
+              "    from numba.core.registry import CPUDispatcher\n"
+              "    return {d.py_func.__name__: len(d.signatures) for d in gc.get_objects()\n"
+              "            if isinstance(d, CPUDispatcher)}\n"
+              "built = overloads() if loaded else {}\n"
+              "if compressor.name in ('greedylore', 'powersgd'):\n"
+              "    g = torch.Generator().manual_seed(0)\n"
+              "    for step in range(cfg.start_compress_step + 3):\n"
+              "        layout.grads.copy_(torch.randn(layout.grads.shape, generator=g))\n"
+              "        compressor.aggregate(step)\n"
+              "    assert compressor.stats['compressed_matrices'] > 0 and not compressor.stats.get('refresh')\n"
               "from numba.core.registry import cpu_target\n"
-              "print(loaded, len(cpu_target.target_context._registries) > 0)\n")
+              "print(loaded, len(cpu_target.target_context._registries) > 0, built == overloads())\n")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
                          cwd=Path(__file__).resolve().parent.parent)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split() == [str(compiled), str(compiled)]
+    assert out.stdout.split() == [str(compiled), str(compiled), "True"]

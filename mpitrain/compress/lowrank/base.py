@@ -30,7 +30,10 @@ class LowRank(Compressor):
         skip = re.compile(cfg.uncompressed) if cfg.uncompressed else None
         self.slots = [s for s in layout.matrices if self.eligible(s) and not (skip and skip.search(s.name))]
         self.mm = Products() if self.compiled else TorchProducts(layout.device)
+        if self.compiled:
+            self.mm.preload()
         self.sent_q = None  # see own_q
+        self.grads = [layout.matrix(layout.grads, s) for s in self.slots]  # views, made once
         self.r = [min(cfg.rank, s.n, s.m) for s in self.slots]
         self.d = [min(s.n, s.m) for s in self.slots]
         self.D = [max(s.n, s.m) for s in self.slots]
@@ -132,7 +135,7 @@ class LowRank(Compressor):
 
     # -- views ------------------------------------------------------------------------------
     def grad(self, i: int) -> torch.Tensor:
-        return self.layout.matrix(self.layout.grads, self.slots[i])
+        return self.grads[i]
 
     def oriented(self, x: torch.Tensor) -> torch.Tensor:
         """d x D view of an n x m matrix (a transpose, never a copy)."""

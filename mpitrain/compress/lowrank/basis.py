@@ -1,6 +1,7 @@
 """The complete orthonormal bases greedylore chooses its directions from, shared by every rank."""
 from __future__ import annotations
 
+import functools
 import math
 from statistics import NormalDist
 
@@ -12,6 +13,7 @@ from ..streams import Purpose, torch_stream
 from .products import NOTHING_T
 
 
+@functools.lru_cache(maxsize=256)
 def noise_peak(k: int, n: int) -> float:
     """The largest of n independent chi-squared(k)/k draws, as its 1 - 1/n quantile (Wilson-Hilferty).
 

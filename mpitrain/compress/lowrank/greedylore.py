@@ -66,6 +66,8 @@ class GreedyLore(LowRank):
                for r, d, D in zip(self.r, self.d, self.D)]
         indices = [s.index for s in self.slots]
         rounding = CompiledRounding() if self.compiled else TorchRounding()
+        if self.compiled and (Codec is Int16Factors or Sketch is Int16Sketch):
+            rounding.preload()
         self.codec = Codec(cap, self.D, self.wire, rounding)
         self.basis = Basis(list(zip(self.d, self.D, cap)), self.r, indices, cfg, self.mm, self.wire,
                            self.exchange_first_round, self.dense_numel if self.dense_first else 0)
