@@ -32,6 +32,16 @@ def torch_stream(seed: int, step: int, slot: int, purpose: Purpose, compiled: bo
     return torch.Generator().manual_seed(int(state >> 1))
 
 
+def draw_normal(out: torch.Tensor, stream: torch.Generator) -> None:
+    """out = standard normal draws from a host stream: randn's own values (it is normal_ on a new
+    tensor), in out's memory when that is contiguous host memory, else drawn on the host and copied
+    (the same draws on any device)."""
+    if out.device.type == "cpu" and out.is_contiguous():
+        out.normal_(generator=stream)
+    else:
+        out.copy_(torch.randn(out.shape, generator=stream))
+
+
 def rounding_key(seed: int, rank: int, step: int, slot: int, *part: int) -> int:
     """The Philox key of one rank's stochastic rounding of one tensor (or of a `part` of it): the one
     stream that is not shared, since each rank rounds its own values independently."""

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from ..buffer import Buffer
-from ..streams import Purpose, torch_stream
+from ..streams import Purpose, draw_normal, torch_stream
 from .products import NOTHING_T
 
 
@@ -89,7 +89,7 @@ class Basis:
                 torch.matmul(basis.t(), x, out=out)
             else:  # O(d D k + d^2 k), never the O(d^2 D) full projection
                 stream = torch_stream(self.cfg.seed, step, self.indices[i], Purpose.PROBE, self.mm.compiled)
-                probes.views[i].copy_(torch.randn(probes.views[i].shape, generator=stream))  # drawn on the host
+                draw_normal(probes.views[i], stream)
                 torch.matmul(basis.t(), x @ probes.views[i], out=out)
         self.exchange(scores)  # signed projections of the global x-bar
         return [v.square().mean(1) for v in scores.views]
@@ -191,7 +191,7 @@ class TrackingBasis(Basis):
         right = self.right.carve([(t + self.k, D) for t, D in zip(self.ranks, self.D)]).views[i]  # rows: W^T, probes
         w, probes = right[:t], right[t:]
         stream = torch_stream(self.cfg.seed, step, self.indices[i], Purpose.PROBE, self.mm.compiled)
-        probes.copy_(torch.randn(probes.shape, generator=stream))  # drawn on the host: the same draws anywhere
+        draw_normal(probes, stream)
         if t:
             w.copy_(torch.linalg.qr(self.warm.views[i][:t].t()).Q.t())
             probes.sub_((probes @ w.t()) @ w)
@@ -212,11 +212,12 @@ class TrackingBasis(Basis):
             products = self.rotate_and_check([y[:, :0] for y in sketch.views], yts)[0]
         energies = []
         for e, t in zip(products, self.ranks):
-            energy = e[:t].square().sum(0)
+            e = e.square()
+            energy = e[:t].sum(0)
             # exact inside span(W); on its complement a probe estimate, discounted by the peak that
             # noise alone reaches among the complement's directions (measured: undiscounted noisy
             # picks displaced tracked directions and cost 0.04 bpc on the LM)
-            energies.append(energy.add_(e[t:].square().mean(0) / noise_peak(self.k, len(energy) - t)))
+            energies.append(energy.add_(e[t:].mean(0) / noise_peak(self.k, len(energy) - t)))
         if self.cfg.scores == "exact":  # diagnostics: the true energies over the rotated bases (d x D each)
             if self._exact is None:
                 self._exact = Buffer([(d, D) for d, D in zip(self.d, self.D)], device=self.wire.device)

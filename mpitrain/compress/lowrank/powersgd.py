@@ -5,7 +5,7 @@ import torch
 
 from ..base import register
 from ..buffer import Buffer
-from ..streams import Purpose, torch_stream
+from ..streams import Purpose, draw_normal, torch_stream
 from .base import LowRank
 
 
@@ -30,7 +30,7 @@ class PowerSGD(LowRank):
         self.payload = Buffer([(s.m, r) for s, r in zip(self.slots, self.r)], extra=self.dense_numel, device=device)
         self.q = Buffer([(s.m, r) for s, r in zip(self.slots, self.r)], device=device)
         for s, q in zip(self.slots, self.q.views):
-            q.copy_(torch.randn(q.shape, generator=torch_stream(cfg.seed, 0, s.index, Purpose.POWER_INIT)))
+            draw_normal(q, torch_stream(cfg.seed, 0, s.index, Purpose.POWER_INIT))
 
     def first_round_overlaps(self, step: int) -> bool:
         return step >= self.cfg.start_compress_step and self.cfg.warm_start
@@ -42,7 +42,7 @@ class PowerSGD(LowRank):
         """P = X Q."""
         if not self.cfg.warm_start:
             s, q = self.slots[i], self.q.views[i]
-            q.copy_(torch.randn(q.shape, generator=torch_stream(self.cfg.seed, step, s.index, Purpose.POWER_INIT)))
+            draw_normal(q, torch_stream(self.cfg.seed, step, s.index, Purpose.POWER_INIT))
         return (self.grad(i), self.q.views[i], self.p.views[i], self.feedback.kept(i) if add_residual else None)
 
     def aggregate(self, step: int) -> None:
