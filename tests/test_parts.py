@@ -70,6 +70,21 @@ def test_lazy_keeps_the_first_r_directions_and_needs_no_energies():
     assert selector_class("greedy", "global") is Global and selector_class("lazy", "per-matrix") is Lazy
 
 
+def test_shared_normal_draws_are_randns_values_in_place_or_copied():
+    """Probes and powersgd's starting Q are drawn in place where they can be: the values must stay
+    torch.randn's from the same stream (contiguous or not, any shape), or every rank's and every
+    resumed run's directions move."""
+    from mpitrain.compress.streams import draw_normal
+    for shape in [(8, 256), (3, 5), (1, 10), (16, 1), (0, 4), (7, 33)]:
+        expected = torch.randn(shape, generator=torch.Generator().manual_seed(11))
+        rows = torch.zeros(shape[0] + 2, shape[1])
+        draw_normal(rows[2:], torch.Generator().manual_seed(11))  # a contiguous view: in place
+        columns = torch.zeros(shape[1], shape[0]).t()  # not contiguous: drawn, then copied
+        draw_normal(columns, torch.Generator().manual_seed(11))
+        assert torch.equal(rows[2:], expected) and torch.equal(columns, expected), shape
+        assert not rows[:2].any()
+
+
 def basis(kind, d=(6, 4), D=(9, 7), every=-1, **cfg):
     cfg = dataclasses.replace(Config(), refresh_every=every, start_compress_step=10, **cfg)
     dims = [(a, b, 2) for a, b in zip(d, D)]
