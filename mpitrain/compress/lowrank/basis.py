@@ -168,6 +168,7 @@ class TrackingBasis(Basis):
     lead = 1  # built on the last dense warm-up step, for free
     sketches = True
     every = 0
+    _carved: tuple = (None,)
 
     def is_refresh(self, step: int) -> bool:
         return bool(self.every) and (step - self.cfg.start_compress_step + 1) % self.every == 0
@@ -181,21 +182,31 @@ class TrackingBasis(Basis):
             warm[:r].copy_(q)
         self.ranks = ranks
 
+    def carved(self) -> tuple[Buffer, Buffer]:
+        """(the sketches x [W | Omega'] with the tail after them, the right factors: rows W^T, then
+        the probes) at this step's widths; carved again only when the widths move."""
+        key = tuple(self.ranks)
+        if self._carved[0] != key:
+            self._carved = (key, self.scores.carve([(d, t + self.k) for d, t in zip(self.d, key)], self.tail),
+                            self.right.carve([(t + self.k, D) for t, D in zip(key, self.D)]))
+        return self._carved[1:]
+
     def sketch(self) -> Buffer:
         """The sketches x [W | Omega'] (and after them the tail)."""
-        return self.scores.carve([(d, t + self.k) for d, t in zip(self.d, self.ranks)], self.tail)
+        return self.carved()[0]
 
     def sketch_job(self, i: int, step: int, x: torch.Tensor, plus: torch.Tensor | None) -> tuple:
         """x [W | Omega'] as a job of `Products.products` ((x + plus) first, when given)."""
         t = self.ranks[i]
-        right = self.right.carve([(t + self.k, D) for t, D in zip(self.ranks, self.D)]).views[i]  # rows: W^T, probes
+        sketch, right = self.carved()
+        right = right.views[i]
         w, probes = right[:t], right[t:]
         stream = torch_stream(self.cfg.seed, step, self.indices[i], Purpose.PROBE, self.mm.compiled)
         draw_normal(probes, stream)
         if t:
             w.copy_(torch.linalg.qr(self.warm.views[i][:t].t()).Q.t())
             probes.sub_((probes @ w.t()) @ w)
-        return x, right.t(), self.sketch().views[i], plus
+        return x, right.t(), sketch.views[i], plus
 
     def energies(self, step: int, xs: list[torch.Tensor], sketched: bool) -> list[torch.Tensor]:
         """One Allreduce of the sketches (unless `sketched`: it ran already); each basis rotated

@@ -202,6 +202,7 @@ class Int16Sketch:
         self.peaks = torch.zeros(columns + self.groups, device=wire.device)
         self.scales, self.fines = torch.zeros_like(self.peaks), torch.zeros_like(self.peaks)
         self.line_of: dict = {}
+        self.plans: dict = {}
 
     @staticmethod
     def column_bytes(d: int) -> int:
@@ -222,22 +223,35 @@ class Int16Sketch:
             self.line_of[key] = torch.cat([column, columns + self.group_of[:buf.tail.numel()]])
         return self.line_of[key]
 
+    def plan(self, buf: Buffer) -> tuple:
+        """For a carving of the round: (each value's line, the head's lines and the tail's, the
+        values, the peaks, scales and fine scales in use, the integers sent, the head's length, the
+        values'), kept per carving."""
+        plan = self.plans.get(buf)
+        if plan is None:
+            line = self.lines(buf)
+            lines = sum(v.shape[1] for v in buf.views) + (self.groups if buf.tail.numel() else 0)
+            head, n = int(buf.offsets[-1]), int(buf.offsets[-1]) + buf.tail.numel()
+            if len(self.plans) >= 8:
+                self.plans.clear()
+            plan = self.plans[buf] = (line, line[:head], line[head:], buf.flat[:n], self.peaks[:lines],
+                                      self.scales[:lines], self.fines[:lines], self.ints[:head + 2 * (n - head)],
+                                      head, n)
+        return plan
+
     def sum(self, buf: Buffer) -> None:
         """buf (its views, then the tail) summed over the ranks, in place, through int16 sums."""
-        line, L = self.lines(buf), self.levels
-        lines = sum(v.shape[1] for v in buf.views) + (self.groups if buf.tail.numel() else 0)
-        head, n = int(buf.offsets[-1]), int(buf.offsets[-1]) + buf.tail.numel()
-        values, peaks, scales, fines = buf.flat[:n], self.peaks[:lines], self.scales[:lines], self.fines[:lines]
+        line, head_line, tail_line, values, peaks, scales, fines, ints, head, n = self.plan(buf)
+        L, tail = self.levels, n - head
         peaks.zero_()
         self.rounding.peaks(values, line, peaks)  # each column's and tail tensor's peak (NaN stays NaN)
         self.wire.allreduce_(peaks, op="max")
         torch.div(peaks, L, out=scales)
         torch.div(scales, 2 * L, out=fines)
-        ints, tail = self.ints[:head + 2 * (n - head)], n - head
-        self.rounding.encode(values[:head], line[:head], scales, L, ints[:head])
+        self.rounding.encode(values[:head], head_line, scales, L, ints[:head])
         if tail:
-            self.rounding.encode_pairs(values[head:], line[head:], scales, fines, L, ints[head:n], ints[n:])
+            self.rounding.encode_pairs(values[head:], tail_line, scales, fines, L, ints[head:n], ints[n:])
         self.wire.allreduce_(ints)  # exact integer sums, identical on every rank
-        self.rounding.decode(ints[:head], line[:head], scales, values[:head])
+        self.rounding.decode(ints[:head], head_line, scales, values[:head])
         if tail:
-            self.rounding.decode_pairs(ints[head:n], ints[n:], line[head:], scales, fines, values[head:])
+            self.rounding.decode_pairs(ints[head:n], ints[n:], tail_line, scales, fines, values[head:])
