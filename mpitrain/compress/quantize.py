@@ -158,8 +158,9 @@ class Exchanged(Compressor):
 
     def preload(self) -> None:
         """The compiled loops a step calls, loaded from numba's cache now rather than in the first
-        step (~25 ms): a small vector encoded, framed, checked, decoded and summed as a step does
-        (a step whose values take another branch of the codec loads that branch's loops then)."""
+        step (as `Products.preload`): a small vector encoded, framed, checked, decoded and summed
+        as a step does (a step whose values take another branch of the codec loads that branch's
+        loops then)."""
         x = np.linspace(-1.0, 1.0, 64, dtype=np.float32)
         piece = Piece(0, self.layout.slots[0], 0, x.size, 0)
         w = BitWriter()

@@ -144,9 +144,10 @@ class Products(TorchProducts):
 
     def preload(self) -> None:
         """Every compiled loop these products call, loaded from numba's cache now, while the
-        compressor is built, rather than in the first compressed steps (2-10 ms each, ~40 ms a
-        greedylore job): each called once on an empty range of rows, with the dtypes and layouts
-        (a C-ordered matrix, or a transposed one as `out`) of the calls a step makes."""
+        compressor is built, rather than in the first compressed steps, which the job's training
+        time counts (docs/performance.md): each called once on an empty range of rows, with the
+        dtypes and layouts of a step's calls (numba keys a loop by its arguments' types as it sees
+        them; a C-ordered matrix, or a transposed one as `out`)."""
         k, m, none = kernels(), np.zeros((2, 2), dtype=np.float32), np.zeros(0, dtype=np.float32)
         for out in (m, m.T):  # out^T = X^T @ S^T makes out a transposed view
             k.right_product(m, m, m, out, 0, 0)
