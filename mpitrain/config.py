@@ -163,9 +163,9 @@ class Config:
     probes: int = _f(4, "greedylore: shared Gaussian probes per matrix", minimum=1)
     contraction_every: int = _f(0, "measure ||x - C(x)||^2/||x||^2 of the global average every N steps "
                                    "(one extra dense Allreduce; 0: off)", minimum=0)
-    kernels: str = _f("auto", "low-rank compressors' products, bases, Gram-Schmidt and 16-bit rounds: compiled (loops in a fixed "
-                              "order, the CPU's fastest) or torch (torch operations: the path a GPU runs; on the CPU "
-                              "it checks the compiled one); auto: compiled on the CPU, torch on a GPU",
+    kernels: str = _f("auto", "low-rank compressors' products, bases, Gram-Schmidt and 16-bit rounds: compiled "
+                              "(loops in a fixed order, the CPU's fastest) or torch (torch operations: the path a GPU "
+                              "runs; on the CPU it checks the compiled one); auto: compiled on the CPU, torch on a GPU",
                       choices=("auto", "compiled", "torch"))
     warm_start: bool = _f(True, "powersgd: start each power iteration from the last Q")
     orthogonalization_epsilon: float = _f(1e-8, "powersgd: Gram-Schmidt guard for all-zero columns", minimum=0.0)

@@ -167,7 +167,7 @@ class Exchanged(Compressor):
         self.codec.encode(x, w, self.payloads.key(0, 0, piece), out=np.empty_like(x))
         payload = self.payloads.frame({(0, 0): (w.bytes(), w.nbits)}, [piece], np.zeros(3, np.float32), 0)
         total = np.zeros(x.size, dtype=np.float64)
-        Payloads(self.codec, self.cfg.seed).decode(payload, 0, 0, total, [piece])
+        self.payloads.decode(payload, 0, 0, total, [piece])  # its count restarts every step
         kernels().narrow(total, x)
 
     @property

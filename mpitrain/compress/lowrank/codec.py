@@ -201,7 +201,6 @@ class Int16Sketch:
         self.ints = torch.zeros(head + 2 * first_round.tail.numel(), dtype=torch.int16, device=wire.device)
         self.peaks = torch.zeros(columns + self.groups, device=wire.device)
         self.scales, self.fines = torch.zeros_like(self.peaks), torch.zeros_like(self.peaks)
-        self.line_of: dict = {}
         self.plans: dict = {}
 
     @staticmethod
@@ -212,25 +211,17 @@ class Int16Sketch:
     def tail_bytes(groups: int) -> int:
         return 4 * groups  # each tensor's peak (a value goes as two int16: 4 bytes, as in fp32)
 
-    def lines(self, buf: Buffer) -> torch.Tensor:
-        """Each value's line: its column's number, then for the tail its tensor's, after the columns."""
-        key = tuple(tuple(v.shape) for v in buf.views) + (buf.tail.numel(),)
-        if key not in self.line_of:
-            column = line_of(buf.views, "column", {}, self.wire.device)
-            columns = sum(v.shape[1] for v in buf.views)
-            if len(self.line_of) >= 8:
-                self.line_of.clear()
-            self.line_of[key] = torch.cat([column, columns + self.group_of[:buf.tail.numel()]])
-        return self.line_of[key]
-
     def plan(self, buf: Buffer) -> tuple:
-        """For a carving of the round: (each value's line, the head's lines and the tail's, the
-        values, the peaks, scales and fine scales in use, the integers sent, the head's length, the
-        values'), kept per carving."""
+        """For a carving of the round: (each value's line: its column's number, then for the tail
+        its tensor's, after the columns; the head's lines and the tail's; the values; the peaks,
+        scales and fine scales in use; the integers sent; the head's length, the values'), kept per
+        carving."""
         plan = self.plans.get(buf)
         if plan is None:
-            line = self.lines(buf)
-            lines = sum(v.shape[1] for v in buf.views) + (self.groups if buf.tail.numel() else 0)
+            columns = sum(v.shape[1] for v in buf.views)
+            line = torch.cat([line_of(buf.views, "column", {}, self.wire.device),
+                              columns + self.group_of[:buf.tail.numel()]])
+            lines = columns + (self.groups if buf.tail.numel() else 0)
             head, n = int(buf.offsets[-1]), int(buf.offsets[-1]) + buf.tail.numel()
             if len(self.plans) >= 8:
                 self.plans.clear()
