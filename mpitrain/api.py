@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import checkpoint, compress, device, launch
+from . import checkpoint, compress, device, launch, rundir
 from .config import Config, UsageError, checked
 from .averaging import ParameterAveraging, Round
 from .device import to_host
@@ -262,7 +262,10 @@ def save_checkpoint(run_dir: str, step: int, exchange: Exchange, optimizer: torc
     `latest`. `extra`: the caller's own arrays by name; `extra_json`: any JSON-able value.
     background: rank 0 copies the state into host buffers and returns; a thread writes and fsyncs
     (one write at a time; `wait_for_checkpoints()` before exiting). Returns the path on rank 0
-    (on disk once `latest` names it), None elsewhere."""
+    (on disk once `latest` names it), None elsewhere. A run dir another job holds is refused
+    (UsageError on rank 0, which ends the job: see `rundir.claim`)."""
+    if exchange.world.rank == 0:
+        rundir.claim(str(run_dir))
     contents = _contents(exchange, optimizer, run_dir=str(run_dir),
                          keep_last=exchange.cfg.keep_last if keep_last is None else keep_last)
     total = exchange.wire_bytes_total if wire_bytes_total is None else wire_bytes_total
@@ -286,9 +289,11 @@ def load_checkpoint(exchange: Exchange, optimizer: torch.optim.Optimizer, resume
     path, error = None, None
     if world.rank == 0:
         try:
-            path, notes = checkpoint.choose(contents.cfg, contents)
+            if run_dir:  # named by the caller: this job writes there
+                rundir.claim(run_dir)
+            path, notes = rundir.choose(contents.cfg, contents)
         except UsageError as e:
-            error, notes = str(e), []
+            error, notes = str(e), e.notes
         for note in notes:
             print(f"mpitrain: {note}", flush=True)
     message = np.zeros(4097, dtype=np.uint8)  # [status, utf-8 text]: 0 fresh, 1 resume from path, 2 error
@@ -296,7 +301,7 @@ def load_checkpoint(exchange: Exchange, optimizer: torch.optim.Optimizer, resume
         text = (error or str(path or "")).encode("utf-8", "backslashreplace")[:4096]
         message[0], message[1:1 + len(text)] = (2 if error else 1 if path else 0), np.frombuffer(text, np.uint8)
     usual = world.stall_timeout  # the other ranks wait while rank 0 checks files, each within its own deadline
-    world.stall_timeout = usual and usual + checkpoint.check_budget(contents.cfg)
+    world.stall_timeout = usual and usual + rundir.check_budget(contents.cfg)
     try:
         world.bcast_(message)
     finally:

@@ -1,4 +1,5 @@
-"""HDF5 checkpoints: schema, atomic write by rank 0, keep-last-K, `latest`, verified resume.
+"""HDF5 checkpoints: schema, atomic write by rank 0, keep-last-K, `latest`, checked loading (which one
+to resume from: `rundir.py`).
 
     /                  attrs: format, format_version, step, epoch, world_size, created, versions,
                               compressor, ef_resume, wire_bytes_total
@@ -43,7 +44,7 @@ from .config import CannotWrite, Config, UsageError, one_line, with_settings
 from .filewrite import WRITER, Sink, as_array, atomic_write, copy_into, on_disk_bytes, write_dataset
 from .layout import all_finite
 from .named_state import flat_optimizer_state, joined, optimizer_names, pieces, set_optimizer_state
-from .schema import (DAMAGE, FORMAT, FORMAT_VERSION, ROOT_ATTRS, SCALAR, check_isolated, deadline_s, open_checkpoint,
+from .schema import (DAMAGE, FORMAT, FORMAT_VERSION, ROOT_ATTRS, SCALAR, check_isolated, open_checkpoint,
                      why)
 from .schema import read as schema_read
 
@@ -257,14 +258,19 @@ def verify(path, contents: Contents | None = None) -> list[str]:
     for NaN/Inf, in a child process with a deadline; with `contents`, also whether the checkpoint fits its
     model, optimizer and compressor."""
     faults = check_isolated(path, full=True)
-    if not faults and contents is not None:
-        with open_checkpoint(path, isolated=False) as f:
-            faults = fit_faults(f, contents)
-    return faults
+    return faults if faults or contents is None else fit(path, contents)
+
+
+def fit(path, contents: Contents) -> list[str]:
+    """Whether a checked file fits this run (`fit_faults`)."""
+    with open_checkpoint(path, isolated=False) as f:
+        return fit_faults(f, contents)
 
 
 def fit_faults(f: h5py.File, contents: Contents) -> list[str]:
-    """Whether a checked file fits this run's model, optimizer and compressor (shapes and dtypes)."""
+    """Whether a checked file fits this run's compressor, model and optimizer (shapes and dtypes)."""
+    if f.attrs["compressor"] != contents.cfg.compressor:
+        return [f"it was written with --compressor {f.attrs['compressor']} (this run: {contents.cfg.compressor})"]
     faults = []
     model = contents.model.state_dict()
     stored = set(f["model"].keys())
@@ -344,47 +350,6 @@ def load_averaging(f: h5py.File, averaging, contents: Contents, rank: int):
         set_optimizer_state(contents.optimizer, group["inner_state"][rank])
 
 
-def candidates(run_dir: str) -> list[Path]:
-    """Checkpoints to resume from, best first: the one `latest` names, then newest to oldest."""
-    ckpt_dir = folder(run_dir)
-    if not ckpt_dir.is_dir():
-        return []
-    found = sorted((p for p in ckpt_dir.glob("ckpt-*.h5") if step_of(p) is not None), key=step_of, reverse=True)
-    latest = ckpt_dir / "latest"
-    if latest.is_file():
-        named = ckpt_dir / latest.read_text().strip()
-        found = [named] + [p for p in found if p != named]
-    return found
-
-
-def check_budget(cfg) -> float:
-    """Seconds rank 0 may spend checking the checkpoints `choose` would try, each with its deadline."""
-    paths = [] if cfg.resume == "none" else candidates(cfg.run_dir) if cfg.resume == "auto" else [Path(cfg.resume)]
-    return sum(deadline_s(p.stat().st_size) for p in paths if p.is_file())
-
-
-def choose(cfg, contents: Contents | None = None) -> tuple[Path | None, list[str]]:
-    """The checkpoint --resume points at (verified, and fitting `contents`), and notes to print. Raises UsageError."""
-    if cfg.resume == "none":
-        return None, []
-    if cfg.resume != "auto":
-        faults = verify(cfg.resume, contents)
-        if faults:
-            raise UsageError(f"cannot resume from {cfg.resume}: {faults[0]}")
-        return Path(cfg.resume), []
-    notes = []
-    for path in candidates(cfg.run_dir):
-        faults = verify(path, contents) if path.exists() else ["missing"]
-        if not faults:
-            if notes:
-                notes.append(f"resuming from {path.name} instead")
-            return path, notes
-        notes.append(f"checkpoint {path.name} failed verification ({faults[0]})")
-    if notes:
-        notes.append("no checkpoint verifies: starting from scratch")
-    return None, notes
-
-
 def load(path: Path, contents: Contents, world) -> tuple[dict, dict, object]:
     """Restore model, optimizer, compressor and generator state on every rank; returns the root attrs,
     the caller's extra arrays and extra JSON. Every rank checks the layout and the fit before it
@@ -395,9 +360,6 @@ def load(path: Path, contents: Contents, world) -> tuple[dict, dict, object]:
         if faults:
             raise UsageError(f"{path.name}: {faults[0]}")
         attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items() if k in ROOT_ATTRS}
-        if attrs["compressor"] != cfg.compressor:
-            raise UsageError(f"{path.name} was written with --compressor {attrs['compressor']}; resume with it, "
-                             "or start over with --resume none")
         saved_world, per_rank = attrs["world_size"], "compressor/residual/per_rank" in f
         averaging, own = contents.averaging, [k for k in ("local_params", "inner_state")
                                                             if f"averaging/{k}" in f and f[f"averaging/{k}"].size]

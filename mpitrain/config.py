@@ -28,6 +28,10 @@ class UsageError(Exception):
 
     exit_code = 2  # also when one rank meets it mid-run (see comm.World.abort_on_exception)
 
+    def __init__(self, message: str, notes: list[str] = ()):
+        super().__init__(message)
+        self.notes = list(notes)  # lines to print before it (what was tried on the way)
+
 
 class CannotWrite(RuntimeError):
     """What the run writes could not be written (no space, no permission, an I/O error, parameters

@@ -180,6 +180,53 @@ def corrupt(path):
     return name
 
 
+
+def test_auto_resume_refuses_intact_checkpoints_of_another_configuration_and_leaves_them(tmp_path):
+    """A rerun into a run dir with other state-shaping flags must not start over on top of its
+    checkpoints (keep-last would delete them): one line, exit 2, every file as it was."""
+    flags = ["--run-dir", tmp_path, "--steps", 6, "--keep-last", 1, *COMMON]
+    r = trainer(0, *flags[:3], 4, "--checkpoint-every", 2, "--compressor", "greedylore", "--start-compress-step", 1,
+                *COMMON)
+    assert r.returncode == 0, r.stderr
+    files = lambda: {p: p.read_bytes() for p in [tmp_path / "config.json", *(tmp_path / "checkpoints").iterdir()]}  # noqa: E731
+    before = files()
+    newest = tmp_path / "checkpoints" / "ckpt-000000004.h5"
+    for other, says in ((["--compressor", "powersgd"], "it was written with --compressor greedylore (this run: powersgd)"),
+                        (["--compressor", "greedylore", "--rank", 2], "it was written with --rank 4 (this run: 2)"),
+                        (["--compressor", "greedylore", "--model", "wide-mlp"], "does not fit this model")):
+        r = trainer(0, *flags, *other)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+        assert f"cannot resume from {newest}: " in r.stderr and says in r.stderr, r.stderr
+        assert "another --run-dir" in r.stderr and files() == before
+    corrupt(newest)  # damaged, and the one before it intact but of another configuration: still refused
+    r = trainer(0, *flags, "--compressor", "powersgd")
+    assert r.returncode == 2 and "ckpt-000000004.h5 failed verification" in r.stdout, r.stdout
+    assert f"cannot resume from {newest.with_name('ckpt-000000002.h5')}: " in r.stderr
+    r = trainer(0, *flags, "--compressor", "greedylore", "--start-compress-step", 1)
+    assert r.returncode == 0 and "resuming from ckpt-000000002.h5 instead" in r.stdout, r.stderr
+
+
+def test_a_second_job_into_a_run_dir_in_use_is_refused_and_the_lock_dies_with_its_holder(tmp_path):
+    first = subprocess.Popen([sys.executable, "-m", "mpitrain", "--run-dir", str(tmp_path), "--steps", str(10 ** 7),
+                              "--progress", "never", "--eval-every", "0", "--log-every", "100000"],
+                             env=env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "config.json").exists() and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert first.poll() is None and (tmp_path / "config.json").exists(), first.stderr.read()
+        config = (tmp_path / "config.json").read_text()
+        r = trainer(2, "--run-dir", tmp_path, "--steps", 4, "--checkpoint-every", 2, *COMMON)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+        assert f"run dir {tmp_path} is in use by another job (pid {first.pid} on " in r.stderr, r.stderr
+        assert first.poll() is None and (tmp_path / "config.json").read_text() == config
+        assert not (tmp_path / "checkpoints").exists()
+    finally:
+        first.kill()
+        first.wait()
+    r = trainer(2, "--run-dir", tmp_path, "--steps", 4, "--checkpoint-every", 2, *COMMON)  # killed: its lock is gone
+    assert r.returncode == 0 and (tmp_path / "checkpoints" / "ckpt-000000004.h5").exists(), r.stderr
+
 def test_keep_last_and_latest(tmp_path):
     r = trainer(1, "--run-dir", tmp_path, "--steps", 9, "--checkpoint-every", 2, "--keep-last", 2, *COMMON)
     assert r.returncode == 0, r.stderr

@@ -10,6 +10,7 @@ every rank's parameters are gathered again. OUT.json holds the worst errors seen
 import json
 import math
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -25,7 +26,7 @@ model = nn.Sequential(nn.Linear(8, 64), nn.Tanh(), nn.Linear(64, 4))
 exchange = mpitrain.Exchange(model, world, compressor="dense", average_every=H, outer_optimizer=outer,
                              outer_lr=LR, outer_momentum=MU)
 optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-assert mpitrain.load_checkpoint(exchange, optimizer, resume="none", run_dir="unused") is None
+assert mpitrain.load_checkpoint(exchange, optimizer, resume="none", run_dir=str(Path(out).parent / "run")) is None
 params = exchange.layout.params_np
 data = torch.Generator().manual_seed(100 + world.rank)
 anchor, velocity = params.copy(), np.zeros_like(params, dtype=np.float64)
