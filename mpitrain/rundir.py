@@ -20,8 +20,10 @@ def claim(run_dir: str) -> None:
     """Take RUN_DIR for this job (rank 0): an exclusive lock on RUN_DIR/.lock that the kernel drops
     when the process ends, however it ends, so a second job started into the same folder (a
     resubmitted job while the first still runs) is refused instead of writing the same
-    checkpoints and metrics. On a filesystem without locks, or where the folder cannot be made
-    (the first write reports that), the run goes on unguarded."""
+    checkpoints and metrics. A network filesystem may keep a lock of a node that died (NFS v3
+    until that node is back): deleting the file frees the folder, the dead lock staying on the
+    file removed. On a filesystem without locks, or where the folder cannot be made (the first
+    write reports that), the run goes on unguarded."""
     key = os.path.realpath(run_dir)
     if key in _claimed:
         return
@@ -36,8 +38,8 @@ def claim(run_dir: str) -> None:
         fh.seek(0)
         holder = " ".join(fh.read(200).split()) or "it did not say which"
         fh.close()
-        raise UsageError(f"run dir {run_dir} is in use by another job ({holder}); wait for it to end, "
-                         "or give another --run-dir") from None
+        raise UsageError(f"run dir {run_dir} is in use by another job ({holder}); wait for it to end, or give "
+                         f"another --run-dir (if that job is gone with its node, delete {LOCK} there)") from None
     except OSError:
         fh.close()
         return
