@@ -180,9 +180,11 @@ class RunLog:
             self.bar.close()
         metric = {k: v for k, v in record.items() if k.startswith("eval_")}
         ratio = record["dense_bytes_per_rank"] / max(record["wire_bytes_per_rank"], 1)
-        print(f"done: {record['steps']} steps on {record['world_size']} ranks in {record['wall_time_s']:.1f} s; " +
-              "  ".join(f"{k} {v:.4f}" for k, v in metric.items()) +
-              f"; sent per rank {record['wire_bytes_per_rank'] / 1e6:.2f} MB "
-              f"(dense {record['dense_bytes_per_rank'] / 1e6:.2f} MB, {ratio:.2f}x); run dir {record['run_dir']}" +
+        sent = (f"; sent per rank {record['wire_bytes_per_rank'] / 1e6:.2f} MB (dense "
+                f"{record['dense_bytes_per_rank'] / 1e6:.2f} MB, {ratio:.2f}x)" if record["steps_run"] else "")
+        trained = (f"{record['steps']} steps on {record['world_size']} ranks in {record['wall_time_s']:.1f} s"
+                   if record["steps_run"] else f"nothing left to train, resumed at or past --steps {record['steps']}")
+        print(f"done: {trained}; " + "  ".join(f"{k} {v:.4f}" for k, v in metric.items()) +
+              f"{sent}; run dir {record['run_dir']}" +
               (f"; {record['skipped_steps']} of {record['steps_run']} steps skipped (non-finite loss or gradients)"
                if record["skipped_steps"] else ""), flush=True)

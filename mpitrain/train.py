@@ -194,7 +194,7 @@ def train(run: Run, world) -> dict:
             raise TrainingStopped(REQUEUE, f"stop requested by signal: checkpoint {saved} written after step "
                                            f"{done}; exit {REQUEUE} asks the job script to requeue")
     api.wait_for_checkpoints()
-    steps_run = cfg.steps - run.start_step
+    steps_run = max(0, cfg.steps - run.start_step)  # none when the checkpoint is at or past --steps
     mean_wire = world.allreduce_(np.array([wire_total - run.wire_bytes_total], dtype=np.float64))[0] / world.size
     summary = {"steps": cfg.steps, "steps_run": steps_run, "world_size": world.size,
                "wall_time_s": time.perf_counter() - started, **result, "skipped_steps": skipped,
