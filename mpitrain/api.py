@@ -13,7 +13,7 @@
         averaged = exchange.average(step)       # every rank now holds the global mean gradient
         if not averaged.nonfinite:
             optimizer.step()
-        if averaged.stop:                       # SIGUSR1/SIGTERM on any rank, agreed by all
+        if averaged.stop:                       # SIGUSR1/SIGTERM/Ctrl-C on any rank, agreed by all
             mpitrain.save_checkpoint("runs/mine", step + 1, exchange, optimizer)
             break
 
@@ -55,7 +55,7 @@ class Averaged:
     """What one exchange agreed on, the same on every rank."""
     loss: float        # the global mean of the loss passed to `backward` (0.0 when a rank's was non-finite)
     nonfinite: bool    # some rank's loss or gradient was NaN/Inf: its share was zeroed; skip the step
-    stop: bool         # some rank was asked to stop (SIGUSR1/SIGTERM or `request_stop`)
+    stop: bool         # some rank was asked to stop (SIGUSR1/SIGTERM/Ctrl-C or `request_stop`)
     wire_bytes: int    # bytes this rank handed to the network in this exchange
     stats: dict = field(default_factory=dict)  # the compressor's report (captured energy, ranks, ...)
     grad_norm: float | None = None  # with grad_clip: the agreed gradient's 2-norm before clipping

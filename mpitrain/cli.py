@@ -2,7 +2,7 @@
 
 Exit codes: 0 done; 2 a usage/config/data mistake (one line from one rank, every rank exits 2);
 3 a rank stalled (waited in a collective past --stall-timeout; the line names the ranks that did
-not arrive); 75 stopped by SIGUSR1/SIGTERM after writing a checkpoint (requeue me); 1 anything
+not arrive); 75 stopped by SIGUSR1/SIGTERM/Ctrl-C after writing a checkpoint (requeue me); 1 anything
 else (an uncaught exception on any rank aborts the whole job, naming rank and step; a failed
 sync check names the ranks that differ from rank 0).
 """
@@ -94,7 +94,7 @@ def main(argv=None) -> int:
         return 1
     if argv[:1] == ["bench"]:
         from . import bench
-        launch.catch_stop_signals()
+        launch.catch_stop_signals(interrupt=False)  # Ctrl-C ends a benchmark (one line), it does not checkpoint
         error, args = None, None
         try:
             args = bench.parse(argv[1:], world)

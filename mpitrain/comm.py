@@ -1,19 +1,17 @@
 """The MPI world: the only module that imports mpi4py.
 
-Every collective runs on a contiguous numpy array with mpi4py's uppercase, buffer-based calls.
-Owners of torch buffers keep a numpy view made once (`tensor.numpy()` shares memory): converting
-per call costs more than a small Allreduce itself (`bench allreduce` compares with bare mpi4py). Each
-collective adds to `sent_bytes` the bytes this rank hands to it (its input buffer: the whole
-buffer for Allreduce, its own payload for Allgatherv, the root's buffer for Bcast, each rank's
-part for Gather). Metrics read these counters; nothing else in the project computes wire bytes
-from a formula.
+Every collective runs on a contiguous numpy array with mpi4py's uppercase, buffer-based calls. Owners of
+torch buffers keep a numpy view made once (`tensor.numpy()` shares memory): converting per call costs
+more than a small Allreduce itself (`bench allreduce` compares with bare mpi4py). Each collective adds
+to `sent_bytes` the bytes this rank hands to it (its input buffer: the whole buffer for Allreduce, its
+own payload for Allgatherv, the root's buffer for Bcast, each rank's part for Gather). Metrics read
+these counters; nothing else in the project computes wire bytes from a formula.
 
-Stalls. With `stall_timeout` set, collectives are the nonblocking calls and this rank waits for
-them with a deadline. A rank that has waited past it tells every other rank, on a separate
-communicator, that it is present; a waiting rank that hears this answers the same way. After a
-short grace the lowest rank present names the ranks it did not hear from (the stopped, wedged or
-still-busy ones) and ends the whole job with exit code `STALLED`. A rank that never arrives
-cannot answer, which is the point.
+Stalls. With `stall_timeout` set, collectives are the nonblocking calls and this rank waits for them
+with a deadline. A rank that has waited past it tells every other rank, on a separate communicator, that
+it is present; a waiting rank that hears this answers the same way. After a short grace the lowest rank
+present names the ranks it did not hear from (the stopped, wedged or still-busy ones) and ends the whole
+job with exit code `STALLED`. A rank that never arrives cannot answer, which is the point.
 
 Large messages. MPI counts are C ints; no single call here moves more than `max_message_bytes`
 (a little under 2 GiB): bigger buffers go in pieces, and Allgatherv in rounds.
@@ -437,8 +435,11 @@ def end_job_on_exception(world: World):
     """An uncaught exception on one rank ends the job, naming the rank and where it was, instead
     of leaving the other ranks waiting forever: with a traceback and exit 1, or, for an
     exception whose class sets `exit_code` (a user's mistake, a damaged file, a full disk), one
-    line and that code."""
+    line and that code; Ctrl-C, one line and 130."""
     def hook(etype, value, tb):
+        if issubclass(etype, KeyboardInterrupt):  # Ctrl-C where no stop handler was installed
+            sys.stderr.write(f"mpitrain: rank {world.rank}, {world.where}: interrupted\n")
+            return world.abort(130)
         code = getattr(etype, "exit_code", None)
         if code is not None:
             sys.stderr.write(f"mpitrain: error: rank {world.rank}, {world.where}: {value}\n")

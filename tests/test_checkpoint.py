@@ -227,6 +227,16 @@ def test_a_second_job_into_a_run_dir_in_use_is_refused_and_the_lock_dies_with_it
     r = trainer(2, "--run-dir", tmp_path, "--steps", 4, "--checkpoint-every", 2, *COMMON)  # killed: its lock is gone
     assert r.returncode == 0 and (tmp_path / "checkpoints" / "ckpt-000000004.h5").exists(), r.stderr
 
+def test_a_resume_at_or_past_steps_trains_nothing_and_says_so(tmp_path):
+    assert trainer(0, "--run-dir", tmp_path, "--steps", 4, "--checkpoint-every", 2, *COMMON).returncode == 0
+    r = trainer(0, "--run-dir", tmp_path, "--steps", 2, *COMMON)
+    assert r.returncode == 0 and "done: nothing left to train, resumed at or past --steps 2;" in r.stdout, r.stdout
+    summary = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert (summary["kind"], summary["steps_run"], summary["dense_bytes_per_rank"], summary["wire_bytes_per_rank"]) == \
+        ("summary", 0, 0, 0)
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "ckpt-000000004.h5"
+
+
 def test_keep_last_and_latest(tmp_path):
     r = trainer(1, "--run-dir", tmp_path, "--steps", 9, "--checkpoint-every", 2, "--keep-last", 2, *COMMON)
     assert r.returncode == 0, r.stderr
@@ -263,6 +273,46 @@ def test_sigusr1_checkpoints_exits_75_and_a_rerun_finishes_like_an_uninterrupted
     a, b = model_of(run_dir / "checkpoints" / "ckpt-000003000.h5"), model_of(tmp_path / "whole" / "checkpoints" /
                                                                           "ckpt-000003000.h5")
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_ctrl_c_checkpoints_and_exits_75_in_one_line(tmp_path):
+    """A terminal's Ctrl-C signals mpiexec and every rank (the whole foreground group): the ranks
+    agree on the stop, checkpoint and exit 75, with no traceback."""
+    job = subprocess.Popen([MPIEXEC, "-n", "2", sys.executable, "-m", "mpitrain", "--run-dir", str(tmp_path),
+                            "--steps", str(10 ** 7), "--progress", "never", "--eval-every", "0", "--log-every", "1000"],
+                           env=env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "config.json").exists() and job.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)  # config.json: training has begun, the stop handlers are in place
+        os.killpg(job.pid, signal.SIGINT)
+        out, err = job.communicate(timeout=60)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    assert job.returncode == 75 and "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    [line] = [x for x in err.splitlines() if x.startswith("mpitrain:")]
+    saved = tmp_path / "checkpoints" / (tmp_path / "checkpoints" / "latest").read_text().strip()
+    assert line.startswith(f"mpitrain: stop requested by signal: checkpoint {saved} written after step ")
+    assert checkpoint.verify(saved) == []
+
+
+def test_a_second_ctrl_c_ends_the_process_at_once_but_one_arriving_twice_does_not():
+    script = """
+import os, signal, time
+from mpitrain import launch
+launch.catch_stop_signals()
+os.kill(os.getpid(), signal.SIGINT)
+os.kill(os.getpid(), signal.SIGINT)  # the same Ctrl-C, through mpiexec
+print("stop requested", launch.stop_requested(), flush=True)
+time.sleep(launch.AGAIN_S + 0.2)
+os.kill(os.getpid(), signal.SIGINT)  # pressed again
+time.sleep(5)
+print("still here", flush=True)
+"""
+    r = run([sys.executable, "-c", script], timeout=60)
+    assert r.returncode == -signal.SIGINT and r.stdout == "stop requested True\n", (r.returncode, r.stdout, r.stderr)
 
 
 def test_sigkill_during_checkpoint_writes_never_breaks_latest(tmp_path):
