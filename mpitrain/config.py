@@ -326,8 +326,10 @@ def checked(**values) -> Config:
 
 
 def default_run_dir(now: float) -> str:
-    """runs/<UTC time>, from a time every rank agrees on (`World.started`)."""
-    return os.path.join("runs", datetime.fromtimestamp(now, timezone.utc).strftime("%Y%m%dT%H%M%SZ"))
+    """runs/<UTC time to the millisecond>, from a time every rank agrees on (`World.started`): the
+    tasks of a job array, started in the same second from one folder, each get their own."""
+    when = datetime.fromtimestamp(now, timezone.utc)
+    return os.path.join("runs", when.strftime("%Y%m%dT%H%M%S") + f".{when.microsecond // 1000:03d}Z")
 
 
 def resolve(args: argparse.Namespace, environ=None, compressors=(), now: float | None = None) -> Config:

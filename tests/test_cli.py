@@ -154,3 +154,10 @@ def test_no_mpi_library_is_one_line_saying_how_to_get_one():
     r = trainer(0, "--steps", 1, MPI4PY_LIBMPI="/nonexistent/libmpi.so")
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert r.stderr.count("\n") == 1 and "no MPI found" in r.stderr and "pip install 'mpitrain[mpich]'" in r.stderr
+
+
+def test_jobs_started_in_the_same_second_get_their_own_default_run_dirs():
+    from mpitrain.config import default_run_dir
+    start = 1796691600.0  # 2026-12-08T01:00:00Z
+    names = [default_run_dir(start + dt) for dt in (0.0, 0.25, 0.5)]
+    assert names == ["runs/20261208T010000.000Z", "runs/20261208T010000.250Z", "runs/20261208T010000.500Z"]
