@@ -17,6 +17,21 @@ from . import schema
 from .config import UsageError
 
 
+def checkpoint_at(path: str) -> str:
+    """PATH itself, or the checkpoint `latest` names when PATH is a run dir, its checkpoints folder or
+    that `latest` file (it is read as untrusted: one plain file name beside it)."""
+    for latest in (os.path.join(path, "checkpoints", "latest"), os.path.join(path, "latest"), path):
+        if os.path.basename(latest) == "latest" and os.path.isfile(latest):
+            with open(latest, "rb") as fh:
+                name = fh.read(256).decode("utf-8", "replace").strip()
+            if not name or os.path.basename(name) != name or name in (".", ".."):
+                raise UsageError(f"{latest} does not name a checkpoint beside it")
+            return os.path.join(os.path.dirname(latest), name)
+    if os.path.isdir(path):
+        raise UsageError(f"{path} is a folder without checkpoints/latest: give a checkpoint file or a run dir")
+    return path
+
+
 def summary(path) -> dict:
     with schema.open_checkpoint(path) as f:
         attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items()}
@@ -84,7 +99,7 @@ def _print(obj, as_json: bool):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="mpitrain inspect", description="Look inside an mpitrain checkpoint "
                                      "(no MPI needed). Without options: a summary.")
-    parser.add_argument("path")
+    parser.add_argument("path", help="a checkpoint, or a run dir (its checkpoints/latest)")
     parser.add_argument("--tree", action="store_true", help="every dataset with shape, dtype, checksum flag")
     parser.add_argument("--verify", action="store_true", help="read every dataset, check checksums, scan for "
                         "NaN/Inf; exit 1 on any fault")
@@ -94,6 +109,8 @@ def main(argv=None) -> int:
     parser.error = lambda message: (_ for _ in ()).throw(UsageError(message))
     try:
         args = parser.parse_args(argv)
+        args.path = checkpoint_at(args.path)
+        args.diff = args.diff and checkpoint_at(args.diff)
         if args.verify:
             faults = schema.check_isolated(args.path, full=True)
             if faults and any(x in faults[0] for x in schema.NOT_A_CHECKPOINT):

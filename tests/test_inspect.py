@@ -128,6 +128,21 @@ def test_diff_and_export(ckpts, tmp_path):
         assert np.array_equal(state["5.weight"].numpy(), f["model/5.weight"][()])
 
 
+def test_a_run_dir_or_its_checkpoints_folder_is_read_through_latest(ckpts, tmp_path):
+    newest = json.loads(inspect(ckpts[1], "--json").stdout)
+    for where in (ckpts[1].parent.parent, ckpts[1].parent, ckpts[1].parent / "latest"):
+        r = inspect(where, "--json")
+        assert r.returncode == 0 and json.loads(r.stdout) == newest, r.stderr
+    rows = json.loads(inspect(ckpts[0], "--diff", ckpts[1].parent.parent, "--json").stdout)
+    assert rows == json.loads(inspect(ckpts[0], "--diff", ckpts[1], "--json").stdout)
+    (tmp_path / "checkpoints").mkdir()
+    for latest, says in ((None, "is a folder without checkpoints/latest"), ("../../etc/passwd", "does not name a checkpoint")):
+        if latest:
+            (tmp_path / "checkpoints" / "latest").write_text(latest)
+        r = inspect(tmp_path)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and says in r.stderr, r.stderr
+
+
 @pytest.mark.parametrize("kind", ["random", "truncated", "other_hdf5", "missing"])
 def test_what_is_not_a_checkpoint_gets_one_line_and_exit_2(ckpts, tmp_path, kind):
     path = tmp_path / "x.h5"
