@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from .checkpoint import Contents, fit, folder, step_of, verify
-from .config import UsageError
+from .config import CannotWrite, UsageError
 from .schema import check_isolated, deadline_s
 
 LOCK = ".lock"  # in the run dir; what it says (who holds it) is only read while it is held
@@ -54,6 +54,32 @@ def claim(run_dir: str) -> None:
         pass
 
 
+WRITTEN = ("checkpoints", "metrics.jsonl", "config.json", "tensorboard")  # what a run writes into its folder
+
+
+def set_aside(run_dir: str) -> str | None:
+    """--resume none in a folder an earlier run wrote into: its files move to RUN_DIR/earlier-<UTC
+    time>/ (a fresh run beside them would append to their metrics and mix its checkpoints with
+    theirs, which keep-last and a fallback of --resume auto would then pick from). Returns that folder."""
+    found = [name for name in WRITTEN if os.path.lexists(os.path.join(run_dir, name))]
+    if not found:
+        return None
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    try:
+        for suffix in [""] + [f"-{i}" for i in range(1, 100)]:
+            aside = os.path.join(run_dir, f"earlier-{stamp}{suffix}")
+            try:
+                os.mkdir(aside)
+                break
+            except FileExistsError:
+                continue
+        for name in found:
+            os.rename(os.path.join(run_dir, name), os.path.join(aside, name))
+    except OSError as e:
+        raise CannotWrite(f"cannot set the earlier run in {run_dir} aside for --resume none: {e}") from None
+    return aside
+
+
 def candidates(run_dir: str) -> list[Path]:
     """Checkpoints to resume from, best first: the one `latest` names, then newest to oldest."""
     ckpt_dir = folder(run_dir)
@@ -96,8 +122,8 @@ def choose(cfg, contents: Contents | None = None) -> tuple[Path | None, list[str
         unfit = unfit or (None if damage else (path, faults[0]))
     if unfit:  # intact checkpoints of another configuration: starting over here would replace them
         raise UsageError(f"cannot resume from {unfit[0]}: {unfit[1]}; resume with the settings it was written "
-                         "with, or start over in another --run-dir (or here with --resume none, which replaces "
-                         "these checkpoints)", damaged)
+                         "with, or start over in another --run-dir (or here with --resume none, which sets the "
+                         "earlier run aside)", damaged)
     if notes:
         notes.append("no checkpoint verifies: starting from scratch")
     return None, notes

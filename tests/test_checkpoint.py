@@ -227,6 +227,20 @@ def test_a_second_job_into_a_run_dir_in_use_is_refused_and_the_lock_dies_with_it
     r = trainer(2, "--run-dir", tmp_path, "--steps", 4, "--checkpoint-every", 2, *COMMON)  # killed: its lock is gone
     assert r.returncode == 0 and (tmp_path / "checkpoints" / "ckpt-000000004.h5").exists(), r.stderr
 
+def test_resume_none_sets_the_earlier_run_aside_and_starts_clean(tmp_path):
+    assert trainer(0, "--run-dir", tmp_path, "--steps", 6, "--checkpoint-every", 3, *COMMON).returncode == 0
+    earlier = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and p.name != ".lock"}
+    r = trainer(0, "--run-dir", tmp_path, "--steps", 4, "--resume", "none", *COMMON)
+    assert r.returncode == 0, r.stderr
+    [aside] = tmp_path.glob("earlier-*")
+    assert f"--resume none: the earlier run's files in {tmp_path} are now in {aside}" in r.stdout
+    assert {p.relative_to(aside): p.read_bytes() for p in aside.rglob("*") if p.is_file()} == earlier
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["ckpt-000000004.h5", "latest"]
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if x["kind"] == "train"] == [1, 2, 3, 4]
+    assert json.loads((tmp_path / "config.json").read_text())["steps"] == 4
+
+
 def test_a_resume_at_or_past_steps_trains_nothing_and_says_so(tmp_path):
     assert trainer(0, "--run-dir", tmp_path, "--steps", 4, "--checkpoint-every", 2, *COMMON).returncode == 0
     r = trainer(0, "--run-dir", tmp_path, "--steps", 2, *COMMON)

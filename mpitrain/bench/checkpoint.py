@@ -10,7 +10,7 @@ import numpy as np
 
 from .. import checkpoint, models, schema, train
 from ..config import Config
-from .common import timed
+from .common import fresh_run_dir, timed
 
 NAME = "checkpoint"
 ABOUT = "a ~100 MB checkpoint: write, load and verify against raw I/O; the stall in steps"
@@ -21,6 +21,7 @@ def bench_checkpoint(world, out: str, repeats: int) -> list[dict]:
                               steps=10 ** 6, start_compress_step=0, run_dir=os.path.join(out, "checkpoint-run"),
                               resume="none",
                               keep_last=1, progress="never")
+    fresh_run_dir(world, cfg.run_dir)
     run = train.prepare(cfg, world)
     train.resume(run, world)
     steps_run = itertools.count()

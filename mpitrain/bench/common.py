@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -23,8 +24,16 @@ def layout_of(model_name: str, dataset: str, seed: int = 0) -> GradLayout:
     return GradLayout(models.build(model_name, Dataset(locate(dataset)).info))
 
 
+def fresh_run_dir(world, run_dir: str):
+    """A benchmark's run dir is its own scratch: an earlier invocation's is removed, not set aside."""
+    if world.rank == 0:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    world.barrier()
+
+
 def train_job(world, cfg) -> tuple[list[dict], dict]:
-    """The command's loop on `cfg` (into cfg.run_dir): its metrics lines and its summary."""
+    """The command's loop on `cfg` (into a fresh cfg.run_dir): its metrics lines and its summary."""
+    fresh_run_dir(world, cfg.run_dir)
     run = train.prepare(cfg, world)
     train.resume(run, world)
     summary = train.train(run, world)

@@ -9,7 +9,7 @@ import numpy as np
 
 from .. import train
 from ..config import Config
-from .common import pyplot
+from .common import fresh_run_dir, pyplot
 
 NAME = "convergence"
 ABOUT = "--jobs trained to the end with each of --arms: final metric against wire bytes"
@@ -81,6 +81,7 @@ def _train_arm(world, out: str, job: str, arm: str, rank: int, steps: int, seed:
         "run_dir": os.path.join(out, "convergence", f"{job}-{arm}" + ("" if seed is None else f"-s{seed}")),
         **settings, **overrides, **({} if seed is None else {"seed": seed})})
     cfg.steps, cfg.lr = steps or cfg.steps, cfg.lr * factor
+    fresh_run_dir(world, cfg.run_dir)
     run = train.prepare(cfg, world)
     train.resume(run, world)
     summary = train.train(run, world)

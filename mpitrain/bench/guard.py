@@ -8,6 +8,7 @@ import numpy as np
 
 from .. import train
 from ..config import Config
+from .common import fresh_run_dir
 
 NAME = "guard"
 ABOUT = "stall watchdog and sync check overhead on the default job (median of --repeats, max 25)"
@@ -28,6 +29,7 @@ def bench_guard(world, out: str, repeats: int) -> list[dict]:
             cfg = dataclasses.replace(Config(), progress="never", log_every=10**9, resume="none",
                                       run_dir=os.path.join(out, "guard", f"{i}-{arm.split()[0]}"), **overrides)
             world.stall_timeout, settings[arm] = cfg.stall_timeout, (cfg.stall_timeout, cfg.sync_check_every)
+            fresh_run_dir(world, cfg.run_dir)
             run = train.prepare(cfg, world)
             train.resume(run, world)
             times[arm].append(train.train(run, world)["wall_time_s"])
