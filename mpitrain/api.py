@@ -282,20 +282,17 @@ def load_checkpoint(exchange: Exchange, optimizer: torch.optim.Optimizer, resume
     """Restore the checkpoint `resume` names (auto: RUN_DIR's `latest`, falling back to the newest
     that verifies; none; or a path) into the model, optimizer and compressor on every rank. Rank 0
     checks the file first; a file that fails or does not fit raises UsageError on every rank. With
-    `run_dir`, this job takes the folder (`rundir.claim`); with resume="none" an earlier run's files
-    there move to RUN_DIR/earlier-<UTC time>/. Returns None when there is nothing to resume, after every rank took rank 0's parameters."""
+    `run_dir`, this job takes the folder (`rundir.take`). Returns None when there is nothing to
+    resume, after every rank took rank 0's parameters."""
     world = exchange.world
     wait_for_checkpoints()
     contents = _contents(exchange, optimizer, resume=resume, run_dir=str(run_dir or exchange.cfg.run_dir))
     path, error = None, None
     if world.rank == 0:
         try:
-            aside = None
-            if run_dir:  # named by the caller: this job writes there
-                rundir.claim(run_dir)
-                aside = rundir.set_aside(run_dir) if resume == "none" else None
-            path, notes = rundir.choose(contents.cfg, contents)
-            notes += [f"--resume none: the earlier run's files in {run_dir} are now in {aside}"] if aside else []
+            notes = rundir.take(run_dir, resume) if run_dir else []  # named by the caller: this job writes there
+            path, chosen = rundir.choose(contents.cfg, contents)
+            notes += chosen
         except UsageError as e:
             error, notes = str(e), e.notes
         for note in notes:

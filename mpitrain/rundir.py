@@ -54,6 +54,14 @@ def claim(run_dir: str) -> None:
         pass
 
 
+def take(run_dir: str, resume: str) -> list[str]:
+    """This job's hold on RUN_DIR (`claim`); with resume "none", an earlier run there set aside
+    (`set_aside`). Returns the notes to print."""
+    claim(run_dir)
+    aside = set_aside(run_dir) if resume == "none" else None
+    return [f"--resume none: the earlier run's files in {run_dir} are now in {aside}"] if aside else []
+
+
 WRITTEN = ("checkpoints", "metrics.jsonl", "config.json", "tensorboard")  # what a run writes into its folder
 
 
