@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from .checkpoint import Contents, fit, folder, step_of, verify
-from .config import CannotWrite, UsageError
+from .config import CannotWrite, UsageError, default_run_dir
 from .schema import check_isolated, deadline_s
 
 LOCK = ".lock"  # in the run dir; what it says (who holds it) is only read while it is held
@@ -72,15 +72,9 @@ def set_aside(run_dir: str) -> str | None:
     found = [name for name in WRITTEN if os.path.lexists(os.path.join(run_dir, name))]
     if not found:
         return None
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    aside = os.path.join(run_dir, "earlier-" + os.path.basename(default_run_dir(time.time())))  # to the ms
     try:
-        for suffix in [""] + [f"-{i}" for i in range(1, 100)]:
-            aside = os.path.join(run_dir, f"earlier-{stamp}{suffix}")
-            try:
-                os.mkdir(aside)
-                break
-            except FileExistsError:
-                continue
+        os.mkdir(aside)
         for name in found:
             os.rename(os.path.join(run_dir, name), os.path.join(aside, name))
     except OSError as e:
